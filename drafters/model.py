@@ -1,0 +1,64 @@
+"""A smaller autoregressive model as the drafter (classic draft-model speculative decoding).
+
+Leviathan et al., arXiv 2211.17192; Chen et al., arXiv 2302.01318. Lossless with a lossless rule: drafts are
+sampled from q, the drafter's distribution after the same `specdec.sampling` transforms (CFG included) as p.
+
+Cache bookkeeping without per-row branches: before each proposal the drafter rolls its cache back to
+n_done - 2 generated tokens and re-feeds the last two committed tokens. Whatever the previous verdict was, the
+first n_done - 2 tokens in its cache are right (it held the committed prefix plus d_1..d_{k-1}), so every row feeds
+the same number of tokens and shapes stay static. Re-computing one token's K/V is the price.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from specdec.adapters.base import ARModel, check_capacity
+from specdec.random import sample_categorical
+from specdec.types import Draft, Verdict
+
+
+class ModelDrafter:
+    """Drafts k tokens per step with `model`, an ARModel over the same image vocabulary as the target."""
+
+    def __init__(self, model: ARModel, k: int = 4):
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k (draft tokens per step) must be an integer >= 1, got {k!r}")
+        self.model = model
+        self.k = k
+        self.forwards = 0
+
+    def start(self, ctx) -> None:
+        if self.model.vocab_size != ctx.target.vocab_size:
+            raise ValueError(
+                f"drafter vocabulary ({self.model.vocab_size} tokens) differs from the target's "
+                f"({ctx.target.vocab_size}); a drafter must propose tokens of the target's image vocabulary")
+        check_capacity(self.model, ctx.tokens.shape[1])
+        self.ctx = ctx
+        self.state, _ = self.model.start(ctx.cond, ctx.sampling, ctx.tokens.shape[1])
+        self.first = True
+        self.forwards = 0
+
+    @torch.no_grad()
+    def propose(self, k: int) -> Draft:
+        ctx = self.ctx
+        n_feed = 1 if self.first else 2
+        self.first = False
+        self.model.rollback(self.state, ctx.n_done - n_feed)
+        feed = ctx.tokens.gather(1, ctx.n_done[:, None] - n_feed + torch.arange(n_feed, device=ctx.n_done.device))
+        drafts, probs = [], []
+        for j in range(k):
+            logits = self.model.forward(self.state, feed)
+            self.forwards += 1
+            q = ctx.probs(type(logits)(logits.cond[:, -1:], None if logits.uncond is None
+                                       else logits.uncond[:, -1:]))[:, 0]              # [B, V]
+            # the "sample" stream at this position: the draw plain AR would make there (see verifiers.exact)
+            u = ctx.streams.uniform_at("sample", (ctx.n_done + j)[:, None])[:, 0]
+            token = sample_categorical(q, u)
+            drafts.append(token)
+            probs.append(q)
+            feed = token[:, None]
+        return Draft(torch.stack(drafts, 1), torch.stack(probs, 1))
+
+    def observe(self, verdict: Verdict, target_probs: Tensor) -> None:
+        """Nothing to do: the next proposal rolls the cache back from ctx.n_done."""

@@ -1,0 +1,82 @@
+"""Adapter for the project's own class-conditional decoder (`specdec.models.gpt.GPT`, the zoo's models).
+
+Static cache with a per-row write pointer: rollback just moves the pointer. CFG appends B null-class rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from specdec.adapters.base import check_capacity, check_cfg, check_class_ids
+from specdec.cache import StaticKVCache
+from specdec.models.gpt import GPT
+from specdec.sampling import Sampling
+from specdec.types import Logits
+
+
+@dataclass
+class GPTState:
+    cache: StaticKVCache
+    batch: int
+    cfg: bool
+
+    def split(self, logits: Tensor) -> Logits:
+        if not self.cfg:
+            return Logits(logits)
+        return Logits(logits[: self.batch], logits[self.batch:])
+
+
+class GPTAdapter:
+    """ARModel over `GPT`. grid: token layout (H, W); decode: tokens [B, T] -> pixels, optional."""
+
+    prefix_len = 1
+
+    def __init__(self, model: GPT, grid: tuple[int, ...], codebook: Tensor | None = None,
+                 decode: Callable[[Tensor], Tensor] | None = None):
+        num = 1
+        for g in grid:
+            num *= g
+        self.model = model.eval()
+        self.grid = tuple(grid)
+        self.num_tokens = num
+        self.vocab_size = model.cfg.vocab_size
+        self.num_classes = model.cfg.num_classes
+        self.codebook = codebook
+        self.token_embeddings = model.tok_emb.weight.detach()
+        self.supports_cfg = True
+        self.max_new_tokens = model.cfg.max_len - self.prefix_len
+        self._decode = decode
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.head.weight.device
+
+    @torch.no_grad()
+    def start(self, cond: Tensor, sampling: Sampling, capacity: int) -> tuple[GPTState, Logits]:
+        cond = check_class_ids(cond, self.num_classes).to(self.device)
+        check_cfg(self, sampling)
+        check_capacity(self, capacity)
+        classes = cond
+        if sampling.uses_cfg:
+            classes = torch.cat([cond, torch.full_like(cond, self.model.null_class)])
+        cache = self.model.new_cache(classes.shape[0], max_len=self.prefix_len + capacity)
+        state = GPTState(cache, cond.shape[0], sampling.uses_cfg)
+        return state, state.split(self.model.prefill(classes, cache)[:, None])
+
+    @torch.no_grad()
+    def forward(self, state: GPTState, tokens: Tensor) -> Logits:
+        if state.cfg:
+            tokens = torch.cat([tokens, tokens])
+        return state.split(self.model.step(tokens, state.cache))
+
+    def rollback(self, state: GPTState, keep: Tensor) -> None:
+        if state.cfg:
+            keep = torch.cat([keep, keep])
+        state.cache.set_lengths(keep + self.prefix_len)
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor) -> Tensor | None:
+        return None if self._decode is None else self._decode(tokens)

@@ -1,0 +1,97 @@
+"""KV caches with per-row lengths and rollback.
+
+Two designs live here, one per kind of model:
+
+* `StaticKVCache` for the project's own models (gpt-fast style): one pre-allocated buffer, every row has its own
+  write pointer `lengths[b]`, slot s of row b holds logical position s. Rollback moves the pointer; the stale slots
+  are simply overwritten later. Shapes never change, so the decode step is CUDA-graph friendly.
+* `HoleMask` for transformers models, whose `Cache` objects grow for the whole batch at once: every forward appends
+  n slots to all rows, and a per-row validity mask marks rejected slots as holes. Attention uses a 4-D mask built
+  from it and explicit `position_ids` (the logical positions), so rows stay independent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class StaticKVCache:
+    """Pre-allocated K/V buffers of shape [layers, B, heads, max_len, head_dim] with per-row lengths [B]."""
+
+    def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int,
+                 device=None, dtype=torch.float32):
+        shape = (layers, batch, heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def positions(self, n: int) -> Tensor:
+        """Logical positions [B, n] of the next n tokens of every row."""
+        return self.lengths[:, None] + torch.arange(n, device=self.lengths.device)
+
+    def write(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, heads, n, head_dim] at `positions` [B, n]; return the full buffers of this layer."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        # advanced indexing on dims (B, S) puts them first: [B, n, heads, head_dim]
+        self.k[layer][rows, :, positions] = k.transpose(1, 2)
+        self.v[layer][rows, :, positions] = v.transpose(1, 2)
+        return self.k[layer], self.v[layer]
+
+    def attention_mask(self, positions: Tensor) -> Tensor:
+        """Boolean mask [B, 1, n, max_len]: query at logical position t sees slots 0..t of its own row."""
+        slots = torch.arange(self.max_len, device=positions.device)
+        return (slots[None, None, :] <= positions[:, :, None])[:, None]
+
+    def advance(self, n: int) -> None:
+        self.lengths += n
+
+    def set_lengths(self, lengths: Tensor) -> None:
+        self.lengths.copy_(lengths)
+
+
+@dataclass
+class HoleMask:
+    """Per-row validity of the slots of a growing transformers cache.
+
+    valid:   [B, S] bool, slot s of row b holds a committed (or not yet judged) token
+    next_pos:[B] long, the logical position the next token of each row will take
+    """
+
+    valid: Tensor
+    next_pos: Tensor
+
+    @classmethod
+    def from_prefix(cls, attention_mask: Tensor) -> "HoleMask":
+        """attention_mask [B, P] (1 = real token, 0 = left padding) of the prefill."""
+        valid = attention_mask.bool()
+        return cls(valid=valid, next_pos=valid.sum(1).long())
+
+    def extend(self, n: int) -> tuple[Tensor, Tensor]:
+        """Append n slots to every row; return (position_ids [B, n], 4-D additive mask [B, 1, n, S + n])."""
+        B, S = self.valid.shape
+        device = self.valid.device
+        positions = self.next_pos[:, None] + torch.arange(n, device=device)
+        self.valid = torch.cat([self.valid, torch.ones(B, n, dtype=torch.bool, device=device)], 1)
+        past = self.valid[:, None, :S].expand(B, n, S)
+        causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None].expand(B, n, n)
+        allowed = torch.cat([past, causal], 2)[:, None]
+        self.next_pos = self.next_pos + n
+        return positions, allowed
+
+    def rollback(self, drop: Tensor) -> None:
+        """Mark the last drop[b] slots of row b (all appended since the last commit) as holes."""
+        B, S = self.valid.shape
+        slots = torch.arange(S, device=self.valid.device)
+        last_valid = torch.where(self.valid, slots, -1)
+        # rank of each valid slot counted from the end of the row
+        rank_from_end = self.valid.flip(1).long().cumsum(1).flip(1)
+        kill = self.valid & (rank_from_end <= drop[:, None]) & (last_valid >= 0)
+        self.valid = self.valid & ~kill
+        self.next_pos = self.next_pos - drop

@@ -1,0 +1,196 @@
+"""generate(): prefill -> propose -> verify -> commit/rollback, batched, ragged per row.
+
+The whole speculative loop is `generate` below. Rows advance independently: row b commits n_accepted[b] + 1 tokens
+per step while row c commits another number, each row keeps its own cache length, and finished rows idle (they
+still ride along in the batched forward, so shapes stay static). The loop syncs with the host once per step, to
+decide whether any row is still running.
+
+Token bookkeeping: the prefill samples image token 0. A step feeds [last committed token, d_1..d_k] to the target,
+whose k+1 outputs are p_1..p_{k+1} for the k drafts and the bonus position. After the verdict the target keeps
+the committed tokens except the newest one, which the next step feeds.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from specdec.adapters.base import ARModel, check_capacity
+from specdec.random import RowStreams, fresh_seed, sample_categorical
+from specdec.sampling import Sampling, nonfinite, to_probs
+from specdec.types import AcceptanceRule, Draft, GenerationResult, Logits, SpecStats, Verdict
+
+
+@dataclass
+class DecodeContext:
+    """What a drafter may read about the generation in progress (updated in place by the engine).
+
+    tokens:  LongTensor [B, capacity] committed image tokens (valid up to n_done[b])
+    n_done:  LongTensor [B] committed tokens per row
+    cond:    the condition passed to generate()
+    streams: counter-based per-row random streams (drafters use their own tags)
+    """
+
+    target: ARModel
+    cond: Any
+    sampling: Sampling
+    tokens: Tensor
+    n_done: Tensor
+    num_tokens: int
+    grid: tuple[int, ...]
+    streams: RowStreams
+    token_mask: Tensor | None = None
+
+    def probs(self, logits: Logits) -> Tensor:
+        return to_probs(logits.cond, logits.uncond, self.sampling, self.token_mask)
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    k: int
+
+    def start(self, ctx: DecodeContext) -> None: ...
+
+    def propose(self, k: int) -> Draft:
+        """Draft [B, k] tokens for positions n_done .. n_done+k-1 with their q [B, k, V] (None = one-hot)."""
+        ...
+
+    def observe(self, verdict: Verdict, target_probs: Tensor) -> None:
+        """Called after each verification with target_probs [B, k+1, V]; ctx.n_done is already updated."""
+        ...
+
+
+def _check_inputs(target: ARModel, drafter, rule, num_tokens: int) -> int:
+    k = 0
+    if drafter is not None:
+        k = getattr(drafter, "k", None)
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"the drafter's k (draft tokens per step) must be an integer >= 1, got {k!r}")
+    if rule is not None and not callable(getattr(rule, "verify", None)):
+        raise TypeError(f"rule must have a verify(draft_tokens, draft_probs, target_probs, rng) method; "
+                        f"got {type(rule).__name__}")
+    if not isinstance(num_tokens, int) or num_tokens < 1:
+        raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
+    return k
+
+
+def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: AcceptanceRule | None = None,
+             sampling: Sampling = Sampling(), seed: int | None = None, num_tokens: int | None = None,
+             progress: bool = False, decode: bool = True) -> GenerationResult:
+    """Generate num_tokens image tokens per row of cond, speculatively when a drafter is given.
+
+    cond: the adapter's condition, one row per image (class ids [B] for class-conditional models).
+    drafter=None is plain AR decoding through the same loop; rule=None is the exact (lossless) rule.
+    Returns GenerationResult(tokens [B, T], stats, images [B, 3, H, W] when the adapter decodes).
+    """
+    from verifiers.exact import ExactRule   # the default rule; the engine never names any other
+
+    rule = rule if rule is not None else ExactRule()
+    T = num_tokens if num_tokens is not None else target.num_tokens
+    k = _check_inputs(target, drafter, rule, T)
+    capacity = T + 2 * k + 2            # a row may overshoot T by k and then still ride along for one step
+    check_capacity(target, capacity)
+    seed = fresh_seed() if seed is None else int(seed)
+    token_mask = getattr(target, "token_mask", None)
+
+    t_wall = time.perf_counter()
+    state, first = target.start(cond, sampling, capacity)
+    p0 = to_probs(first.cond[:, -1], None if first.uncond is None else first.uncond[:, -1], sampling, token_mask)
+    B, V = p0.shape
+    device = p0.device
+    streams = RowStreams(seed, torch.arange(B, device=device))
+    tokens = torch.zeros(B, capacity + k + 1, dtype=torch.long, device=device)
+    from_draft = torch.zeros_like(tokens, dtype=torch.bool)
+    n_done = torch.ones(B, dtype=torch.long, device=device)
+    zero = torch.zeros(B, 1, dtype=torch.long, device=device)
+    tokens[:, 0] = sample_categorical(p0, streams.uniform_at("sample", zero)[:, 0].float())
+    bad = nonfinite(first.cond, first.uncond)
+
+    ctx = DecodeContext(target, cond, sampling, tokens, n_done, T, tuple(target.grid), streams, token_mask)
+    if drafter is not None:
+        drafter.start(ctx)
+    counters = torch.zeros(5, dtype=torch.long, device=device)   # forwards, drafted, accepted, committed, steps
+    acc_pos = torch.zeros(k, dtype=torch.long, device=device)
+    drafted_pos = torch.zeros(k, dtype=torch.long, device=device)
+    offsets = torch.arange(k + 1, device=device)
+    rows = torch.arange(B, device=device)[:, None]
+    target_s = draft_s = 0.0
+    bar = _progress(progress, T)
+
+    while True:
+        active = n_done < T
+        running, is_bad = torch.stack([active.any(), bad]).tolist()    # the one host sync per step
+        if is_bad:
+            raise ValueError("the model produced NaN or +inf logits; check the weights, the dtype (try float32) "
+                             "and the inputs")
+        if not running:
+            break
+        if bar:
+            bar(int(n_done.clamp_max(T).min()))
+
+        t0 = time.perf_counter()
+        draft = drafter.propose(k) if drafter is not None else Draft(tokens[:, :0])
+        t1 = time.perf_counter()
+        last = tokens.gather(1, (n_done - 1)[:, None])
+        logits = target.forward(state, torch.cat([last, draft.tokens], 1))
+        p = to_probs(logits.cond, logits.uncond, sampling, token_mask)                 # [B, k+1, V]
+        bad = bad | nonfinite(logits.cond, logits.uncond)
+        q = draft.q(V)
+        verdict = rule.verify(draft.tokens, q, p, streams.at(n_done))
+        t2 = time.perf_counter()
+
+        # commit: d_1..d_n then the correction/bonus; slots past it are garbage that later steps overwrite
+        n_acc = verdict.n_accepted
+        segment = torch.cat([draft.tokens, verdict.next_token[:, None]], 1)
+        segment.scatter_(1, n_acc[:, None], verdict.next_token[:, None])
+        write_at = n_done[:, None] + offsets
+        tokens[rows, write_at] = segment
+        in_image = active[:, None] & (write_at < T)
+        from_draft[rows, write_at] = (offsets[None] < n_acc[:, None]) & in_image
+        committed = torch.minimum(n_acc + 1, T - n_done) * active
+        drafted_mask = in_image[:, :k]
+        accepted_mask = drafted_mask & (offsets[None, :k] < n_acc[:, None])
+        counters += torch.stack([active.sum(), drafted_mask.sum(), accepted_mask.sum(), committed.sum(),
+                                 active.any().long()])
+        acc_pos += accepted_mask.sum(0)
+        drafted_pos += drafted_mask.sum(0)
+        n_done += torch.where(active, n_acc + 1, 0)
+        target.rollback(state, n_done - 1)
+        t3 = time.perf_counter()
+        if drafter is not None:
+            drafter.observe(verdict, p)
+        t4 = time.perf_counter()
+        draft_s += (t1 - t0) + (t4 - t3)
+        target_s += t2 - t1
+
+    forwards, drafted, accepted, committed_total, steps = counters.tolist()
+    out = tokens[:, :T].clone()
+    stats = SpecStats(
+        batch_size=B, num_tokens=T, target_forwards=forwards,
+        draft_forwards=int(getattr(drafter, "forwards", 0)) if drafter is not None else 0,
+        drafted=drafted, accepted=accepted, committed=committed_total, steps=steps,
+        accepted_per_position=acc_pos.cpu(), drafted_per_position=drafted_pos.cpu(),
+        acceptance_map=from_draft[:, :T].cpu(), target_s=target_s, draft_s=draft_s)
+    images = target.decode(out) if decode else None
+    stats.wall_s = time.perf_counter() - t_wall
+    if bar:
+        bar(T, close=True)
+    return GenerationResult(tokens=out, stats=stats, images=images, extras={"seed": seed})
+
+
+def _progress(enabled: bool, total: int):
+    """A minimal tqdm progress bar over the slowest row's committed tokens, or None."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="tokens (slowest row)", leave=False)
+
+    def update(n: int, close: bool = False):
+        bar.update(max(0, n - bar.n))
+        if close:
+            bar.close()
+    return update

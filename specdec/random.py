@@ -1,0 +1,107 @@
+"""Random numbers without a global RNG.
+
+`RowStreams` is counter-based: the uniform for (seed, row, token position, tag, slot) is a hash of those integers,
+computed with int64 tensor ops on any device. So a row's draws depend only on its own seed and positions, never on
+which other rows share its batch or how many steps earlier rows took, and nothing is stateful.
+
+Why per position and not per step: a uniform drawn for a position that is later discarded (after the first
+rejection) was never used for a committed decision, so reusing it when the position is verified again keeps the
+test exact, while making the output a function of (seed, row) alone.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+
+import torch
+from torch import Tensor
+
+_MASK32 = (1 << 32) - 1
+# multipliers below 2**31 so that (x < 2**32) * c never overflows int64
+_M1, _M2, _M3 = 0x7FEB352D, 0x2C1B3C6D, 0x297A2D39
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit avalanche hash (lowbias32-style) on int64 tensors holding values in [0, 2**32)."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * _M1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _M2) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * _M3) & _MASK32
+    return x ^ (x >> 15)
+
+
+def hash_uniform(*keys: Tensor | int) -> Tensor:
+    """Uniform in (0, 1), float64, one per broadcast element of the integer keys."""
+    h = None
+    for key in keys:
+        key = torch.as_tensor(key, dtype=torch.long)
+        h = _mix32(key) if h is None else _mix32(h.to(key.device) * 31 + _mix32(key + 0x9E3779B9))
+    hi = _mix32(h + 0x632BE5AB)
+    lo = _mix32(h + 0x85157AF5)
+    bits = (hi >> 8) * (1 << 24) + (lo >> 8)          # 48 random bits
+    return (bits.double() + 0.5) / float(1 << 48)
+
+
+def tag_id(tag: str) -> int:
+    return zlib.crc32(tag.encode()) & 0x7FFFFFFF
+
+
+def fresh_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+class RowStreams:
+    """Per-row counter-based streams. rows: LongTensor [B] of row identities (usually arange(B))."""
+
+    def __init__(self, seed: int, rows: Tensor):
+        self.seed = int(seed)
+        self.rows = rows
+
+    def uniform_at(self, tag: str, positions: Tensor, slots: int | None = None) -> Tensor:
+        """positions [B, n] -> uniforms [B, n] (or [B, n, slots]) as float32... kept float64 for exact tests."""
+        rows = self.rows[:, None]
+        if slots is None:
+            return hash_uniform(self.seed, rows, positions, tag_id(tag))
+        slot = torch.arange(slots, device=positions.device)
+        return hash_uniform(self.seed, rows[..., None], positions[..., None], tag_id(tag), slot)
+
+    def at(self, start: Tensor) -> "StepRandomness":
+        """The randomness of a step whose first draft token sits at position start[b] of row b."""
+        return StepRandomness(self, start)
+
+
+class StepRandomness:
+    """`Randomness` for one verification step: uniform(tag, n)[b, j] is keyed by token position start[b] + j."""
+
+    def __init__(self, streams: RowStreams, start: Tensor):
+        self.streams = streams
+        self.start = start
+
+    def uniform(self, tag: str, n: int) -> Tensor:
+        positions = self.start[:, None] + torch.arange(n, device=self.start.device)
+        return self.streams.uniform_at(tag, positions).float().clamp(1e-7, 1 - 1e-7)
+
+
+class GeneratorRandomness:
+    """`Randomness` from an explicit torch.Generator, for using a rule outside the engine (certify, tests)."""
+
+    def __init__(self, generator: torch.Generator, batch: int, device=None):
+        self.generator = generator
+        self.batch = batch
+        self.device = device if device is not None else generator.device
+
+    def uniform(self, tag: str, n: int) -> Tensor:
+        u = torch.rand(self.batch, n, generator=self.generator, device=self.device)
+        return u.clamp(1e-7, 1 - 1e-7)
+
+
+def sample_categorical(probs: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF sampling. probs [..., V] (need not be normalised, must have positive mass), u [...] in (0, 1)
+    -> LongTensor [...]. Scaling u by the actual total keeps the pick on a token with positive mass."""
+    cdf = probs.double().cumsum(-1)
+    target = u.double() * cdf[..., -1]
+    idx = torch.searchsorted(cdf, target[..., None], right=True)[..., 0]
+    return idx.clamp_max(probs.shape[-1] - 1)

@@ -1,0 +1,141 @@
+"""The data that flows through the speculative loop. Every tensor's shape is in the docstring.
+
+Notation: p = target distribution, q = draft distribution, both after `specdec.sampling` (CFG mix, temperature,
+top-k, top-p, token mask). B = batch, k = draft tokens per step, V = image-token vocabulary, T = tokens per image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Draft:
+    """A drafter's proposal for one step.
+
+    tokens: LongTensor [B, k] draft tokens, in image-vocabulary ids.
+    probs:  FloatTensor [B, k, V] the law each draft token was drawn from (q), or None when the drafts are a
+            deterministic function of the context (q is then one-hot at the token; rules treat it so).
+    """
+
+    tokens: Tensor
+    probs: Tensor | None = None
+
+    def q(self, vocab_size: int) -> Tensor:
+        """The draft distribution [B, k, V], materialising the one-hot case."""
+        if self.probs is not None:
+            return self.probs
+        return torch.nn.functional.one_hot(self.tokens, vocab_size).float()
+
+
+@dataclass
+class Verdict:
+    """A rule's decision for one step.
+
+    n_accepted: LongTensor [B] leading draft tokens kept (0..k).
+    next_token: LongTensor [B] the correction (sampled from the rule's residual) or, when all k were accepted,
+                the bonus token sampled from p at position k+1.
+    """
+
+    n_accepted: Tensor
+    next_token: Tensor
+
+
+@dataclass
+class SpecStats:
+    """Counters with vLLM / Spec-Bench definitions. Per-image counters are averaged over rows.
+
+    target_forwards:      verification calls of the target (prefill excluded), summed over rows ("row-steps")
+    draft_forwards:       drafter model calls, summed over rows (0 for training-free drafters)
+    drafted, accepted:    draft tokens proposed / accepted, summed over rows
+    committed:            tokens committed by verification steps (the prefill's first token excluded)
+    accepted_per_position:[k] how many times draft position j was accepted
+    drafted_per_position: [k] how many times draft position j was proposed
+    acceptance_map:       BoolTensor [B, T]: token t of row b was committed from a draft
+    """
+
+    batch_size: int = 0
+    num_tokens: int = 0
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    committed: int = 0
+    steps: int = 0
+    accepted_per_position: Tensor | None = None
+    drafted_per_position: Tensor | None = None
+    acceptance_map: Tensor | None = None
+    wall_s: float = 0.0
+    target_s: float = 0.0
+    draft_s: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Committed tokens per target forward, bonus included: plain AR gives exactly 1.0."""
+        return self.committed / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def target_forwards_per_image(self) -> float:
+        return self.target_forwards / self.batch_size if self.batch_size else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        per_pos = None
+        if self.accepted_per_position is not None and self.drafted_per_position is not None:
+            per_pos = (self.accepted_per_position.float()
+                       / self.drafted_per_position.clamp_min(1).float()).tolist()
+        return {
+            "batch_size": self.batch_size, "num_tokens": self.num_tokens,
+            "target_forwards": self.target_forwards, "draft_forwards": self.draft_forwards,
+            "drafted": self.drafted, "accepted": self.accepted, "committed": self.committed, "steps": self.steps,
+            "acceptance_rate": self.acceptance_rate, "mean_accepted_length": self.mean_accepted_length,
+            "target_forwards_per_image": self.target_forwards_per_image,
+            "acceptance_per_position": per_pos,
+            "wall_s": self.wall_s, "target_s": self.target_s, "draft_s": self.draft_s,
+        }
+
+
+@dataclass
+class GenerationResult:
+    """tokens: LongTensor [B, T]; images: FloatTensor [B, 3, H, W] in [-1, 1] when the adapter decodes."""
+
+    tokens: Tensor
+    stats: SpecStats
+    images: Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class Logits:
+    """Raw target or drafter logits for n positions: cond [B, n, V]; uncond [B, n, V] when CFG is on."""
+
+    cond: Tensor
+    uncond: Tensor | None = None
+
+
+@runtime_checkable
+class Randomness(Protocol):
+    """Where a rule gets its uniforms: `uniform(tag, n) -> [B, n]` in the open interval (0, 1).
+
+    Each tag is an independent stream; the engine's implementation keys draws by (seed, row, token position, tag)
+    so that a row's output does not depend on its batch. `specdec.random.GeneratorRandomness` wraps a
+    `torch.Generator` for standalone use.
+    """
+
+    def uniform(self, tag: str, n: int) -> Tensor: ...
+
+
+@runtime_checkable
+class AcceptanceRule(Protocol):
+    lossless: bool
+
+    def verify(self, draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
+               rng: Randomness) -> Verdict:
+        """draft_tokens [B, k], draft_probs [B, k, V], target_probs [B, k+1, V] -> Verdict."""
+        ...
