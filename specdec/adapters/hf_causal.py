@@ -1,0 +1,183 @@
+"""Any transformers causal LM used as an image-token generator.
+
+The model sees a prompt (class token(s) or text ids) followed by image tokens that live somewhere in its vocabulary
+(`image_token_ids[v]` is the model id of image token v). The engine only sees image ids 0..V-1 and logits restricted
+to them.
+
+Ragged rows on a transformers `Cache`: the cache grows for the whole batch at once, so each forward appends n slots
+to every row and a `HoleMask` marks the slots a row rejected as holes. Attention gets a 4-D additive mask from it and
+explicit `position_ids` (each row's logical positions), which Llama-style models in transformers 5.x accept as-is.
+When holes pile up, `compact()` gathers each row's valid slots to the right (left padding), so memory stays
+O(prompt + T).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from specdec.adapters.base import check_capacity, check_cfg
+from specdec.cache import HoleMask
+from specdec.sampling import Sampling
+from specdec.types import Logits
+
+
+@dataclass
+class HFState:
+    cache: Any
+    holes: HoleMask
+    generated: Tensor        # [rows] generated tokens currently in the cache per row
+    batch: int
+    cfg: bool
+    steps: int = 0
+
+    def split(self, logits: Tensor) -> Logits:
+        if not self.cfg:
+            return Logits(logits)
+        return Logits(logits[: self.batch], logits[self.batch:])
+
+
+def left_pad(prompts: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Ragged 1-D prompts -> (ids [B, P] left-padded, attention mask [B, P])."""
+    width = max(int(p.numel()) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p.numel():
+            ids[i, width - p.numel():] = p
+            mask[i, width - p.numel():] = 1
+    return ids, mask
+
+
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """Boolean [B, 1, n, S] -> float additive mask (0 where allowed, dtype min elsewhere), for eager and SDPA."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
+
+
+class HFCausalAdapter:
+    """ARModel over a transformers causal LM (e.g. `LlamaForCausalLM`).
+
+    model:           the causal LM; called as model(input_ids, attention_mask=4-D, position_ids, past_key_values)
+    image_token_ids: LongTensor [V]: model vocabulary id of each image token
+    grid:            token layout, e.g. (16, 16)
+    uncond_prompt:   LongTensor [P'] prompt of the unconditional rows for CFG (None: no CFG)
+    class_prompts:   optional callable mapping cond (e.g. class ids [B]) to a list of 1-D prompt tensors; by
+                     default cond is a LongTensor [B, P] of prompt ids or a list of 1-D prompt tensors
+    codebook / decode: VQ code vectors [V, D] and tokens -> pixels, when the user has them
+    """
+
+    def __init__(self, model, image_token_ids: Tensor, grid: tuple[int, ...], uncond_prompt: Tensor | None = None,
+                 class_prompts: Callable[[Any], list[Tensor]] | None = None, pad_id: int = 0,
+                 codebook: Tensor | None = None, decode: Callable[[Tensor], Tensor] | None = None,
+                 compact_every: int = 16):
+        self.model = model.eval()
+        self.image_token_ids = torch.as_tensor(image_token_ids, dtype=torch.long)
+        if self.image_token_ids.dim() != 1 or self.image_token_ids.numel() < 2:
+            raise ValueError("image_token_ids must be a 1-D tensor with the model id of every image token")
+        n_vocab = model.get_output_embeddings().weight.shape[0]
+        if int(self.image_token_ids.max()) >= n_vocab or int(self.image_token_ids.min()) < 0:
+            raise ValueError(f"image_token_ids must lie in the model's vocabulary [0, {n_vocab})")
+        self.grid = tuple(grid)
+        self.num_tokens = 1
+        for g in grid:
+            self.num_tokens *= g
+        self.vocab_size = self.image_token_ids.numel()
+        self.uncond_prompt = None if uncond_prompt is None else torch.as_tensor(uncond_prompt, dtype=torch.long)
+        self.supports_cfg = self.uncond_prompt is not None
+        self.class_prompts = class_prompts
+        self.pad_id = pad_id
+        self.codebook = codebook
+        self.token_embeddings = model.get_input_embeddings().weight.detach()[self.image_token_ids]
+        max_pos = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.max_new_tokens = max_pos
+        self.compact_every = compact_every
+        self._decode = decode
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_output_embeddings().weight.device
+
+    def prompts(self, cond) -> list[Tensor]:
+        if self.class_prompts is not None:
+            return [torch.as_tensor(p, dtype=torch.long) for p in self.class_prompts(cond)]
+        if isinstance(cond, Tensor):
+            if cond.dim() != 2 or cond.dtype.is_floating_point:
+                raise TypeError(f"cond must be prompt ids LongTensor [B, P] (or a list of 1-D prompts); "
+                                f"got dtype {cond.dtype}, shape {tuple(cond.shape)}")
+            return list(cond.long())
+        if isinstance(cond, (list, tuple)) and all(isinstance(c, Tensor) and c.dim() == 1 for c in cond):
+            return [c.long() for c in cond]
+        raise TypeError("cond must be a LongTensor [B, P] of prompt ids or a list of 1-D LongTensors")
+
+    def _run(self, ids: Tensor, positions: Tensor, allowed: Tensor, cache) -> Tensor:
+        dtype = self.model.get_output_embeddings().weight.dtype
+        out = self.model(input_ids=ids, attention_mask=additive_mask(allowed, dtype), position_ids=positions,
+                         past_key_values=cache, use_cache=True)
+        return out.logits[..., self.image_token_ids.to(out.logits.device)].float()
+
+    @torch.no_grad()
+    def start(self, cond, sampling: Sampling, capacity: int) -> tuple[HFState, Logits]:
+        from transformers import DynamicCache
+
+        check_cfg(self, sampling)
+        prompts = self.prompts(cond)
+        batch = len(prompts)
+        if batch == 0:
+            raise ValueError("cond is empty: pass at least one prompt")
+        if sampling.uses_cfg:
+            prompts = prompts + [self.uncond_prompt] * batch
+        ids, mask = left_pad(prompts, self.pad_id)
+        if int(mask.sum(1).max()) + capacity > self.max_new_tokens:
+            check_capacity(self, int(mask.sum(1).max()) + capacity)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        holes = HoleMask(valid=torch.zeros(ids.shape[0], 0, dtype=torch.bool, device=self.device),
+                         next_pos=torch.zeros(ids.shape[0], dtype=torch.long, device=self.device))
+        positions, allowed = holes.extend(ids.shape[1])
+        # padding slots become holes: never attended, and they take no logical position
+        allowed = allowed & mask.bool()[:, None, None, :]
+        holes.valid = mask.bool()
+        holes.next_pos = mask.sum(1)
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._run(ids, positions, allowed, cache)[:, -1:]
+        state = HFState(cache, holes, torch.zeros(ids.shape[0], dtype=torch.long, device=self.device),
+                        batch, sampling.uses_cfg)
+        return state, state.split(logits)
+
+    @torch.no_grad()
+    def forward(self, state: HFState, tokens: Tensor) -> Logits:
+        if state.cfg:
+            tokens = torch.cat([tokens, tokens])
+        positions, allowed = state.holes.extend(tokens.shape[1])
+        state.generated = state.generated + tokens.shape[1]
+        logits = self._run(self.image_token_ids.to(tokens.device)[tokens], positions, allowed, state.cache)
+        return state.split(logits)
+
+    def rollback(self, state: HFState, keep: Tensor) -> None:
+        if state.cfg:
+            keep = torch.cat([keep, keep])
+        state.holes.rollback(state.generated - keep)
+        state.generated = keep.clone()
+        state.steps += 1
+        if self.compact_every and state.steps % self.compact_every == 0:
+            self.compact(state)
+
+    def compact(self, state: HFState) -> None:
+        """Move every row's valid slots to the right end, dropping the columns that hold only holes."""
+        valid = state.holes.valid
+        keep_cols = int(valid.sum(1).max())
+        if keep_cols == valid.shape[1]:
+            return
+        order = torch.sort(valid.long(), dim=1, stable=True).indices[:, -keep_cols:]   # holes first, then valid
+        for layer in state.cache.layers:
+            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys = layer.keys.gather(2, index)
+            layer.values = layer.values.gather(2, index)
+        state.holes.valid = valid.gather(1, order)
+
+    @torch.no_grad()
+    def decode(self, tokens: Tensor) -> Tensor | None:
+        return None if self._decode is None else self._decode(tokens)
