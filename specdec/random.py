@@ -33,12 +33,18 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 15)
 
 
-def hash_uniform(*keys: Tensor | int) -> Tensor:
-    """Uniform in (0, 1), float64, one per broadcast element of the integer keys."""
+def hash_uniform_key(*keys: Tensor | int) -> Tensor:
+    """Fold integer keys (broadcast) into one 32-bit hash per element."""
     h = None
     for key in keys:
         key = torch.as_tensor(key, dtype=torch.long)
         h = _mix32(key) if h is None else _mix32(h.to(key.device) * 31 + _mix32(key + 0x9E3779B9))
+    return h
+
+
+def hash_uniform(*keys: Tensor | int) -> Tensor:
+    """Uniform in (0, 1), float64, one per broadcast element of the integer keys."""
+    h = hash_uniform_key(*keys)
     hi = _mix32(h + 0x632BE5AB)
     lo = _mix32(h + 0x85157AF5)
     bits = (hi >> 8) * (1 << 24) + (lo >> 8)          # 48 random bits
@@ -59,14 +65,14 @@ class RowStreams:
     def __init__(self, seed: int, rows: Tensor):
         self.seed = int(seed)
         self.rows = rows
+        self._row_key = hash_uniform_key(self.seed, rows)      # [B], hashed once: the hot path mixes less
 
     def uniform_at(self, tag: str, positions: Tensor, slots: int | None = None) -> Tensor:
-        """positions [B, n] -> uniforms [B, n] (or [B, n, slots]) as float32... kept float64 for exact tests."""
-        rows = self.rows[:, None]
-        if slots is None:
-            return hash_uniform(self.seed, rows, positions, tag_id(tag))
-        slot = torch.arange(slots, device=positions.device)
-        return hash_uniform(self.seed, rows[..., None], positions[..., None], tag_id(tag), slot)
+        """positions [B, n] -> float64 uniforms [B, n] (or [B, n, slots] with an extra slot index)."""
+        keys = [self._row_key[:, None], positions, tag_id(tag)]
+        if slots is not None:
+            keys = [keys[0][..., None], positions[..., None], keys[2], torch.arange(slots, device=positions.device)]
+        return hash_uniform(*keys)
 
     def at(self, start: Tensor) -> "StepRandomness":
         """The randomness of a step whose first draft token sits at position start[b] of row b."""
