@@ -1,4 +1,8 @@
 """Acceptance rules, one per file. Each states whether it is lossless and cites its paper."""
+from verifiers.bounded_lantern import BoundedLanternRule
 from verifiers.exact import ExactRule
+from verifiers.grouped import GroupedRule
+from verifiers.lantern import LanternRule
+from verifiers.typical import TypicalRule
 
-__all__ = ["ExactRule"]
+__all__ = ["ExactRule", "LanternRule", "BoundedLanternRule", "GroupedRule", "TypicalRule"]

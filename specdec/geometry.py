@@ -1,0 +1,136 @@
+"""Token geometry: nearest neighbours between image tokens in a vector space.
+
+LANTERN (arXiv 2410.03355) measures closeness in the VQ **codebook** [V, D]; GSD (arXiv 2508.07747) in the LM
+**input-embedding** table [V, D]. Both come in as a plain [V, D] matrix.
+
+`neighbours(k)` is computed in row chunks (chunked distance + top-k), so no V x V matrix is ever held: at
+V = 16384 a chunk of 512 rows costs 512 x 16384 floats (32 MB). Results are cached per k in memory, keyed by a hash
+of the vectors and the metric (`key`), so a disk cache can be added later without changing callers.
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+_METRICS = ("l2", "cosine")
+
+
+@dataclass(frozen=True, eq=False)
+class TokenGeometry:
+    """vectors: FloatTensor [V, D] (float32, CPU); metric: "l2" (Euclidean) or "cosine" (1 - cos similarity).
+
+    Build with `TokenGeometry.from_vectors(vectors, metric)`. With metric="cosine" the rows are l2-normalised once,
+    so `squared_distance` is the squared Euclidean distance of unit vectors (= 2 - 2 cos).
+    """
+
+    vectors: Tensor
+    metric: str = "l2"
+    key: str = ""
+    chunk_rows: int = 512
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        v = self.vectors
+        if not isinstance(v, Tensor) or v.dim() != 2:
+            raise ValueError(f"token vectors must be a 2-D tensor [V, D], got "
+                             f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}")
+        if v.shape[0] < 2 or v.shape[1] < 1:
+            raise ValueError(f"token vectors need at least 2 tokens and 1 dimension, got shape {tuple(v.shape)}")
+        if not torch.isfinite(v).all():
+            raise ValueError("token vectors contain NaN or inf; check the codebook / embedding weights")
+        if self.metric not in _METRICS:
+            raise ValueError(f"metric must be one of {_METRICS}, got {self.metric!r}")
+        if not isinstance(self.chunk_rows, int) or self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive integer, got {self.chunk_rows!r}")
+
+    @classmethod
+    def from_vectors(cls, vectors: Tensor, metric: str = "l2", chunk_rows: int = 512) -> "TokenGeometry":
+        if not isinstance(vectors, Tensor):
+            vectors = torch.as_tensor(vectors)
+        if vectors.dim() != 2:
+            raise ValueError(f"token vectors must be a 2-D tensor [V, D], got shape {tuple(vectors.shape)}")
+        v = vectors.detach().float().cpu().contiguous()
+        if metric == "cosine" and torch.isfinite(v).all():
+            v = torch.nn.functional.normalize(v, dim=1)
+        key = hashlib.sha1(v.numpy().tobytes() + metric.encode()).hexdigest()[:16] if torch.isfinite(v).all() \
+            else ""
+        return cls(v, metric, key, chunk_rows)
+
+    @property
+    def size(self) -> int:
+        """V, the number of tokens."""
+        return self.vectors.shape[0]
+
+    def check_vocab(self, vocab_size: int, who: str = "rule") -> None:
+        if vocab_size != self.size:
+            raise ValueError(f"{who}: the token geometry has {self.size} tokens but the distributions have "
+                             f"V = {vocab_size}; build the geometry from the target's own codebook/embeddings")
+
+    def clamp_k(self, k: int, who: str = "rule") -> int:
+        """k validated (>= 1) and clamped to V - 1 with a warning."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"{who}: k (neighbours per token) must be an integer >= 1, got {k!r}")
+        if k > self.size - 1:
+            warnings.warn(f"{who}: k = {k} neighbours asked for but the geometry has only {self.size} tokens; "
+                          f"using k = {self.size - 1}", stacklevel=3)
+            return self.size - 1
+        return k
+
+    def _pair_distance(self, a: Tensor, b: Tensor) -> Tensor:
+        """a [n, D], b [m, D] -> distances [n, m] in the metric (L2 distance, or 1 - cos for cosine)."""
+        if self.metric == "cosine":
+            return 1.0 - a @ b.T
+        return torch.cdist(a, b)
+
+    @torch.no_grad()
+    def neighbours(self, k: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+        """The k nearest other tokens of every token, nearest first, self excluded.
+
+        Returns (idx LongTensor [V, k], dist FloatTensor [V, k]) on `device` (default CPU; a copy per device is
+        cached, so rules on a GPU do not re-upload the table each step). Raises ValueError unless 1 <= k <= V - 1.
+        """
+        if device is not None and torch.device(device) != torch.device("cpu"):
+            key = (k, str(torch.device(device)))
+            if key not in self._cache:
+                idx, dist = self.neighbours(k)
+                self._cache[key] = (idx.to(device), dist.to(device))
+            return self._cache[key]
+        V = self.size
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= V - 1:
+            raise ValueError(f"k must be an integer in [1, V-1] = [1, {V - 1}], got {k!r}")
+        if k in self._cache:
+            return self._cache[k]
+        # a larger cached k already holds the answer (neighbours sorted nearest first)
+        larger = [kk for kk in self._cache if isinstance(kk, int) and kk > k]
+        if larger:
+            idx, dist = self._cache[min(larger)]
+            out = (idx[:, :k].contiguous(), dist[:, :k].contiguous())
+            self._cache[k] = out
+            return out
+        idx_parts, dist_parts = [], []
+        for start in range(0, V, self.chunk_rows):
+            rows = self.vectors[start:start + self.chunk_rows]
+            d = self._pair_distance(rows, self.vectors)
+            own = torch.arange(start, start + rows.shape[0])
+            d[torch.arange(rows.shape[0]), own] = float("inf")          # exclude self
+            dist, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
+            idx_parts.append(idx)
+            dist_parts.append(dist)
+        out = (torch.cat(idx_parts), torch.cat(dist_parts))
+        self._cache[k] = out
+        return out
+
+    def squared_distance(self, a: Tensor, b: Tensor) -> Tensor:
+        """Squared Euclidean distance between gathered token pairs: a, b LongTensors of one broadcast shape
+        (any device) -> FloatTensor of that shape, on a's device. Unit vectors when metric == "cosine"."""
+        vec = self.vectors
+        if a.device != vec.device:
+            key = ("vectors", str(a.device))
+            if key not in self._cache:
+                self._cache[key] = vec.to(a.device)
+            vec = self._cache[key]
+        return (vec[a] - vec[b]).pow(2).sum(-1)

@@ -1,0 +1,108 @@
+"""LANTERN relaxed speculative decoding. LOSSY.
+
+Jang et al., "LANTERN: Accelerating Visual Autoregressive Models with Relaxed Speculative Decoding", ICLR 2025,
+arXiv 2410.03355 (delta mode); LANTERN++, arXiv 2502.06352 (lambda mode). Reference code: jadohu/LANTERN.
+
+Notation: p = target distribution, q = draft distribution (both after specdec.sampling), x = draft token,
+k = draft tokens per step, B batch, V vocabulary, n_1..n_K = the K nearest codes of x in the VQ codebook.
+
+    c_j = sum_{i<=j} p(n_i),   j* = max{ j <= K : c_j <= budget } (0 if none),   p~(x) = p(x) + c_{j*}
+    budget = delta (delta mode)  or  (lam - 1) * p(x) (lambda mode, LANTERN++)
+    accept x iff U < min(1, p~(x) / q(x))
+    rejection: y ~ norm((p'_x - q)+),  p'_x = p with p'_x(x) = p~(x) and the j* aggregated neighbours set to 0
+
+Only the j* neighbours whose mass was credited to x are zeroed (the reference zeroes all K, which removes far more
+mass than was borrowed; see methods.md section 3).
+
+What it guarantees, plainly:
+- delta mode: TV(p'_x, p) = c_{j*} <= delta for every draft token x.
+- With a deterministic (one-hot) drafter, x is fixed given the context, and the step is exact speculative sampling
+  against p'_x, so the emitted token's law is p'_x: within delta of p (per token).
+- With a STOCHASTIC drafter the relaxed target p'_x changes with the sampled x, and the emitted law is a mixture that
+  can be much farther than delta from p (e.g. flat p, q spread over half the vocabulary: every draft is accepted and
+  the output law is q). Use `BoundedLanternRule` when a bound for any drafter is needed.
+- lambda mode: c_{j*} <= (lam - 1) p(x), no fixed cap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from specdec.geometry import TokenGeometry
+from specdec.random import sample_categorical
+from specdec.types import Randomness, Verdict
+from verifiers.exact import at_position, correction_uniform, leading_run, token_probs
+
+
+@dataclass(frozen=True)
+class LanternRule:
+    """geometry: TokenGeometry (or a raw [V, D] tensor) over the VQ codebook; k: neighbours per token (clamped
+    to V-1); delta (default 0.1 when lam is None) or lam: the budget, one of the two."""
+
+    geometry: TokenGeometry
+    k: int = 1000
+    delta: float | None = None
+    lam: float | None = None
+
+    lossless = False
+    name = "lantern"
+
+    def __post_init__(self):
+        if isinstance(self.geometry, Tensor):            # a raw [V, D] matrix, as in DESIGN.md's example
+            object.__setattr__(self, "geometry", TokenGeometry.from_vectors(self.geometry))
+        if not isinstance(self.geometry, TokenGeometry):
+            raise TypeError(f"geometry must be a specdec.geometry.TokenGeometry "
+                            f"(TokenGeometry.from_vectors(codebook)), got {type(self.geometry).__name__}")
+        if self.delta is not None and self.lam is not None:
+            raise ValueError("give either delta (LANTERN budget) or lam (LANTERN++ budget), not both")
+        if self.lam is not None:
+            if not (self.lam >= 1):
+                raise ValueError(f"lam must be >= 1 (p~(x) <= lam * p(x)), got {self.lam}")
+        else:
+            if self.delta is None:
+                object.__setattr__(self, "delta", 0.1)
+            if not (0.0 <= self.delta <= 1.0):
+                raise ValueError(f"delta must be in [0, 1] (a total-variation budget), got {self.delta}")
+        object.__setattr__(self, "k", self.geometry.clamp_k(self.k, "LanternRule"))
+
+    def relaxed(self, draft_tokens: Tensor, target_probs: Tensor):
+        """draft_tokens [B, k], target_probs [B, >=k, V] -> (p_tilde [B, k], nbr [B, k, K], aggregated [B, k, K])."""
+        k = draft_tokens.shape[1]
+        idx, _ = self.geometry.neighbours(self.k, draft_tokens.device)
+        nbr = idx[draft_tokens]                      # [B, k, K]
+        p = target_probs[:, :k]
+        p_x = token_probs(p, draft_tokens)                                    # [B, k]
+        c = p.gather(-1, nbr).cumsum(-1)                                      # [B, k, K]
+        budget = p_x.new_full(p_x.shape, self.delta) if self.lam is None else (self.lam - 1.0) * p_x
+        aggregated = c <= budget[..., None]                                   # a prefix: c is nondecreasing
+        c_star = torch.where(aggregated, c, torch.zeros_like(c)).amax(-1)     # c_{j*}, 0 when j* = 0
+        return p_x + c_star, nbr, aggregated
+
+    def verify(self, draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
+               rng: Randomness) -> Verdict:
+        """draft_tokens [B, k], draft_probs [B, k, V], target_probs [B, k+1, V] -> Verdict."""
+        self.geometry.check_vocab(target_probs.shape[-1], "LanternRule")
+        k = draft_tokens.shape[1]
+        p_tilde, nbr, aggregated = self.relaxed(draft_tokens, target_probs)
+        q_x = token_probs(draft_probs, draft_tokens)
+        ok = rng.uniform("accept", k) * q_x < p_tilde
+        n_accepted = leading_run(ok)
+        u = correction_uniform(rng, n_accepted, k)
+
+        # residual at the first rejection: p'_x (the relaxed target of that draft) minus q; bonus: p_{k+1}
+        p = at_position(target_probs, n_accepted)                             # [B, V]
+        rejected = n_accepted < k
+        pos = n_accepted.clamp_max(k - 1)
+        x = draft_tokens.gather(1, pos[:, None])                              # [B, 1]
+        nb = at_position(nbr, pos)                                            # [B, K]
+        agg = at_position(aggregated, pos) & rejected[:, None]
+        pt = p_tilde.gather(1, pos[:, None])
+        p_rel = p.scatter(-1, nb, torch.where(agg, torch.zeros_like(nb, dtype=p.dtype), p.gather(-1, nb)))
+        p_rel = torch.where(rejected[:, None], p_rel.scatter(-1, x, pt), p_rel)
+        q = torch.where(rejected[:, None], at_position(draft_probs, pos), torch.zeros_like(p))
+        residual = (p_rel - q).clamp_min(0)
+        empty = residual.sum(-1, keepdim=True) <= 1e-9
+        next_token = sample_categorical(torch.where(empty, p_rel, residual), u)
+        return Verdict(n_accepted, next_token)
