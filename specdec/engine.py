@@ -91,6 +91,8 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
     rule = rule if rule is not None else ExactRule()
     T = num_tokens if num_tokens is not None else target.num_tokens
     k = _check_inputs(target, drafter, rule, T)
+    if k == 0:
+        rule = ExactRule()      # nothing to judge without drafts: plain sampling from p, whatever rule was given
     capacity = T + 2 * k + 2            # a row may overshoot T by k and then still ride along for one step
     check_capacity(target, capacity)
     seed = fresh_seed() if seed is None else int(seed)
