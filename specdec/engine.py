@@ -176,7 +176,7 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         drafted=drafted, accepted=accepted, committed=committed_total, steps=steps,
         accepted_per_position=acc_pos.cpu(), drafted_per_position=drafted_pos.cpu(),
         acceptance_map=from_draft[:, :T].cpu(), target_s=target_s, draft_s=draft_s)
-    images = target.decode(out) if decode else None
+    images = target.decode(out) if decode and getattr(target, "can_decode", True) else None
     stats.wall_s = time.perf_counter() - t_wall
     if bar:
         bar(T, close=True)

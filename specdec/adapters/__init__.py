@@ -1,5 +1,24 @@
-"""One adapter per generator family; each implements `specdec.adapters.base.ARModel`."""
+"""One adapter per generator family; each implements `specdec.adapters.base.ARModel`.
+
+The transformers-based adapters are imported on first use, so `import specdec` stays light.
+"""
+import importlib
+
 from specdec.adapters.base import ARModel
 from specdec.adapters.gpt import GPTAdapter
 
-__all__ = ["ARModel", "GPTAdapter"]
+_LAZY = {
+    "HFCausalAdapter": "specdec.adapters.hf_causal",
+    "LlamaGenAdapter": "specdec.adapters.llamagen",
+    "JanusAdapter": "specdec.adapters.janus",
+    "Emu3Adapter": "specdec.adapters.emu3",
+    "ChameleonAdapter": "specdec.adapters.chameleon",
+}
+
+__all__ = ["ARModel", "GPTAdapter", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'specdec.adapters' has no attribute {name!r}")
