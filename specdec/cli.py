@@ -106,14 +106,15 @@ def demo(args) -> int:
 
     # warm-up outside the timings, then every method through the same generate() in this process
     specdec.generate(bundle.target, cond[:2], sampling=sampling, seed=args.seed)
-    real = bundle.heldout_images(args.fd_real, seed=0)
-    real_feats = metrics.features(bundle.features, real)
+    # held-out crops of the same classes, in the same proportions as the samples
+    real = bundle.heldout_images(args.fd_real, seed=0, classes=cond[torch.arange(args.fd_real) % len(cond)])
+    real_feats = metrics.extract_features(real, bundle.features)
     rows, images, maps = [], [], []
     from tqdm.auto import tqdm
 
     for method in tqdm(methods, desc="methods", disable=not sys.stderr.isatty()):
         wall, res = run_method(bundle, method, cond, sampling, args.seed, repeats)
-        fd = metrics.frechet_distance(metrics.features(bundle.features, res.images), real_feats)
+        fd = metrics.frechet_distance(metrics.extract_features(res.images, bundle.features), real_feats)
         nll = float(metrics.token_nll(bundle.target_gpt, res.tokens, cond).mean())
         st = res.stats
         rows.append({"method": method.label, "drafter": method.drafter or "-", "rule": method.rule,
@@ -191,6 +192,9 @@ def main(argv=None) -> int:
     c.add_argument("--vocab", type=int, default=8)
     c.set_defaults(func=certify_cmd)
 
+    from specdec.bench import add_subcommands
+
+    add_subcommands(sub)
     args = ap.parse_args(argv)
     return args.func(args)
 

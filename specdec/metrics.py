@@ -1,0 +1,98 @@
+"""Quality measures that need no download.
+
+- `frechet_distance` / `feature_fd`: the Frechet distance between Gaussians fitted to features (the FID formula of
+  Heusel et al., 2017), here in the feature space of the zoo's `FeatureNet` instead of Inception-v3.
+- `token_nll`: mean negative log-likelihood per image token under a `specdec.models.gpt.GPT` (conditional, no CFG):
+  how plausible samples are to the target, the standard "does a lossy rule leave the target's distribution" check.
+- `token_histogram_tvd`: total variation distance between the unigram token histograms of two token sets.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _as_2d_float64(x: Tensor | np.ndarray, name: str) -> np.ndarray:
+    a = x.detach().cpu().double().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be [N, F], got shape {a.shape}")
+    if len(a) < 2:
+        raise ValueError(f"{name} needs at least 2 rows to estimate a covariance, got {len(a)}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains non-finite values")
+    return a
+
+
+def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray, eps: float = 1e-6) -> float:
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) for features feats_a [N, F], feats_b [M, F].
+
+    Computed in float64. The matrix square root uses scipy's `sqrtm`; when the product is near-singular (few samples
+    relative to F) both covariances get `eps` on their diagonal first, as in the reference FID code, and the tiny
+    imaginary part that `sqrtm` returns from rounding is dropped. Returns a float >= 0 (clipped at 0 against rounding).
+    Note the estimate is biased upwards for small N; compare values computed with the same N.
+    """
+    from scipy import linalg
+    a, b = _as_2d_float64(feats_a, "feats_a"), _as_2d_float64(feats_b, "feats_b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature widths differ: {a.shape[1]} vs {b.shape[1]}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(s_a)) * eps
+        covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
+    covmean = np.real(covmean)
+    diff = mu_a - mu_b
+    value = float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
+    return max(value, 0.0)
+
+
+@torch.no_grad()
+def extract_features(images: Tensor, feature_net, batch_size: int = 256) -> Tensor:
+    """images [N, 3, 48, 48] in [-1, 1] -> features [N, F] from `feature_net.features`, in batches."""
+    device = next(feature_net.parameters()).device
+    out = [feature_net.features(images[i:i + batch_size].to(device)).float().cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def feature_fd(images_a: Tensor, images_b: Tensor, feature_net, batch_size: int = 256) -> float:
+    """Frechet distance between images_a [N, 3, 48, 48] and images_b [M, 3, 48, 48] (both in [-1, 1]) in the
+    penultimate feature space of `feature_net` (the zoo's `FeatureNet`)."""
+    return frechet_distance(extract_features(images_a, feature_net, batch_size),
+                            extract_features(images_b, feature_net, batch_size))
+
+
+@torch.no_grad()
+def token_nll(model, tokens: Tensor, classes: Tensor, batch_size: int = 128) -> Tensor:
+    """Mean NLL per token (nats) of each row under a class-conditional `GPT`, without CFG.
+
+    tokens [B, T] image-token ids (or [B, h, w], flattened in raster order), classes [B] class ids.
+    Returns float [B]. Uniform guessing gives log(V) (6.24 nats for V = 512).
+    """
+    tokens = tokens.reshape(tokens.shape[0], -1).long()
+    classes = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
+    if classes.shape[0] != tokens.shape[0]:
+        raise ValueError(f"classes [{classes.shape[0]}] must match tokens rows [{tokens.shape[0]}]")
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(tokens), batch_size):
+        t, c = tokens[i:i + batch_size].to(device), classes[i:i + batch_size].to(device)
+        logits = model.forward_train(t, c).float()                       # [b, T, V]
+        nll = F.cross_entropy(logits.transpose(1, 2), t, reduction="none")   # [b, T]
+        out.append(nll.mean(1).cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def token_histogram_tvd(tokens_a: Tensor, tokens_b: Tensor, vocab: int) -> float:
+    """Total variation distance in [0, 1] between the unigram histograms of tokens_a [...] and tokens_b [...]
+    (any shapes, ids in [0, vocab))."""
+    ha = torch.bincount(tokens_a.reshape(-1).long(), minlength=vocab).double()
+    hb = torch.bincount(tokens_b.reshape(-1).long(), minlength=vocab).double()
+    if len(ha) > vocab or len(hb) > vocab:
+        raise ValueError(f"token ids must lie in [0, {vocab})")
+    if ha.sum() == 0 or hb.sum() == 0:
+        raise ValueError("both token sets must be non-empty")
+    return float(0.5 * (ha / ha.sum() - hb / hb.sum()).abs().sum())

@@ -1,0 +1,1 @@
+"""Built-in `specdec bench` configs (TOML). `specdec bench --preset NAME`."""
