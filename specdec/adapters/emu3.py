@@ -74,7 +74,7 @@ class Emu3Adapter(HFCausalAdapter):
         size = 1 + eol_after                                                      # group size in the stream
         offset = size.cumsum(1) - size                                            # stream slot of each token
         length = size.sum(1)                                                      # [R] real slots per row
-        L = int(length.max())
+        L = n + (n + W - 1) // W        # static: the most EOLs n tokens can cross; no host sync for max()
         stream = torch.full((R, L), self.eol_id, dtype=torch.long, device=device)
         stream.scatter_(1, offset, self.image_token_ids.to(device)[tokens])
         old_pos = state.holes.next_pos

@@ -118,6 +118,10 @@ class HFCausalAdapter:
                          past_key_values=cache, use_cache=True)
         return out.logits[..., self.image_token_ids.to(out.logits.device)].float()
 
+    def uncond_prompts(self, prompts: list[Tensor]) -> list[Tensor]:
+        """The unconditional rows for CFG, one per prompt (a subclass may derive them from each prompt)."""
+        return [self.uncond_prompt] * len(prompts)
+
     @torch.no_grad()
     def start(self, cond, sampling: Sampling, capacity: int) -> tuple[HFState, Logits]:
         from transformers import DynamicCache
@@ -128,24 +132,27 @@ class HFCausalAdapter:
         if batch == 0:
             raise ValueError("cond is empty: pass at least one prompt")
         if sampling.uses_cfg:
-            prompts = prompts + [self.uncond_prompt] * batch
+            prompts = prompts + self.uncond_prompts(prompts)
         ids, mask = left_pad(prompts, self.pad_id)
-        if int(mask.sum(1).max()) + capacity > self.max_new_tokens:
-            check_capacity(self, int(mask.sum(1).max()) + capacity)
+        check_capacity(self, int(mask.sum(1).max()) + capacity)
         ids, mask = ids.to(self.device), mask.to(self.device)
         holes = HoleMask(valid=torch.zeros(ids.shape[0], 0, dtype=torch.bool, device=self.device),
                          next_pos=torch.zeros(ids.shape[0], dtype=torch.long, device=self.device))
-        positions, allowed = holes.extend(ids.shape[1])
+        _, allowed = holes.extend(ids.shape[1])
         # padding slots become holes: never attended, and they take no logical position
         allowed = allowed & mask.bool()[:, None, None, :]
         holes.valid = mask.bool()
         holes.next_pos = mask.sum(1)
         positions = (mask.cumsum(1) - 1).clamp_min(0)
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self.model.config.get_text_config())
         logits = self._run(ids, positions, allowed, cache)[:, -1:]
         state = HFState(cache, holes, torch.zeros(ids.shape[0], dtype=torch.long, device=self.device),
                         batch, sampling.uses_cfg)
         return state, state.split(logits)
+
+    def _run_image_tokens(self, tokens: Tensor, positions: Tensor, allowed: Tensor, cache) -> Tensor:
+        """Image tokens [rows, n] (engine ids) -> logits [rows, n, V]; a subclass may feed embeddings instead."""
+        return self._run(self.image_token_ids.to(tokens.device)[tokens], positions, allowed, cache)
 
     @torch.no_grad()
     def forward(self, state: HFState, tokens: Tensor) -> Logits:
@@ -153,8 +160,7 @@ class HFCausalAdapter:
             tokens = torch.cat([tokens, tokens])
         positions, allowed = state.holes.extend(tokens.shape[1])
         state.generated = state.generated + tokens.shape[1]
-        logits = self._run(self.image_token_ids.to(tokens.device)[tokens], positions, allowed, state.cache)
-        return state.split(logits)
+        return state.split(self._run_image_tokens(tokens, positions, allowed, state.cache))
 
     def rollback(self, state: HFState, keep: Tensor) -> None:
         if state.cfg:

@@ -85,41 +85,10 @@ class JanusAdapter(HFCausalAdapter):
         """The prompt: text ids through the language model's own embeddings."""
         return self._lm(positions, allowed, cache, input_ids=ids)
 
-    @torch.no_grad()
-    def start(self, cond, sampling: Sampling, capacity: int) -> tuple[HFState, Logits]:
-        from transformers import DynamicCache
-
-        check_cfg(self, sampling)
-        prompts = self.prompts(cond)
-        batch = len(prompts)
-        if batch == 0:
-            raise ValueError("cond is empty: pass at least one prompt")
-        if sampling.uses_cfg:
-            prompts = prompts + self.uncond_prompts(prompts)
-        ids, mask = left_pad(prompts, self.pad_id)
-        check_capacity(self, int(mask.sum(1).max()) + capacity)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        holes = HoleMask(valid=torch.zeros(ids.shape[0], 0, dtype=torch.bool, device=self.device),
-                         next_pos=torch.zeros(ids.shape[0], dtype=torch.long, device=self.device))
-        _, allowed = holes.extend(ids.shape[1])
-        allowed = allowed & mask.bool()[:, None, None, :]
-        holes.valid = mask.bool()
-        holes.next_pos = mask.sum(1)
-        positions = (mask.cumsum(1) - 1).clamp_min(0)
-        cache = DynamicCache(config=self.model.config.get_text_config())
-        logits = self._run(ids, positions, allowed, cache)[:, -1:]
-        state = HFState(cache, holes, torch.zeros(ids.shape[0], dtype=torch.long, device=self.device),
-                        batch, sampling.uses_cfg)
-        return state, state.split(logits)
-
-    @torch.no_grad()
-    def forward(self, state: HFState, tokens: Tensor) -> Logits:
-        if state.cfg:
-            tokens = torch.cat([tokens, tokens])
-        positions, allowed = state.holes.extend(tokens.shape[1])
-        state.generated = state.generated + tokens.shape[1]
+    def _run_image_tokens(self, tokens: Tensor, positions: Tensor, allowed: Tensor, cache) -> Tensor:
+        """Image tokens enter through the generation embeddings, not the text embedding table."""
         embeds = self.model.prepare_embeddings_for_image_generation(tokens)
-        return state.split(self._lm(positions, allowed, state.cache, inputs_embeds=embeds))
+        return self._lm(positions, allowed, cache, inputs_embeds=embeds)
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:
