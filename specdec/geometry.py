@@ -60,6 +60,16 @@ class TokenGeometry:
             else ""
         return cls(v, metric, key, chunk_rows)
 
+    @classmethod
+    def coerce(cls, geometry, source: str = "codebook") -> "TokenGeometry":
+        """A TokenGeometry, or a raw [V, D] tensor (as in `LanternRule(adapter.codebook)`) turned into one."""
+        if isinstance(geometry, Tensor):
+            return cls.from_vectors(geometry)
+        if not isinstance(geometry, cls):
+            raise TypeError(f"geometry must be a specdec.geometry.TokenGeometry "
+                            f"(TokenGeometry.from_vectors({source})), got {type(geometry).__name__}")
+        return geometry
+
     @property
     def size(self) -> int:
         """V, the number of tokens."""

@@ -77,11 +77,7 @@ class BoundedLanternRule:
     name = "bounded_lantern"
 
     def __post_init__(self):
-        if isinstance(self.geometry, Tensor):            # a raw [V, D] matrix, as in DESIGN.md's example
-            object.__setattr__(self, "geometry", TokenGeometry.from_vectors(self.geometry))
-        if not isinstance(self.geometry, TokenGeometry):
-            raise TypeError(f"geometry must be a specdec.geometry.TokenGeometry "
-                            f"(TokenGeometry.from_vectors(codebook)), got {type(self.geometry).__name__}")
+        object.__setattr__(self, "geometry", TokenGeometry.coerce(self.geometry, "codebook"))
         if not (0.0 <= self.delta <= 1.0):
             raise ValueError(f"delta must be in [0, 1] (a total-variation budget), got {self.delta}")
         if not isinstance(self.rounds, int) or self.rounds < 1:

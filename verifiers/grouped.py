@@ -43,11 +43,7 @@ class GroupedRule:
     name = "grouped"
 
     def __post_init__(self):
-        if isinstance(self.geometry, Tensor):            # a raw [V, D] matrix, as in DESIGN.md's example
-            object.__setattr__(self, "geometry", TokenGeometry.from_vectors(self.geometry))
-        if not isinstance(self.geometry, TokenGeometry):
-            raise TypeError(f"geometry must be a specdec.geometry.TokenGeometry "
-                            f"(TokenGeometry.from_vectors(token_embeddings)), got {type(self.geometry).__name__}")
+        object.__setattr__(self, "geometry", TokenGeometry.coerce(self.geometry, "token_embeddings"))
         if not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
         if not self.p_threshold >= 0:

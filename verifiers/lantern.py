@@ -50,11 +50,7 @@ class LanternRule:
     name = "lantern"
 
     def __post_init__(self):
-        if isinstance(self.geometry, Tensor):            # a raw [V, D] matrix, as in DESIGN.md's example
-            object.__setattr__(self, "geometry", TokenGeometry.from_vectors(self.geometry))
-        if not isinstance(self.geometry, TokenGeometry):
-            raise TypeError(f"geometry must be a specdec.geometry.TokenGeometry "
-                            f"(TokenGeometry.from_vectors(codebook)), got {type(self.geometry).__name__}")
+        object.__setattr__(self, "geometry", TokenGeometry.coerce(self.geometry, "codebook"))
         if self.delta is not None and self.lam is not None:
             raise ValueError("give either delta (LANTERN budget) or lam (LANTERN++ budget), not both")
         if self.lam is not None:
