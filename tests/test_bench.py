@@ -214,7 +214,7 @@ def test_bad_configs_give_clear_errors(tmp_path):
         parse_config({**_raw(), "sweep": {"temperature": [-1.0]}})
     with pytest.raises(BenchConfigError, match=r"no \[\[method\]\]"):
         parse_config({"generator": "tiny-random"})
-    with pytest.raises(BenchConfigError, match=r"not found.*presets: paper-gsd, paper-lantern, paper-sjd, zoo-full"):
+    with pytest.raises(BenchConfigError, match=r"not found.*presets: paper-gsd, paper-lantern, paper-sjd, zoo-exact, zoo-full"):
         load_config(tmp_path / "missing.toml")
     with pytest.raises(BenchConfigError, match=r"unknown preset 'zoo'; valid presets: paper-gsd"):
         load_config(preset="zoo")
@@ -229,7 +229,7 @@ def test_presets_parse_and_cover_the_readme_table():
         cfg = load_config(preset=name)
         assert cfg.runs and cfg.repeats >= 3 and any(r["drafter"] is None for r in cfg.runs), name
         assert len({r["key"] for r in cfg.runs}) == len(cfg.runs)
-    assert set(bench.preset_names()) == {"zoo-quick", "zoo-full", "paper-lantern", "paper-gsd", "paper-sjd"}
+    assert set(bench.preset_names()) == {"zoo-quick", "zoo-exact", "zoo-full", "paper-lantern", "paper-gsd", "paper-sjd"}
     full = load_config(preset="zoo-full").runs
     fams = {bench.family(r) for r in full}
     assert {"AR", "exact + model", "lantern + model", "bounded_lantern + model", "typical + model",
