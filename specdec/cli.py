@@ -148,24 +148,47 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+def zoo_pairs(bundle, n_positions: int, sampling: Sampling, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real (p, q) pairs [n_positions, V]: target and drafter distributions at positions of AR samples."""
+    import specdec
+    from specdec.sampling import to_probs
+
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.arange(len(bundle.classes))
+    tokens = specdec.generate(bundle.target, cond, sampling=sampling, seed=seed, decode=False).tokens
+    null = torch.full_like(cond, len(bundle.classes))
+
+    def probs(model):
+        uncond = model.forward_train(tokens, null) if sampling.uses_cfg else None
+        return to_probs(model.forward_train(tokens, cond), uncond, sampling)
+
+    p, q = probs(bundle.target_gpt), probs(bundle.drafter_gpt)
+    pick = torch.randperm(p.shape[0] * p.shape[1], generator=g)[:n_positions]
+    return p.reshape(-1, p.shape[-1])[pick], q.reshape(-1, q.shape[-1])[pick]
+
+
 def certify_cmd(args) -> int:
     from specdec import certify
-    from specdec.registry import make_rule
+    from specdec.registry import GEOMETRY_RULES, make_rule, resolve
 
     params = json.loads(args.params) if args.params else {}
+    torch.set_grad_enabled(False)
     try:
-        if args.rule in ("lantern", "bounded_lantern", "grouped"):
-            from specdec.geometry import TokenGeometry
-            from specdec.registry import resolve
+        if args.zoo:
+            import specdec
 
-            g = torch.Generator().manual_seed(0)
-            rule = resolve("rule", args.rule)(TokenGeometry.from_vectors(torch.randn(args.vocab, 4, generator=g)),
-                                              **params)
+            bundle = specdec.zoo.load()
+            rule = make_rule(args.rule, bundle.target, **params)
+            p, q = zoo_pairs(bundle, args.zoo, Sampling(cfg_scale=args.cfg))
+            print(certify.certify_on(rule, p, q, n_samples=args.samples, name=f"zoo cfg={args.cfg}"))
+            return 0
+        if args.rule in GEOMETRY_RULES:
+            rule = resolve("rule", args.rule)(certify.default_geometry(args.vocab), **params)
         else:
             rule = make_rule(args.rule, **params)
     except ValueError as e:
         raise SystemExit(f"specdec: {e}")
-    print(certify.certify(rule, V=args.vocab))
+    print(certify.certify(rule, V=args.vocab, n_samples=args.samples))
     return 0
 
 
@@ -189,7 +212,11 @@ def main(argv=None) -> int:
     c = sub.add_parser("certify", help="estimate what a rule does to the output distribution")
     c.add_argument("rule")
     c.add_argument("--params", default="", help='JSON, e.g. \'{"delta": 0.1}\'')
-    c.add_argument("--vocab", type=int, default=8)
+    c.add_argument("--vocab", type=int, default=8, help="vocabulary of the random (p, q) pairs")
+    c.add_argument("--samples", type=int, default=40_000, help="Monte Carlo samples per pair")
+    c.add_argument("--zoo", type=int, default=0, metavar="N",
+                   help="certify on N real (p, q) pairs from the zoo's target and drafter instead")
+    c.add_argument("--cfg", type=float, default=3.0, help="CFG scale of the zoo pairs")
     c.set_defaults(func=certify_cmd)
 
     from specdec.bench import add_subcommands
