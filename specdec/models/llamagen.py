@@ -278,7 +278,9 @@ class LlamaGenGPT(nn.Module):
         return torch.zeros_like(cond) + self.cls_embedding.uncond_embedding.to(cond.dtype)
 
     def _trunk(self, h: Tensor, positions: Tensor, allowed: Tensor, cache: StaticKVCache | None) -> Tensor:
-        rot = self.rope(int(positions.max()) + 1, h.device)[positions]
+        # table length from shapes (the cache size, or the sequence itself), not positions.max(): no host sync
+        length = cache.max_len if cache is not None else positions.shape[1]
+        rot = self.rope(length, h.device)[positions]
         for i, layer in enumerate(self.layers):
             h = layer(h, rot, positions, allowed, cache, i)
         return self.output(self.norm(h)).float()
