@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -51,6 +52,7 @@ def hash_uniform(*keys: Tensor | int) -> Tensor:
     return (bits.double() + 0.5) / float(1 << 48)
 
 
+@lru_cache(maxsize=None)
 def tag_id(tag: str) -> int:
     return zlib.crc32(tag.encode()) & 0x7FFFFFFF
 
@@ -68,11 +70,17 @@ class RowStreams:
         self._row_key = hash_uniform_key(self.seed, rows)      # [B], hashed once: the hot path mixes less
 
     def uniform_at(self, tag: str, positions: Tensor, slots: int | None = None) -> Tensor:
-        """positions [B, n] -> float64 uniforms [B, n] (or [B, n, slots] with an extra slot index)."""
-        keys = [self._row_key[:, None], positions, tag_id(tag)]
+        """positions [B, n] -> float32 uniforms in (0, 1) [B, n] (or [B, n, slots] with an extra slot index).
+
+        Two 32-bit mixes per draw on the hot path: one folds (position, tag[, slot]) into a key, one mixes it with
+        the row's pre-hashed (seed, row) key. 24 bits reach the float32 result, all it can hold."""
+        key = positions * 0x9E3779B1 + tag_id(tag)
+        row_key = self._row_key[:, None]
         if slots is not None:
-            keys = [keys[0][..., None], positions[..., None], keys[2], torch.arange(slots, device=positions.device)]
-        return hash_uniform(*keys)
+            key = key[..., None] * 0x85EBCA6B + torch.arange(slots, device=positions.device)
+            row_key = row_key[..., None]
+        h = _mix32(row_key ^ _mix32(key))
+        return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
     def at(self, start: Tensor) -> "StepRandomness":
         """The randomness of a step whose first draft token sits at position start[b] of row b."""
@@ -88,7 +96,7 @@ class StepRandomness:
 
     def uniform(self, tag: str, n: int) -> Tensor:
         positions = self.start[:, None] + torch.arange(n, device=self.start.device)
-        return self.streams.uniform_at(tag, positions).float().clamp(1e-7, 1 - 1e-7)
+        return self.streams.uniform_at(tag, positions)
 
 
 class GeneratorRandomness:
