@@ -33,9 +33,9 @@ class ModelDrafter:
             raise ValueError(
                 f"drafter vocabulary ({self.model.vocab_size} tokens) differs from the target's "
                 f"({ctx.target.vocab_size}); a drafter must propose tokens of the target's image vocabulary")
-        check_capacity(self.model, ctx.tokens.shape[1])
+        check_capacity(self.model, ctx.capacity)
         self.ctx = ctx
-        self.state, _ = self.model.start(ctx.cond, ctx.sampling, ctx.tokens.shape[1])
+        self.state, _ = self.model.start(ctx.cond, ctx.sampling, ctx.capacity)
         self.first = True
         self.forwards = 0
 
@@ -44,7 +44,7 @@ class ModelDrafter:
         ctx = self.ctx
         n_feed = 1 if self.first else 2
         self.first = False
-        self.model.rollback(self.state, ctx.n_done - n_feed)
+        self.model.rollback(self.state, ctx.park(ctx.n_done - n_feed))
         feed = ctx.tokens.gather(1, ctx.n_done[:, None] - n_feed + torch.arange(n_feed, device=ctx.n_done.device))
         drafts, probs = [], []
         for j in range(k):

@@ -28,7 +28,7 @@ from specdec.types import AcceptanceRule, Draft, GenerationResult, Logits, SpecS
 class DecodeContext:
     """What a drafter may read about the generation in progress (updated in place by the engine).
 
-    tokens:  LongTensor [B, capacity] committed image tokens (valid up to n_done[b])
+    tokens:  LongTensor [B, T + 2k + 1] committed image tokens (valid up to n_done[b])
     n_done:  LongTensor [B] committed tokens per row
     cond:    the condition passed to generate()
     streams: counter-based per-row random streams (drafters use their own tags)
@@ -43,6 +43,11 @@ class DecodeContext:
     grid: tuple[int, ...]
     streams: RowStreams
     token_mask: Tensor | None = None
+    capacity: int = 0          # generated tokens a drafter's own cache must hold (finished rows parked at T-1)
+
+    def park(self, keep: Tensor) -> Tensor:
+        """Clamp per-row cache lengths so finished rows stay parked at T-1 (their outputs are ignored)."""
+        return keep.clamp_max(self.num_tokens - 1)
 
     def probs(self, logits: Logits) -> Tensor:
         return to_probs(logits.cond, logits.uncond, self.sampling, self.token_mask)
@@ -93,7 +98,9 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
     k = _check_inputs(target, drafter, rule, T)
     if k == 0:
         rule = ExactRule()      # nothing to judge without drafts: plain sampling from p, whatever rule was given
-    capacity = T + 2 * k + 2            # a row may overshoot T by k and then still ride along for one step
+    # cache room: an active row holds at most T-2 generated tokens and appends k+1; a finished row is parked at
+    # T-1 (see the rollback below) and still rides along, appending k+1
+    capacity = T + k
     check_capacity(target, capacity)
     seed = fresh_seed() if seed is None else int(seed)
     token_mask = getattr(target, "token_mask", None)
@@ -104,14 +111,14 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
     B, V = p0.shape
     device = p0.device
     streams = RowStreams(seed, torch.arange(B, device=device))
-    tokens = torch.zeros(B, capacity + k + 1, dtype=torch.long, device=device)
+    tokens = torch.zeros(B, T + 2 * k + 1, dtype=torch.long, device=device)   # a finished row may write past T
     from_draft = torch.zeros_like(tokens, dtype=torch.bool)
     n_done = torch.ones(B, dtype=torch.long, device=device)
     zero = torch.zeros(B, 1, dtype=torch.long, device=device)
     tokens[:, 0] = sample_categorical(p0, streams.uniform_at("sample", zero)[:, 0].float())
     bad = nonfinite(first.cond, first.uncond)
 
-    ctx = DecodeContext(target, cond, sampling, tokens, n_done, T, tuple(target.grid), streams, token_mask)
+    ctx = DecodeContext(target, cond, sampling, tokens, n_done, T, tuple(target.grid), streams, token_mask, capacity)
     if drafter is not None:
         drafter.start(ctx)
     counters = torch.zeros(5, dtype=torch.long, device=device)   # forwards, drafted, accepted, committed, steps
@@ -160,7 +167,7 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         acc_pos += accepted_mask.sum(0)
         drafted_pos += drafted_mask.sum(0)
         n_done += torch.where(active, n_acc + 1, 0)
-        target.rollback(state, n_done - 1)
+        target.rollback(state, ctx.park(n_done - 1))
         t3 = time.perf_counter()
         if drafter is not None:
             drafter.observe(verdict, p)
