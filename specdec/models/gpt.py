@@ -43,6 +43,17 @@ class GPTConfig:
         return int(self.mlp_ratio * self.dim + 31) // 32 * 32
 
 
+@dataclass
+class StepInputs:
+    """What every layer of one forward shares: positions [B, n], rotary tables, the cache and its mask."""
+
+    positions: Tensor
+    cos: Tensor
+    sin: Tensor
+    cache: StaticKVCache | None
+    mask: Tensor | None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -53,12 +64,18 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def rotary(x: Tensor, positions: Tensor, base: float) -> Tensor:
-    """Rotate x [B, heads, n, head_dim] by logical positions [B, n] (per row, so ragged rows stay exact)."""
+def rotary_tables(positions: Tensor, head_dim: int, base: float, dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, 1, n, head_dim/2] for logical positions [B, n] (per row, so ragged rows stay exact).
+    Computed once per forward and shared by every layer: small models are dominated by per-call overhead."""
+    half = head_dim // 2
+    freqs = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    angles = positions[:, None, :, None].float() * freqs
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, heads, n, head_dim] by the tables of `rotary_tables`."""
     half = x.shape[-1] // 2
-    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions[:, None, :, None].float() * freqs           # [B, 1, n, half]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
@@ -70,15 +87,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, positions: Tensor, cache: StaticKVCache | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, ctx: "StepInputs", layer: int) -> Tensor:
         B, n, _ = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.cfg.n_heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = rotary(q, positions, self.cfg.rope_base), rotary(k, positions, self.cfg.rope_base)
-        if cache is None:
+        q, k = rotary(q, ctx.cos, ctx.sin), rotary(k, ctx.cos, ctx.sin)
+        if ctx.cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            k_all, v_all = cache.write(layer, k, v, positions)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=cache.attention_mask(positions))
+            k_all, v_all = ctx.cache.write(layer, k, v, ctx.positions)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=ctx.mask)
         return self.proj(y.transpose(1, 2).reshape(B, n, -1))
 
 
@@ -91,8 +108,8 @@ class Block(nn.Module):
         self.gate_up = nn.Linear(cfg.dim, 2 * cfg.hidden, bias=False)
         self.down = nn.Linear(cfg.hidden, cfg.dim, bias=False)
 
-    def forward(self, x, positions, cache, layer):
-        x = x + self.attn(self.attn_norm(x), positions, cache, layer)
+    def forward(self, x, ctx: "StepInputs", layer: int):
+        x = x + self.attn(self.attn_norm(x), ctx, layer)
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, -1)
         return x + self.down(F.silu(gate) * up)
 
@@ -126,8 +143,11 @@ class GPT(nn.Module):
                              self.cfg.head_dim, device=device or p.device, dtype=dtype or p.dtype)
 
     def trunk(self, x: Tensor, positions: Tensor, cache: StaticKVCache | None) -> Tensor:
+        cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_base, x.dtype)
+        mask = cache.attention_mask(positions) if cache is not None else None
+        ctx = StepInputs(positions, cos, sin, cache, mask)
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, cache, i)
+            x = block(x, ctx, i)
         return self.norm(x)
 
     def forward_train(self, tokens: Tensor, classes: Tensor) -> Tensor:
