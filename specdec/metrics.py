@@ -25,27 +25,31 @@ def _as_2d_float64(x: Tensor | np.ndarray, name: str) -> np.ndarray:
     return a
 
 
-def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray, eps: float = 1e-6) -> float:
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix (negative rounding eigenvalues clipped to 0)."""
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray) -> float:
     """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) for features feats_a [N, F], feats_b [M, F].
 
-    Computed in float64. The matrix square root uses scipy's `sqrtm`; when the product is near-singular (few samples
-    relative to F) both covariances get `eps` on their diagonal first, as in the reference FID code, and the tiny
-    imaginary part that `sqrtm` returns from rounding is dropped. Returns a float >= 0 (clipped at 0 against rounding).
-    Note the estimate is biased upwards for small N; compare values computed with the same N.
+    Computed in float64. tr((S_a S_b)^(1/2)) is taken as the sum of square roots of the eigenvalues of the symmetric
+    PSD matrix S_a^(1/2) S_b S_a^(1/2) (same eigenvalues as S_a S_b), which avoids the non-symmetric `sqrtm` of the
+    reference FID code, its complex round-off and its failures on singular covariances (N < F). Returns a float
+    >= 0 (clipped at 0 against rounding). The estimate is biased upwards for small N: compare values at equal N.
     """
-    from scipy import linalg
     a, b = _as_2d_float64(feats_a, "feats_a"), _as_2d_float64(feats_b, "feats_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature widths differ: {a.shape[1]} vs {b.shape[1]}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(s_a)) * eps
-        covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
-    covmean = np.real(covmean)
+    root_a = _psd_sqrt(s_a)
+    middle = root_a @ s_b @ root_a
+    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
+    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
     diff = mu_a - mu_b
-    value = float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
+    value = float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * tr_covmean)
     return max(value, 0.0)
 
 

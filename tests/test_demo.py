@@ -1,0 +1,57 @@
+"""`specdec demo` end to end on the embedded zoo (small settings), and its bad-input errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from specdec import cli
+
+
+def test_demo_quick_writes_its_files(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = cli.main(["demo", "--quick", "--out", str(out), "--per-class", "1", "--fd-real", "32", "--seed", "1"])
+    assert code == 0
+    table = json.loads((out / "table.json").read_text())
+    rows = {r["method"]: r for r in table["rows"]}
+    assert rows["AR"]["mean_accepted_length"] == 1.0
+    assert rows["AR"]["target_forwards_per_image"] == 143          # 144 tokens, the first from the prefill
+    spec = rows["exact + model k=4"]
+    assert 1.0 < spec["mean_accepted_length"] <= 5.0
+    assert spec["target_forwards_per_image"] < 143
+    for name in ("samples.png", "acceptance.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and str(out / "samples.png") in printed
+
+
+def test_demo_unknown_class(tmp_path):
+    with pytest.raises(SystemExit, match="unknown zoo class 'unicorn'.*valid classes"):
+        cli.main(["demo", "--quick", "--out", str(tmp_path), "--classes", "unicorn"])
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions")
+def test_demo_unwritable_output(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(SystemExit, match="not writable"):
+        cli.main(["demo", "--quick", "--out", str(locked)])
+
+
+def test_demo_output_under_a_file(tmp_path):
+    """An output folder that cannot be created (a file stands in the way) is a clear error, not a traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit, match="cannot create output folder"):
+        cli.main(["demo", "--quick", "--out", str(blocker / "demo")])
+
+
+def test_console_script_help():
+    res = subprocess.run([sys.executable, "-m", "specdec.cli", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0
+    for command in ("demo", "certify", "bench", "report"):
+        assert command in res.stdout

@@ -1,0 +1,132 @@
+"""The embedded zoo: weights load, match their cards, and are as good as the cards say."""
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from specdec import zoo
+from specdec.metrics import frechet_distance, token_histogram_tvd, token_nll
+from specdec.zoo.vq import psnr
+
+# measured on 200 held-out crops (seed 123) after training: see specdec/zoo/weights/vq.json; bound a few dB below
+MIN_HELDOUT_PSNR_DB = 21.0
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    torch.set_num_threads(1)
+    return zoo.load()
+
+
+@pytest.fixture(scope="module")
+def heldout(bundle):
+    images, classes = zoo.heldout_images(200, seed=123)
+    return images, classes, bundle.tokenizer.encode(images)
+
+
+def test_cards_match_weights_and_shapes(bundle):
+    total = 0
+    for name in zoo.MODEL_NAMES:
+        card = bundle.cards[name]
+        path = zoo.weights_dir() / card["weights"]
+        assert zoo.sha256_file(path) == card["sha256"], name
+        assert card["complete"] and card["steps"] == card["total_steps"], name
+        total += path.stat().st_size
+    assert total <= 30 * 2 ** 20
+    tok = bundle.tokenizer
+    assert tok.codebook.shape == (512, tok.config.code_dim)
+    assert bundle.target.vocab_size == bundle.drafter_model.vocab_size == 512
+    assert bundle.target.num_tokens == 144 and bundle.target.grid == (12, 12)
+    assert bundle.target_gpt.cfg.num_classes == len(bundle.classes) == 10
+    assert bundle.target_gpt.num_params() > 10 * bundle.drafter_gpt.num_params()
+    assert all(p.dtype == torch.float32 for p in bundle.target_gpt.parameters())
+
+
+def test_tokenizer_round_trip(bundle, heldout):
+    images, _, ids = heldout
+    assert ids.shape == (200, 12, 12) and ids.dtype == torch.long
+    recon = bundle.tokenizer.decode(ids)
+    assert recon.shape == images.shape and recon.abs().max() <= 1
+    assert psnr(recon, images).mean() > MIN_HELDOUT_PSNR_DB
+    assert torch.equal(bundle.tokenizer.decode(ids.flatten(1)), recon)   # [B, 144] accepted too
+
+
+def test_target_beats_uniform_and_drafter(bundle, heldout):
+    _, classes, ids = heldout
+    nll_t = token_nll(bundle.target_gpt, ids, classes).mean().item()
+    nll_d = token_nll(bundle.drafter_gpt, ids, classes).mean().item()
+    assert nll_t < math.log(512) - 1.5
+    assert nll_t < nll_d < math.log(512)
+
+
+def test_features_separate_classes(bundle, heldout):
+    images, classes, _ = heldout
+    with torch.no_grad():
+        acc = (bundle.features(images).argmax(-1) == classes).float().mean().item()
+    assert acc > 0.6
+    other, _ = zoo.heldout_images(200, seed=456)            # another draw, same class mix (classes cycle)
+    same = frechet_distance(bundle.features.features(images), bundle.features.features(other))
+    shifted = frechet_distance(bundle.features.features(images), bundle.features.features(images.flip(1)))
+    assert same < 0.5 * shifted   # swapping R and B channels must look further away than another draw of real crops
+
+
+def test_class_id(bundle):
+    assert bundle.class_id("coffee") == bundle.classes.index("coffee")
+    assert bundle.class_id(3) == 3
+    with pytest.raises(ValueError, match="astronaut"):
+        bundle.class_id("dog")
+    with pytest.raises(ValueError):
+        bundle.class_id(len(bundle.classes))
+
+
+def test_corrupt_weights_give_clear_error(tmp_path):
+    directory = tmp_path / "weights"
+    shutil.copytree(zoo.weights_dir(), directory)
+    path = directory / "vq.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 8] = bytes(b ^ 0xFF for b in raw[len(raw) // 2: len(raw) // 2 + 8])
+    path.write_bytes(bytes(raw))
+    with pytest.raises(zoo.ZooError, match=r"vq\.safetensors.*(reinstall|retrain)"):
+        zoo.load(directory=directory)
+    path.unlink()
+    with pytest.raises(zoo.ZooError, match="missing"):
+        zoo.load(directory=directory)
+
+
+def test_metrics_sanity():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2000, 8, generator=g)
+    b = torch.randn(2000, 8, generator=g)
+    assert frechet_distance(a, b) < 0.1
+    assert abs(frechet_distance(a, b + 2.0) - 8 * 4.0) < 0.5     # ||mean shift||^2 = 8 * 2^2
+    tokens = torch.randint(512, (10, 144), generator=g)
+    assert token_histogram_tvd(tokens, tokens, 512) == 0.0
+    assert token_histogram_tvd(torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.long), 512) == 1.0
+
+
+def test_zoo_loads_from_a_built_wheel(tmp_path):
+    """The weights ship as package data: build the wheel, unpack it away from the source tree, load from there."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path / "dist"), str(repo)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("specdec-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for model in zoo.MODEL_NAMES:
+        assert f"specdec/zoo/weights/{model}.safetensors" in names and f"specdec/zoo/weights/{model}.json" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = ("import specdec, specdec.zoo as z; b = z.load(); "
+            "assert str(z.weights_dir()).startswith(%r); print(len(b.classes))" % str(site))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "10"
