@@ -55,13 +55,16 @@ class StepInputs:
 
 
 class RMSNorm(nn.Module):
+    """RMS normalisation computed in float32 whatever the activations' dtype (also used by models.llamagen)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def rotary_tables(positions: Tensor, head_dim: int, base: float, dtype) -> tuple[Tensor, Tensor]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from specdec.cache import StaticKVCache
+from specdec.models.gpt import RMSNorm
 
 # name -> (n_layer, n_head, dim), as released
 GPT_SIZES = {
@@ -110,17 +111,6 @@ class LlamaGenConfig:
 
 
 # ----------------------------------------------------------------------------------------------- GPT modules
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
 class LabelEmbedder(nn.Module):
     """Class id -> one condition token. Row `num_classes` (present when dropout_prob > 0) is the null class."""
 
