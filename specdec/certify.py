@@ -43,13 +43,18 @@ def simulate(rule, p: Tensor, q: Tensor, n_samples: int = 40_000, seed: int = 0)
     V = p.shape[0]
     gen = torch.Generator().manual_seed(seed)
     x = torch.multinomial(q, n_samples, replacement=True, generator=gen)                 # x ~ q
-    draft_probs = q.expand(n_samples, 1, V)
-    target_probs = p.expand(n_samples, 2, V)                                              # bonus position: p again
-    verdict: Verdict = rule.verify(x[:, None], draft_probs, target_probs, GeneratorRandomness(gen, n_samples))
-    accepted = verdict.n_accepted >= 1
-    emitted = torch.where(accepted, x, verdict.next_token)
-    hist = torch.bincount(emitted, minlength=V).double() / n_samples
-    return hist, float(accepted.double().mean())
+    # chunks keep rules that build per-neighbour tensors ([N, V, K]) within memory at large V
+    chunk = max(1, (1 << 26) // (V * 64))
+    counts = torch.zeros(V, dtype=torch.float64)
+    n_accepted = 0
+    for xs in x.split(chunk):
+        n = xs.shape[0]
+        verdict: Verdict = rule.verify(xs[:, None], q.expand(n, 1, V), p.expand(n, 2, V),   # bonus position: p
+                                       GeneratorRandomness(gen, n))
+        accepted = verdict.n_accepted >= 1
+        counts += torch.bincount(torch.where(accepted, xs, verdict.next_token), minlength=V).double()
+        n_accepted += int(accepted.sum())
+    return counts / n_samples, n_accepted / n_samples
 
 
 def implied_distribution(rule, p: Tensor, q: Tensor, n_samples: int = 40_000, seed: int = 0) -> Tensor:
