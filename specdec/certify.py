@@ -273,3 +273,51 @@ def default_geometry(V: int = 8, dim: int = 4, seed: int = 0, metric: str = "l2"
 
     gen = torch.Generator().manual_seed(seed)
     return TokenGeometry.from_vectors(torch.randn(V, dim, generator=gen), metric=metric)
+
+
+# --- exact single-step laws and the acceptance / TV frontier ---------------------------------------------------------
+def single_step_law(rule, p: Tensor, q: Tensor, chunk: int = 16) -> tuple[Tensor, Tensor]:
+    """Exact law of the first committed token of one single-draft step (x ~ q) and its acceptance probability,
+    for rules that provide `single_step_law` (exact, lantern, bounded_lantern): p, q [P, V] ->
+    (law float64 [P, V], acceptance float64 [P]), computed `chunk` pairs at a time. No Monte Carlo noise, so it
+    resolves TV differences far below `noise_level` at V = 512."""
+    if not hasattr(rule, "single_step_law"):
+        raise TypeError(f"{type(rule).__name__} has no single_step_law(p, q); use simulate() (Monte Carlo) instead")
+    p, q = torch.as_tensor(p).float(), torch.as_tensor(q).float()
+    if p.dim() != 2 or p.shape != q.shape:
+        raise ValueError(f"p and q must both be [P, V], got {tuple(p.shape)} and {tuple(q.shape)}")
+    parts = [rule.single_step_law(a, b) for a, b in zip(p.split(chunk), q.split(chunk))]
+    return torch.cat([law for law, _ in parts]), torch.cat([acc for _, acc in parts])
+
+
+@dataclass(frozen=True)
+class TVPoint:
+    """One rule on a set of (p, q) pairs: mean acceptance, mean and max TV(emitted, p) over the pairs, and the
+    frontier: the mean over pairs of sum_v min(p, q) + TV(emitted, p), which no rule's acceptance can exceed
+    (accepted mass at v is at most q(v) and at most emitted(v), and sum_v min(q, emitted) <= sum_v min(q, p) + TV)."""
+    label: str
+    acceptance: float
+    mean_tvd: float
+    max_tvd: float
+    frontier: float
+
+
+def tv_sweep(rules: dict, p: Tensor, q: Tensor) -> list[TVPoint]:
+    """rules: label -> rule with `single_step_law`; p, q [P, V] -> one TVPoint per rule (exact, no sampling)."""
+    base = torch.minimum(p, q).double().sum(-1)
+    out = []
+    for label, rule in rules.items():
+        law, acc = single_step_law(rule, p, q)
+        d = 0.5 * (law - p.double()).abs().sum(-1)
+        out.append(TVPoint(label, float(acc.mean()), float(d.mean()), float(d.max()), float((base + d).mean())))
+    return out
+
+
+def acceptance_at_tv(points: list[TVPoint], tv: float) -> float:
+    """Acceptance interpolated linearly along (mean_tvd, acceptance) of a sweep of one rule family at `tv`; nan
+    outside the swept range."""
+    pts = sorted((pt.mean_tvd, pt.acceptance) for pt in points)
+    for (t0, a0), (t1, a1) in zip(pts, pts[1:]):
+        if t0 <= tv <= t1:
+            return a0 if t1 == t0 else a0 + (a1 - a0) * (tv - t0) / (t1 - t0)
+    return float("nan")

@@ -134,13 +134,32 @@ class TokenGeometry:
         self._cache[k] = out
         return out
 
+    def _vectors_on(self, device: torch.device) -> Tensor:
+        vec = self.vectors
+        if device != vec.device:
+            key = ("vectors", str(device))
+            if key not in self._cache:
+                self._cache[key] = vec.to(device)
+            vec = self._cache[key]
+        return vec
+
+    def radius(self, k: int, device: torch.device | str | None = None) -> Tensor:
+        """FloatTensor [V]: the distance from every token to its k-th nearest other token (its neighbourhood
+        radius): u is among the k nearest neighbours of v iff distance(u, v) <= radius[v] (up to exact ties)."""
+        return self.neighbours(k, device)[1][:, -1]
+
+    def cross_distance(self, a: Tensor, b: Tensor) -> Tensor:
+        """Distances in the metric between two token sets: a LongTensor [..., M], b LongTensor [..., N] (same
+        leading shape, any device) -> FloatTensor [..., M, N] on a's device. No [V, V] matrix is formed."""
+        vec = self._vectors_on(a.device)
+        va, vb = vec[a], vec[b]                                                   # [..., M, D], [..., N, D]
+        if self.metric == "cosine":
+            return 1.0 - va @ vb.transpose(-1, -2)
+        sq = va.pow(2).sum(-1)[..., :, None] + vb.pow(2).sum(-1)[..., None, :] - 2 * va @ vb.transpose(-1, -2)
+        return sq.clamp_min(0).sqrt()
+
     def squared_distance(self, a: Tensor, b: Tensor) -> Tensor:
         """Squared Euclidean distance between gathered token pairs: a, b LongTensors of one broadcast shape
         (any device) -> FloatTensor of that shape, on a's device. Unit vectors when metric == "cosine"."""
-        vec = self.vectors
-        if a.device != vec.device:
-            key = ("vectors", str(a.device))
-            if key not in self._cache:
-                self._cache[key] = vec.to(a.device)
-            vec = self._cache[key]
+        vec = self._vectors_on(a.device)
         return (vec[a] - vec[b]).pow(2).sum(-1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from specdec.certify import (acceptance_probability, certify, certify_on, default_geometry, implied_distribution,
-                             noise_level, random_pairs)
+                             noise_level, random_pairs, simulate, single_step_law, tvd)
 from verifiers.bounded_lantern import BoundedLanternRule
 from verifiers.exact import ExactRule
 from verifiers.grouped import GroupedRule
@@ -98,3 +98,39 @@ def test_certify_on_given_distributions_and_errors():
         certify_on(ExactRule(), p, q[:, :4])
     with pytest.raises(ValueError, match="probability vector"):
         implied_distribution(ExactRule(), p[0] * 2, q[0])
+
+
+# --- exact single-step laws, the acceptance/TV frontier, LANTERN vs BoundedLANTERN at equal emitted TV -------------
+@pytest.mark.parametrize("rule", [LanternRule(default_geometry(8), k=3, delta=0.2),
+                                  LanternRule(default_geometry(8), k=7, lam=3.0),
+                                  BoundedLanternRule(default_geometry(8), k=3, delta=0.2), ExactRule()],
+                         ids=["lantern_delta", "lantern_lam", "bounded", "exact"])
+def test_single_step_law_matches_monte_carlo(rule):
+    N = 20_000
+    for fam, (p, q) in random_pairs(8, 2, seed=2).items():
+        law, acc = single_step_law(rule, p, q)
+        assert torch.allclose(law.sum(-1), torch.ones(2, dtype=torch.float64))
+        for i in range(2):
+            hist, mc_acc = simulate(rule, p[i], q[i], N, seed=i)
+            assert tvd(hist, law[i]) < 2.5 * noise_level(law[i].float(), N), fam
+            assert abs(mc_acc - float(acc[i])) < 4 * (0.25 / N) ** 0.5, fam
+
+
+def test_matched_tv_bounded_lantern_dominates_lantern():
+    """Every rule's acceptance is at most sum min(p, q) + TV(emitted, p) (the frontier). BoundedLANTERN on the full
+    neighbour graph reaches it: given LANTERN's own emitted TV of a pair as its budget, it accepts at least as often
+    as LANTERN on that pair. Checked on every stochastic-q family, at two LANTERN budgets."""
+    V = 8
+    g = default_geometry(V)
+    for fam, (p, q) in random_pairs(V, 6, seed=3).items():
+        base = torch.minimum(p, q).double().sum(-1)
+        for delta in (0.05, 0.2):
+            law, acc = single_step_law(LanternRule(g, k=V - 1, delta=delta), p, q)
+            tv = 0.5 * (law - p.double()).abs().sum(-1)
+            assert (acc <= base + tv + 1e-6).all(), fam                                         # the frontier
+            for i in range(len(p)):
+                bounded = BoundedLanternRule(g, k=V - 1, delta=min(1.0, float(tv[i])), candidates=V, rounds=8)
+                b_law, b_acc = single_step_law(bounded, p[i:i + 1], q[i:i + 1])
+                assert 0.5 * float((b_law[0] - p[i].double()).abs().sum()) <= float(tv[i]) + 1e-6
+                assert float(b_acc[0]) >= float(acc[i]) - 1e-5, (fam, delta, i)
+                assert float(b_acc[0]) <= float(base[i] + tv[i]) + 1e-6

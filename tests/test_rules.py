@@ -140,7 +140,7 @@ def test_bounded_transport_is_feasible_and_near_lp_optimum():
     q = torch.cat([b for _, b in pairs.values()])
     base = torch.minimum(p, q).sum(-1)
     for delta, want_acc, want_gain in ((0.1, 0.99, 0.9), (0.3, 0.97, 0.85)):
-        pt = transport(p, q, idx, delta, rounds=3)
+        pt = transport(p, q, g, 3, delta, rounds=3)
         assert (pt >= 0).all() and torch.allclose(pt.sum(-1), torch.ones(len(p)))
         assert (0.5 * (pt - p).abs().sum(-1) <= delta + 1e-6).all()              # the TV bound
         assert ((pt > p + 1e-7) <= (q > p)).all() and ((pt < p - 1e-7) <= (p > q)).all()

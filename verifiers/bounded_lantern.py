@@ -17,9 +17,15 @@ drafter, stochastic or deterministic (a one-hot q is a function of the context, 
 sequence-level TV is at most T * delta. Each unit of moved mass raises the acceptance probability
 sum_v min(p~(v), q(v)) by exactly one unit.
 
-Transport scheme (vectorised greedy, `rounds` rounds): each deficit token v asks its neighbours' surplus for up to
-its deficit, nearest first; requests on an over-asked surplus token are scaled down pro rata; the round's total is
-scaled to the remaining budget. Memory: a few [B, k, V, K] tensors per step, so keep K small (default 16).
+Transport scheme (vectorised greedy over candidate sets, `rounds` rounds): per position only the `candidates`
+largest-deficit tokens (receivers) and the `candidates` largest-surplus tokens (givers) take part, so the work is
+[B, k, C, C] with C = candidates, whatever K and V are: at B = k = 4, V = 512 a step costs about 1.3 ms at any K on
+2 CPU cores (a dense [B, k, V, K] form cost 13 ms at K = 100 and 75 ms at K = 511). On real zoo (p, q) pairs,
+C = 32 moves 99.7% of the mass C = 512 moves at delta 0.2, K = 511. u may give to v iff distance(u, v) <= radius_K(v), the distance to v's K-th nearest
+code (the K-NN edge, tested on the fly from the code vectors: no [V, V] or [V, K] membership table). Each receiver
+asks its allowed givers for up to its deficit, nearest first; requests on an over-asked giver are scaled down pro
+rata; the round's total is scaled to the remaining budget. Leaving small deficits and surpluses out only moves less
+mass: the result is always feasible, and with candidates >= V it is the full one-hop greedy.
 """
 from __future__ import annotations
 
@@ -33,45 +39,54 @@ from specdec.types import Randomness, Verdict
 from verifiers.exact import correction_uniform, leading_run, residual_sample, token_probs
 
 
-def transport(p: Tensor, q: Tensor, nbr: Tensor, delta: float, rounds: int = 3) -> Tensor:
-    """The relaxed target p~ [..., V] for p, q [..., V] and the neighbour table nbr LongTensor [V, K]
-    (mass may move from nbr[v, j] to v). Moves at most delta in total, only from p > q to q > p tokens."""
-    V, K = nbr.shape
+def transport(p: Tensor, q: Tensor, geometry: TokenGeometry, k: int, delta: float, rounds: int = 3,
+              candidates: int = 32) -> Tensor:
+    """The relaxed target p~ [..., V] for p, q [..., V]: mass moves from u to v only if u is among v's k nearest
+    codes, only from p > q tokens to q > p tokens, at most delta in total per position."""
+    V = p.shape[-1]
+    C = min(candidates, V)
     surplus = (p - q).clamp_min(0)
     deficit = (q - p).clamp_min(0)
+    receivers = deficit.topk(C, -1).indices                                     # [..., C]
+    givers = surplus.topk(C, -1).indices                                        # [..., C]
+    dist = geometry.cross_distance(receivers, givers)                           # [..., C(recv), C(give)]
+    radius = geometry.radius(k, p.device)[receivers]                            # [..., C]
+    order = dist.argsort(-1)                                                    # nearest giver first
+    edge = dist.gather(-1, order) <= radius[..., None] * (1 + 1e-5) + 1e-7      # K-NN edge, ties kept
+    giver = givers[..., None, :].expand(order.shape).gather(-1, order)          # [..., C, C] token ids
+    flat_giver = giver.flatten(-2)                                              # [..., C*C]
     budget = torch.full(p.shape[:-1] + (1,), float(delta), dtype=p.dtype, device=p.device)
-    gain = torch.zeros_like(p)
-    loss = torch.zeros_like(p)
-    flat_nbr = nbr.reshape(-1)                                                  # [V*K]
+    need = deficit.gather(-1, receivers)                                        # [..., C]
+    moved = torch.zeros_like(p)                                                 # + received, - given
     for _ in range(rounds):                                                     # a fixed, small number of rounds
-        avail = surplus[..., flat_nbr].reshape(*p.shape, K)                     # [..., V, K] surplus of v's nbrs
-        before = avail.cumsum(-1) - avail                                       # asked from nearer nbrs already
-        ask = torch.minimum(avail, (deficit[..., None] - before).clamp_min(0))  # nearest first, up to deficit
-        asked = torch.zeros_like(p).index_add_(-1, flat_nbr, ask.reshape(*p.shape[:-1], V * K))
+        avail = torch.where(edge, surplus.gather(-1, flat_giver).view(giver.shape), 0.0)
+        before = avail.cumsum(-1) - avail                                       # asked from nearer givers already
+        ask = torch.minimum(avail, (need[..., None] - before).clamp_min(0))     # up to the receiver's deficit
+        asked = torch.zeros_like(p).scatter_add_(-1, flat_giver, ask.flatten(-2))
         share = torch.where(asked > surplus, surplus / asked.clamp_min(1e-30), torch.ones_like(asked))
-        grant = ask * share[..., flat_nbr].reshape(*p.shape, K)
+        grant = ask * share.gather(-1, flat_giver).view(giver.shape)
         total = grant.sum((-2, -1))[..., None]                                  # [..., 1]
-        scale = torch.where(total > budget, budget / total.clamp_min(1e-30), torch.ones_like(total))
-        grant = grant * scale[..., None]
-        received = grant.sum(-1)                                                # [..., V]
-        given = torch.zeros_like(p).index_add_(-1, flat_nbr, grant.reshape(*p.shape[:-1], V * K))
-        gain = gain + received
-        loss = loss + given
+        grant = grant * torch.where(total > budget, budget / total.clamp_min(1e-30), torch.ones_like(total))[..., None]
+        received = grant.sum(-1)                                                # [..., C]
+        given = torch.zeros_like(p).scatter_add_(-1, flat_giver, grant.flatten(-2))
+        moved = moved.scatter_add(-1, receivers, received) - given
         surplus = (surplus - given).clamp_min(0)
-        deficit = (deficit - received).clamp_min(0)
+        need = (need - received).clamp_min(0)
         budget = (budget - received.sum(-1, keepdim=True)).clamp_min(0)
-    return (p + gain - loss).clamp_min(0)
+    return (p + moved).clamp_min(0)
 
 
 @dataclass(frozen=True)
 class BoundedLanternRule:
     """geometry: TokenGeometry over the VQ codebook; k: neighbours per token (clamped to V-1); delta in [0, 1]:
-    the TV budget per token; rounds: transport rounds (>= 1)."""
+    the TV budget per token; rounds: transport rounds (>= 1); candidates: receivers and givers considered per
+    position (>= 1; more moves mass more completely, at [B, k, C, C] cost)."""
 
     geometry: TokenGeometry
     k: int = 16
     delta: float = 0.1
     rounds: int = 3
+    candidates: int = 32
 
     lossless = False
     name = "bounded_lantern"
@@ -82,6 +97,8 @@ class BoundedLanternRule:
             raise ValueError(f"delta must be in [0, 1] (a total-variation budget), got {self.delta}")
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise ValueError(f"rounds must be an integer >= 1, got {self.rounds!r}")
+        if not isinstance(self.candidates, int) or self.candidates < 1:
+            raise ValueError(f"candidates must be an integer >= 1, got {self.candidates!r}")
         object.__setattr__(self, "k", self.geometry.clamp_k(self.k, "BoundedLanternRule"))
 
     def relaxed_target(self, target_probs: Tensor, draft_probs: Tensor) -> Tensor:
@@ -89,8 +106,17 @@ class BoundedLanternRule:
         k = draft_probs.shape[1]
         if self.delta == 0:
             return target_probs[:, :k]
-        idx, _ = self.geometry.neighbours(self.k, target_probs.device)
-        return transport(target_probs[:, :k], draft_probs, idx, self.delta, self.rounds)
+        return transport(target_probs[:, :k], draft_probs, self.geometry, self.k, self.delta, self.rounds,
+                         self.candidates)
+
+    @torch.no_grad()
+    def single_step_law(self, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact law of the first committed token of one single-draft step, x ~ q, and the acceptance probability:
+        p, q [P, V] -> (law float64 [P, V], acceptance float64 [P]). The law is p~ itself; acceptance
+        sum_v min(p~(v), q(v))."""
+        self.geometry.check_vocab(p.shape[-1], "BoundedLanternRule")
+        p_tilde = self.relaxed_target(p[:, None], q[:, None])[:, 0].double()
+        return p_tilde, torch.minimum(p_tilde, q.double()).sum(-1)
 
     def verify(self, draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
                rng: Randomness) -> Verdict:

@@ -68,6 +68,11 @@ class ExactRule:
     lossless = True
     name = "exact"
 
+    @staticmethod
+    def single_step_law(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        """p, q [P, V] -> (law of the first committed token float64 [P, V] = p, acceptance sum_v min(p, q) [P])."""
+        return p.double(), torch.minimum(p, q).double().sum(-1)
+
     def verify(self, draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
                rng: Randomness) -> Verdict:
         """draft_tokens [B, k], draft_probs [B, k, V], target_probs [B, k+1, V] -> Verdict."""

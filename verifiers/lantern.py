@@ -76,6 +76,30 @@ class LanternRule:
         c_star = torch.where(aggregated, c, torch.zeros_like(c)).amax(-1)     # c_{j*}, 0 when j* = 0
         return p_x + c_star, nbr, aggregated
 
+    @torch.no_grad()
+    def single_step_law(self, p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact law of the first committed token of one single-draft step, x ~ q, and the acceptance probability:
+        p, q [P, V] -> (law float64 [P, V], acceptance float64 [P]). Enumerates every draft x at once:
+
+            law = sum_x q(x) [ a(x) e_x + (1 - a(x)) norm((p'_x - q)+) ],   a(x) = min(1, p~(x) / q(x))
+
+        Memory [P, V, V]: pass P * V * V within reach (P = 64 at V = 512 is 64 MB)."""
+        P, V = p.shape
+        self.geometry.check_vocab(V, "LanternRule")
+        p, q = p.double(), q.double()
+        x = torch.arange(V, device=p.device).expand(P, V)                                 # every draft token
+        p_tilde, nbr, aggregated = self.relaxed(x, p[:, None].expand(P, V, V))            # [P, V], [P, V, K] x2
+        p_tilde = p_tilde.double()
+        accept = torch.where(q > 0, (p_tilde / q.clamp_min(1e-300)).clamp_max(1), torch.zeros_like(q))
+        p_rel = p[:, None].expand(P, V, V).scatter(-1, nbr, torch.where(aggregated, 0.0, p.gather(-1, nbr.flatten(1))
+                                                                       .view(nbr.shape)))
+        p_rel = p_rel.scatter(-1, x[..., None], p_tilde[..., None])                       # [P, V(x), V]
+        residual = (p_rel - q[:, None]).clamp_min(0)
+        mass = residual.sum(-1, keepdim=True)
+        residual = torch.where(mass <= 1e-9, p_rel / p_rel.sum(-1, keepdim=True), residual / mass.clamp_min(1e-300))
+        law = (q * accept).diag_embed() + ((q * (1 - accept))[..., None] * residual)     # [P, V(x), V]
+        return law.sum(1), (q * accept).sum(-1)
+
     def verify(self, draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
                rng: Randomness) -> Verdict:
         """draft_tokens [B, k], draft_probs [B, k, V], target_probs [B, k+1, V] -> Verdict."""
