@@ -100,7 +100,8 @@ class TinyBundle:
             return self.classes.index(name)
         raise ValueError(f"unknown class {name!r}; valid classes: {', '.join(self.classes)}")
 
-    def heldout_images(self, n: int, seed: int = 0) -> Tensor:
+    def heldout_images(self, n: int, seed: int = 0, classes: Tensor | None = None) -> Tensor:
+        """Random stand-ins for real crops (classes accepted and ignored: a random bundle has no photos)."""
         g = torch.Generator().manual_seed(10_000 + seed)
         return (torch.rand(n, 3, self.pixels, self.pixels, generator=g) * 2 - 1)
 
@@ -572,7 +573,7 @@ class Abort(Exception):
 @dataclass
 class _Ctx:
     bundle: Any
-    real_feats: Tensor | None = None
+    real_feats: dict = field(default_factory=dict)      # class-id tuple -> held-out features
     warmed: set = field(default_factory=set)
     baselines: dict = field(default_factory=dict)
 
@@ -679,9 +680,15 @@ def measure_row(ctx: _Ctx, run: dict, cfg: BenchConfig, scorers: list, image_dir
     draft_s = sum(s.draft_s for s in stats)
     wall_s_gen = sum(s.wall_s for s in stats)
 
-    if ctx.real_feats is None:
-        ctx.real_feats = feature_vectors(bundle, bundle.heldout_images(cfg.fd_real, seed=0))
-    fd = frechet_distance(feature_vectors(bundle, images), ctx.real_feats) if images is not None else None
+    fd = None
+    if images is not None:
+        # real crops of the same classes in the same proportions as the generated images
+        ids = tuple(sorted(set(cond.tolist())))
+        if ids not in ctx.real_feats:
+            real_cond = torch.tensor(ids)[torch.arange(cfg.fd_real) % len(ids)]
+            ctx.real_feats[ids] = feature_vectors(bundle, bundle.heldout_images(cfg.fd_real, seed=0,
+                                                                                classes=real_cond))
+        fd = frechet_distance(feature_vectors(bundle, images), ctx.real_feats[ids])
     nll = token_nll(bundle, tokens, cond)
     tvd = token_histogram_tvd(tokens, b_tokens, bundle.target.vocab_size)
     sampling = Sampling(**run["sampling"])
