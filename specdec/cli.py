@@ -181,6 +181,11 @@ def certify_cmd(args) -> int:
             rule = make_rule(args.rule, bundle.target, **params)
             p, q = zoo_pairs(bundle, args.zoo, Sampling(cfg_scale=args.cfg))
             print(certify.certify_on(rule, p, q, n_samples=args.samples, name=f"zoo cfg={args.cfg}"))
+            if hasattr(rule, "single_step_law"):
+                (point,) = certify.tv_sweep({args.rule: rule}, p, q)
+                print(f"  exact single-step law (no sampling noise): acc={point.acceptance:.4f} "
+                      f"TVD mean={point.mean_tvd:.4f} max={point.max_tvd:.4f} "
+                      f"(frontier sum min(p,q)+TVD = {point.frontier:.4f})")
             return 0
         if args.rule in GEOMETRY_RULES:
             rule = resolve("rule", args.rule)(certify.default_geometry(args.vocab), **params)

@@ -162,3 +162,14 @@ def test_lantern_vs_bounded_lantern_emitted_tv_on_zoo_pairs(bundle):
     assert tv["lantern"].mean() > 0.15 and tv["lantern"].max() > 0.4
     assert tv["bounded"].max() <= 0.05 + 1e-6 and tv["bounded"].mean() > 0.04
     assert (acc["bounded"] - base).mean() > 0.04                       # it spends its budget on acceptance
+
+
+def test_certify_cli_reports_the_exact_emitted_tv_on_zoo_pairs(capsys):
+    from specdec.cli import main
+
+    assert main(["certify", "bounded_lantern", "--zoo", "4", "--samples", "2000",
+                 "--params", '{"delta": 0.1, "k": 100}']) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if "exact single-step law" in l)
+    max_tvd = float(line.split("max=")[1].split()[0])
+    assert 0.05 < max_tvd <= 0.1 + 1e-4, line
