@@ -3,6 +3,10 @@
 Leviathan et al., arXiv 2211.17192; Chen et al., arXiv 2302.01318. Lossless with a lossless rule: drafts are
 sampled from q, the drafter's distribution after the same `specdec.sampling` transforms (CFG included) as p.
 
+drafts="argmax" makes it a deterministic drafter: x = argmax q, reported as q = one_hot(x). Still lossless with
+the exact rule (x is a function of the context). With a relaxed rule this is the setting in which LANTERN's delta
+bounds the emitted law (TV <= delta per token); with sampled drafts it does not (see verifiers/lantern.py).
+
 Cache bookkeeping without per-row branches: before each proposal the drafter rolls its cache back to
 n_done - 2 generated tokens and re-feeds the last two committed tokens. Whatever the previous verdict was, the
 first n_done - 2 tokens in its cache are right (it held the committed prefix plus d_1..d_{k-1}), so every row feeds
@@ -21,11 +25,14 @@ from specdec.types import Draft, Verdict
 class ModelDrafter:
     """Drafts k tokens per step with `model`, an ARModel over the same image vocabulary as the target."""
 
-    def __init__(self, model: ARModel, k: int = 4):
+    def __init__(self, model: ARModel, k: int = 4, drafts: str = "sample"):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k (draft tokens per step) must be an integer >= 1, got {k!r}")
+        if drafts not in ("sample", "argmax"):
+            raise ValueError(f"drafts must be 'sample' (x ~ q) or 'argmax' (one-hot q), got {drafts!r}")
         self.model = model
         self.k = k
+        self.drafts = drafts
         self.forwards = 0
 
     def start(self, ctx) -> None:
@@ -52,9 +59,13 @@ class ModelDrafter:
             self.forwards += 1
             q = ctx.probs(type(logits)(logits.cond[:, -1:], None if logits.uncond is None
                                        else logits.uncond[:, -1:]))[:, 0]              # [B, V]
-            # the "sample" stream at this position: the draw plain AR would make there (see verifiers.exact)
-            u = ctx.streams.uniform_at("sample", (ctx.n_done + j)[:, None])[:, 0]
-            token = sample_categorical(q, u)
+            if self.drafts == "argmax":
+                token = q.argmax(-1)
+                q = torch.nn.functional.one_hot(token, q.shape[-1]).to(q.dtype)
+            else:
+                # the "sample" stream at this position: the draw plain AR would make there (see verifiers.exact)
+                u = ctx.streams.uniform_at("sample", (ctx.n_done + j)[:, None])[:, 0]
+                token = sample_categorical(q, u)
             drafts.append(token)
             probs.append(q)
             feed = token[:, None]

@@ -14,7 +14,7 @@ from specdec import Sampling
 from specdec.engine import DecodeContext
 from specdec.exactness import exact_joint, goodness_of_fit, sequence_index
 from specdec.random import RowStreams
-from helpers import tiny_gpt
+from helpers import perturbed_copy, tiny_gpt
 
 GREEDY = Sampling(temperature=0.0)
 
@@ -90,6 +90,19 @@ def test_lookup_is_exact(enumerable):
     assert fit.p_value > 1e-3, str(fit)
     assert fit.tvd < 2 * fit.tvd_noise + 1e-3, str(fit)
     assert 0.02 < res.stats.acceptance_rate < 0.95, res.stats.acceptance_rate
+
+
+def test_model_drafter_argmax_drafts_are_exact(enumerable):
+    """Deterministic drafts (x = argmax q, q reported one-hot) with the exact rule: still plain AR's law."""
+    from drafters import ModelDrafter
+
+    drafter = ModelDrafter(perturbed_copy(enumerable, noise=0.5), k=2, drafts="argmax")
+    fit, res = fit_of(enumerable, drafter, Sampling(cfg_scale=2.0))
+    assert fit.p_value > 1e-3, str(fit)
+    assert fit.tvd < 2 * fit.tvd_noise + 1e-3, str(fit)
+    assert 0.05 < res.stats.acceptance_rate < 0.95, res.stats.acceptance_rate
+    with pytest.raises(ValueError, match="drafts must be 'sample'"):
+        ModelDrafter(enumerable, k=2, drafts="greedy")
 
 
 class _DraftWithAcceptUniform(JacobiDrafter):
