@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import specdec.zoo
-from specdec.certify import acceptance_at_tv, tv_sweep
+from specdec.certify import TVPoint, acceptance_at_tv, tv_sweep
 from specdec.cli import zoo_pairs
 from specdec.geometry import TokenGeometry
 from specdec.sampling import Sampling
@@ -67,7 +67,6 @@ def main(argv=None) -> int:
                              "pairs": args.pairs, "cfg": args.cfg, "seed": args.seed})
 
     def points(family, n):
-        from specdec.certify import TVPoint
         return [TVPoint(str(r["delta"]), r["acceptance"], r["mean_tvd"], r["max_tvd"], r["frontier"])
                 for r in rows if r["rule"] == family and r["neighbours"] == n]
 
