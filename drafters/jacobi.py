@@ -60,6 +60,8 @@ class JacobiDrafter:
       "uniform" (q = Uniform over allowed tokens; equally exact, acceptance sum_v min(p(v), 1/V), methods.md §4).
     """
 
+    one_hot_drafts = False                  # the tail's q is the target's p from the last pass
+
     def __init__(self, window: int = 16, init: str = "random", init_q: str = "onehot"):
         if not isinstance(window, int) or isinstance(window, bool) or window < 2:
             raise ValueError(f"window (the Jacobi window L, drafting L - 1 tokens per step) must be an integer "

@@ -80,6 +80,8 @@ class LookupDrafter:
     acceptance counts that choose the source (0 < decay <= 1).
     """
 
+    one_hot_drafts = True
+
     def __init__(self, k: int = 4, sources: tuple[str, ...] = ("left", "above", "above_left"), decay: float = 0.9):
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k (draft tokens per step) must be an integer >= 1, got {k!r}")

@@ -35,6 +35,10 @@ class ModelDrafter:
         self.drafts = drafts
         self.forwards = 0
 
+    @property
+    def one_hot_drafts(self) -> bool:
+        return self.drafts == "argmax"
+
     def start(self, ctx) -> None:
         if self.model.vocab_size != ctx.target.vocab_size:
             raise ValueError(

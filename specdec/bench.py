@@ -218,8 +218,6 @@ TOP_KEYS = {"name", "description", "generator", "repeats", "images", "classes", 
 SWEEP_KEYS = {"generator", "temperature", "top_k", "top_p", "cfg", "batch", "seed"}
 METHOD_KEYS = {"label", "drafter", "drafter_params", "rule", "rule_params"}
 SWEEP_DEFAULTS = {"temperature": [1.0], "top_k": [0], "top_p": [1.0], "cfg": [3.0], "batch": [4], "seed": [0]}
-# drafters whose drafts are one-hot (q = delta at the token) at any temperature; every drafter is at temperature 0
-ONE_HOT_DRAFTERS = {"lookup"}
 
 
 @dataclass(frozen=True)
@@ -693,7 +691,7 @@ def measure_row(ctx: _Ctx, run: dict, cfg: BenchConfig, scorers: list, image_dir
     tvd = token_histogram_tvd(tokens, b_tokens, bundle.target.vocab_size)
     sampling = Sampling(**run["sampling"])
     drafter, rule = build(_method(run), bundle)
-    one_hot = sampling.greedy or run["drafter"] in ONE_HOT_DRAFTERS
+    one_hot = sampling.greedy or bool(getattr(drafter, "one_hot_drafts", False))
     scores = {}
     for s in scorers:
         scores[s.name] = float(s(images, cond)) if images is not None else None

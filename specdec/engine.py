@@ -56,6 +56,8 @@ class DecodeContext:
 @runtime_checkable
 class Drafter(Protocol):
     k: int
+    # optional `one_hot_drafts: bool` attribute: True when every q the drafter returns is one-hot (deterministic
+    # drafts). Reports use it to state the rule's bound: LANTERN's delta bounds the emitted law only for one-hot q.
 
     def start(self, ctx: DecodeContext) -> None: ...
 

@@ -239,6 +239,29 @@ def test_presets_parse_and_cover_the_readme_table():
     assert {r["images"] for r in quality.runs} == {512}
     assert {"AR", "exact + model", "lantern + model", "bounded_lantern + model", "typical + model",
             "exact + jacobi", "grouped + jacobi", "lantern + jacobi", "exact + lookup"} <= fams
-    assert sorted(r["drafter_params"]["k"] for r in full if bench.family(r) == "exact + model") == [2, 4, 6, 8]
+    exact_model = [r["drafter_params"] for r in full if bench.family(r) == "exact + model"]
+    assert sorted(d["k"] for d in exact_model if d.get("drafts", "sample") == "sample") == [2, 4, 6, 8]
+    assert [d["drafts"] for d in exact_model if "drafts" in d] == ["argmax"]      # LANTERN-argmax's baseline
     assert len([r for r in full if bench.family(r) == "exact + jacobi"]) == 3
     assert {r["sampling"]["cfg_scale"] for r in full} == {3.0} and {r["sampling"]["top_k"] for r in full} == {0}
+
+
+def test_distortion_bound_follows_the_drafts_one_hot_flag():
+    from drafters.jacobi import JacobiDrafter
+    from drafters.lookup import LookupDrafter
+    from drafters.model import ModelDrafter
+    from specdec.certify import default_geometry
+    from verifiers.bounded_lantern import BoundedLanternRule
+    from verifiers.lantern import LanternRule
+
+    model = object()                                             # the flag does not touch the model
+    assert ModelDrafter(model, drafts="argmax").one_hot_drafts
+    assert not ModelDrafter(model).one_hot_drafts
+    assert LookupDrafter().one_hot_drafts and not JacobiDrafter().one_hot_drafts
+    g = default_geometry(16)
+    lantern = LanternRule(g, k=3, delta=0.2)
+    assert bench.distortion_bound(lantern, one_hot_drafts=True) == 0.2
+    assert bench.distortion_bound(lantern, one_hot_drafts=False) is None       # sampled drafts: no bound
+    assert bench.distortion_bound(LanternRule(g, k=3, lam=2.0), one_hot_drafts=True) is None
+    assert bench.distortion_bound(BoundedLanternRule(g, k=3, delta=0.1), one_hot_drafts=False) == 0.1
+    assert bench.distortion_bound(None, one_hot_drafts=False) == 0.0
