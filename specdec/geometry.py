@@ -86,7 +86,7 @@ class TokenGeometry:
             raise ValueError(f"{who}: k (neighbours per token) must be an integer >= 1, got {k!r}")
         if k > self.size - 1:
             warnings.warn(f"{who}: k = {k} neighbours asked for but the geometry has only {self.size} tokens; "
-                          f"using k = {self.size - 1}", stacklevel=3)
+                          f"using k = {self.size - 1}", stacklevel=4)   # rule __post_init__ -> dataclass __init__ -> caller
             return self.size - 1
         return k
 
