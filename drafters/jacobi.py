@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from drafters.lookup import grid_dims, neighbour, read_token
+from specdec.protocols import Drafter
 from specdec.random import sample_categorical
 from specdec.types import Draft, Verdict
 
@@ -48,7 +49,7 @@ INITS = ("random", "repeat_horizontal", "repeat_vertical")
 INIT_QS = ("onehot", "uniform")
 
 
-class JacobiDrafter:
+class JacobiDrafter(Drafter):
     """SJD drafter. window: Jacobi window L (>= 2); proposes k = L - 1 drafts per step.
 
     init: how fresh slots (positions no previous pass covered) are filled:

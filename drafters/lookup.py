@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from specdec.protocols import Drafter
 from specdec.types import Draft, Verdict
 
 SOURCES = ("left", "above", "above_left", "prev_frame")
@@ -72,7 +73,7 @@ def read_token(ctx, window: Tensor, src: Tensor) -> Tensor:
     return torch.where(src < n, committed, drafted)
 
 
-class LookupDrafter:
+class LookupDrafter(Drafter):
     """Copies k tokens per step from grid neighbours of the already generated image (one-hot q, lossless).
 
     k: draft tokens per step (>= 1). sources: neighbour names, tried in order (see the module docstring); valid:

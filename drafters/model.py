@@ -17,12 +17,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from specdec.adapters.base import ARModel, check_capacity
+from specdec.adapters.base import check_capacity
+from specdec.protocols import ARModel, Drafter
 from specdec.random import sample_categorical
 from specdec.types import Draft, Verdict
 
 
-class ModelDrafter:
+class ModelDrafter(Drafter):
     """Drafts k tokens per step with `model`, an ARModel over the same image vocabulary as the target."""
 
     def __init__(self, model: ARModel, k: int = 4, drafts: str = "sample"):

@@ -1,10 +1,11 @@
 """specdec: speculative and accelerated decoding for autoregressive image and video generators."""
-from specdec.engine import DecodeContext, Drafter, generate
+from specdec.engine import generate
+from specdec.protocols import AcceptanceRule, ARModel, DecodeContext, Drafter
 from specdec.sampling import Sampling
 from specdec.types import Draft, GenerationResult, Logits, SpecStats, Verdict
 
 __all__ = ["generate", "Sampling", "Draft", "Verdict", "SpecStats", "GenerationResult", "Logits",
-           "DecodeContext", "Drafter", "zoo"]
+           "DecodeContext", "Drafter", "ARModel", "AcceptanceRule", "zoo"]
 __version__ = "0.1.0"
 
 

@@ -12,73 +12,27 @@ the committed tokens except the newest one, which the next step feeds.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from specdec.adapters.base import ARModel, check_capacity
+from specdec.adapters.base import check_capacity
+from specdec.protocols import AcceptanceRule, ARModel, DecodeContext, Drafter, require
 from specdec.random import RowStreams, fresh_seed, sample_categorical
 from specdec.sampling import Sampling, nonfinite, to_probs
-from specdec.types import AcceptanceRule, Draft, GenerationResult, Logits, SpecStats, Verdict
-
-
-@dataclass
-class DecodeContext:
-    """What a drafter may read about the generation in progress (updated in place by the engine).
-
-    tokens:  LongTensor [B, T + 2k + 1] committed image tokens (valid up to n_done[b])
-    n_done:  LongTensor [B] committed tokens per row
-    cond:    the condition passed to generate()
-    streams: counter-based per-row random streams (drafters use their own tags)
-    """
-
-    target: ARModel
-    cond: Any
-    sampling: Sampling
-    tokens: Tensor
-    n_done: Tensor
-    num_tokens: int
-    grid: tuple[int, ...]
-    streams: RowStreams
-    token_mask: Tensor | None = None
-    capacity: int = 0          # generated tokens a drafter's own cache must hold (finished rows parked at T-1)
-
-    def park(self, keep: Tensor) -> Tensor:
-        """Clamp per-row cache lengths so finished rows stay parked at T-1 (their outputs are ignored)."""
-        return keep.clamp_max(self.num_tokens - 1)
-
-    def probs(self, logits: Logits) -> Tensor:
-        return to_probs(logits.cond, logits.uncond, self.sampling, self.token_mask)
-
-
-@runtime_checkable
-class Drafter(Protocol):
-    k: int
-    # optional `one_hot_drafts: bool` attribute: True when every q the drafter returns is one-hot (deterministic
-    # drafts). Reports use it to state the rule's bound: LANTERN's delta bounds the emitted law only for one-hot q.
-
-    def start(self, ctx: DecodeContext) -> None: ...
-
-    def propose(self, k: int) -> Draft:
-        """Draft [B, k] tokens for positions n_done .. n_done+k-1 with their q [B, k, V] (None = one-hot)."""
-        ...
-
-    def observe(self, verdict: Verdict, target_probs: Tensor) -> None:
-        """Called after each verification with target_probs [B, k+1, V]; ctx.n_done is already updated."""
-        ...
+from specdec.types import Draft, GenerationResult, SpecStats
 
 
 def _check_inputs(target: ARModel, drafter, rule, num_tokens: int) -> int:
+    require(target, ARModel, "the target")
     k = 0
     if drafter is not None:
-        k = getattr(drafter, "k", None)
-        if not isinstance(k, int) or k < 1:
+        require(drafter, Drafter, "the drafter")
+        k = drafter.k
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"the drafter's k (draft tokens per step) must be an integer >= 1, got {k!r}")
-    if rule is not None and not callable(getattr(rule, "verify", None)):
-        raise TypeError(f"rule must have a verify(draft_tokens, draft_probs, target_probs, rng) method; "
-                        f"got {type(rule).__name__}")
+    if rule is not None:
+        require(rule, AcceptanceRule, "the rule")
     if not isinstance(num_tokens, int) or num_tokens < 1:
         raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
     return k
@@ -105,7 +59,7 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
     capacity = T + k
     check_capacity(target, capacity)
     seed = fresh_seed() if seed is None else int(seed)
-    token_mask = getattr(target, "token_mask", None)
+    token_mask = target.token_mask
 
     t_wall = time.perf_counter()
     state, first = target.start(cond, sampling, capacity)
@@ -181,11 +135,11 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
     out = tokens[:, :T].clone()
     stats = SpecStats(
         batch_size=B, num_tokens=T, target_forwards=forwards,
-        draft_forwards=int(getattr(drafter, "forwards", 0)) if drafter is not None else 0,
+        draft_forwards=drafter.forwards if drafter is not None else 0,
         drafted=drafted, accepted=accepted, committed=committed_total, steps=steps,
         accepted_per_position=acc_pos.cpu(), drafted_per_position=drafted_pos.cpu(),
         acceptance_map=from_draft[:, :T].cpu(), target_s=target_s, draft_s=draft_s)
-    images = target.decode(out) if decode and getattr(target, "can_decode", True) else None
+    images = target.decode(out) if decode and target.can_decode else None
     stats.wall_s = time.perf_counter() - t_wall
     if bar:
         bar(T, close=True)

@@ -26,7 +26,7 @@ def exact_joint(target, cond_row, sampling: Sampling, num_tokens: int) -> Tensor
     n = seqs.shape[0]
     cond = torch.as_tensor(cond_row)[None].expand(n, *torch.as_tensor(cond_row).shape).contiguous()
     state, first = target.start(cond, sampling, T + 2)
-    mask = getattr(target, "token_mask", None)
+    mask = target.token_mask
     p0 = to_probs(first.cond[:, -1], None if first.uncond is None else first.uncond[:, -1], sampling, mask)
     log_joint = p0.gather(1, seqs[:, :1]).log()[:, 0]
     if T > 1:

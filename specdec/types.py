@@ -6,7 +6,7 @@ top-k, top-p, token mask). B = batch, k = draft tokens per step, V = image-token
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -117,25 +117,3 @@ class Logits:
 
     cond: Tensor
     uncond: Tensor | None = None
-
-
-@runtime_checkable
-class Randomness(Protocol):
-    """Where a rule gets its uniforms: `uniform(tag, n) -> [B, n]` in the open interval (0, 1).
-
-    Each tag is an independent stream; the engine's implementation keys draws by (seed, row, token position, tag)
-    so that a row's output does not depend on its batch. `specdec.random.GeneratorRandomness` wraps a
-    `torch.Generator` for standalone use.
-    """
-
-    def uniform(self, tag: str, n: int) -> Tensor: ...
-
-
-@runtime_checkable
-class AcceptanceRule(Protocol):
-    lossless: bool
-
-    def verify(self, draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
-               rng: Randomness) -> Verdict:
-        """draft_tokens [B, k], draft_probs [B, k, V], target_probs [B, k+1, V] -> Verdict."""
-        ...

@@ -11,7 +11,7 @@ import specdec
 from drafters.jacobi import JacobiDrafter
 from drafters.lookup import LookupDrafter
 from specdec import Sampling
-from specdec.engine import DecodeContext
+from specdec.protocols import DecodeContext
 from specdec.exactness import exact_joint, goodness_of_fit, sequence_index
 from specdec.random import RowStreams
 from helpers import perturbed_copy, tiny_gpt

@@ -118,7 +118,7 @@ def test_row_output_does_not_depend_on_its_batch(target, unrelated):
 
 def test_rows_accept_different_numbers_in_the_same_step(target):
     """Ragged acceptance: no throttling to the slowest row."""
-    from specdec.engine import DecodeContext
+    from specdec.protocols import DecodeContext
 
     drafter = ModelDrafter(perturbed_copy(target, noise=0.5), k=4)
     seen = []

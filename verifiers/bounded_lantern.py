@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from specdec.geometry import TokenGeometry
-from specdec.types import Randomness, Verdict
+from specdec.protocols import AcceptanceRule, Randomness
+from specdec.types import Verdict
 from verifiers.exact import correction_uniform, leading_run, residual_sample, token_probs
 
 
@@ -77,7 +78,7 @@ def transport(p: Tensor, q: Tensor, geometry: TokenGeometry, k: int, delta: floa
 
 
 @dataclass(frozen=True)
-class BoundedLanternRule:
+class BoundedLanternRule(AcceptanceRule):
     """geometry: TokenGeometry over the VQ codebook; k: neighbours per token (clamped to V-1); delta in [0, 1]:
     the TV budget per token; rounds: transport rounds (>= 1); candidates: receivers and givers considered per
     position (>= 1; more moves mass more completely, at [B, k, C, C] cost)."""

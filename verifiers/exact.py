@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from specdec.random import sample_categorical
-from specdec.types import Randomness, Verdict
+from specdec.protocols import AcceptanceRule, Randomness
+from specdec.types import Verdict
 
 
 def leading_run(ok: Tensor) -> Tensor:
@@ -62,7 +63,7 @@ def token_probs(probs: Tensor, tokens: Tensor) -> Tensor:
     return probs[:, : tokens.shape[1]].gather(-1, tokens[..., None])[..., 0]
 
 
-class ExactRule:
+class ExactRule(AcceptanceRule):
     """Standard speculative sampling; vectorised over batch and draft positions."""
 
     lossless = True

@@ -24,12 +24,13 @@ from torch import Tensor
 
 from specdec.geometry import TokenGeometry
 from specdec.random import sample_categorical
-from specdec.types import Randomness, Verdict
+from specdec.protocols import AcceptanceRule, Randomness
+from specdec.types import Verdict
 from verifiers.exact import at_position, correction_uniform, leading_run, residual_sample
 
 
 @dataclass(frozen=True)
-class GroupedRule:
+class GroupedRule(AcceptanceRule):
     """geometry: TokenGeometry over the LM input embeddings (squared L2 on them); window: candidate ranks
     [r - window, r + window); p_threshold, d_threshold: group membership; residual: "standard" | "group"."""
 

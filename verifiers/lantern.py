@@ -32,12 +32,13 @@ from torch import Tensor
 
 from specdec.geometry import TokenGeometry
 from specdec.random import sample_categorical
-from specdec.types import Randomness, Verdict
+from specdec.protocols import AcceptanceRule, Randomness
+from specdec.types import Verdict
 from verifiers.exact import at_position, correction_uniform, leading_run, token_probs
 
 
 @dataclass(frozen=True)
-class LanternRule:
+class LanternRule(AcceptanceRule):
     """geometry: TokenGeometry (or a raw [V, D] tensor) over the VQ codebook; k: neighbours per token (clamped
     to V-1); delta (default 0.1 when lam is None) or lam: the budget, one of the two."""
 

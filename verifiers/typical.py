@@ -21,12 +21,13 @@ import torch
 from torch import Tensor
 
 from specdec.random import sample_categorical
-from specdec.types import Randomness, Verdict
+from specdec.protocols import AcceptanceRule, Randomness
+from specdec.types import Verdict
 from verifiers.exact import at_position, correction_uniform, leading_run, token_probs
 
 
 @dataclass(frozen=True)
-class TypicalRule:
+class TypicalRule(AcceptanceRule):
     """epsilon: the hard threshold (posterior_threshold); delta: the entropy-scaled one (posterior_alpha)."""
 
     epsilon: float = 0.09

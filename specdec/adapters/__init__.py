@@ -4,7 +4,7 @@ The transformers-based adapters are imported on first use, so `import specdec` s
 """
 import importlib
 
-from specdec.adapters.base import ARModel
+from specdec.protocols import ARModel
 from specdec.adapters.gpt import GPTAdapter
 
 _LAZY = {

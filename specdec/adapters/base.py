@@ -1,46 +1,15 @@
-"""The ARModel protocol: what the engine needs from a generator, and shared checks for adapters.
+"""Shared checks for adapters (the ARModel protocol itself is in `specdec.protocols`).
 
 The engine speaks image-vocabulary ids 0..V-1 only; an adapter maps them to its model's own ids, restricts the
 model's logits to the image vocabulary, and hides its prompt format, CFG doubling and cache layout.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
-
 import torch
 from torch import Tensor
 
 from specdec.sampling import Sampling
-from specdec.types import Logits
-
-
-@runtime_checkable
-class ARModel(Protocol):
-    vocab_size: int                    # image-token vocabulary seen by rules (V)
-    num_tokens: int                    # tokens per image (T)
-    grid: tuple[int, ...]              # (H, W) or (F, H, W), raster order
-    codebook: Tensor | None            # [V, D] VQ code vectors (LANTERN geometry), if known
-    token_embeddings: Tensor | None    # [V, D] LM input embeddings of the image tokens (GSD geometry), if known
-    supports_cfg: bool                 # has an unconditional path
-    max_new_tokens: int                # context limit for generated tokens (draft slack included)
-
-    def start(self, cond: Tensor, sampling: Sampling, capacity: int) -> tuple[Any, Logits]:
-        """Prefill the condition (doubling rows for CFG when sampling.cfg_scale != 1).
-        cond [B, ...]; capacity = generated tokens the cache must hold. Returns (state, logits [B, 1, V] for
-        image token 0)."""
-        ...
-
-    def forward(self, state: Any, tokens: Tensor) -> Logits:
-        """Append tokens [B, n] (image ids) after each row's own length; logits [B, n, V] predict the next."""
-        ...
-
-    def rollback(self, state: Any, keep: Tensor) -> None:
-        """Per row: keep the first keep[b] generated tokens in the cache, drop the rest."""
-        ...
-
-    def decode(self, tokens: Tensor) -> Tensor | None:
-        """tokens [B, T] -> pixels [B, 3, H, W] in [-1, 1], or None when the adapter cannot decode."""
-        ...
+from specdec.protocols import ARModel
 
 
 def check_capacity(model: ARModel, capacity: int) -> None:

@@ -13,6 +13,7 @@ from torch import Tensor
 from specdec.adapters.base import check_capacity, check_cfg, check_class_ids
 from specdec.cache import StaticKVCache
 from specdec.models.gpt import GPT
+from specdec.protocols import ARModel
 from specdec.sampling import Sampling
 from specdec.types import Logits
 
@@ -29,7 +30,7 @@ class GPTState:
         return Logits(logits[: self.batch], logits[self.batch:])
 
 
-class GPTAdapter:
+class GPTAdapter(ARModel):
     """ARModel over `GPT`. grid: token layout (H, W); decode: tokens [B, T] -> pixels, optional."""
 
     prefix_len = 1

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from specdec.adapters.base import check_capacity, check_cfg
 from specdec.cache import HoleMask
+from specdec.protocols import ARModel
 from specdec.sampling import Sampling
 from specdec.types import Logits
 
@@ -57,7 +58,7 @@ def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
         ~allowed, torch.finfo(dtype).min)
 
 
-class HFCausalAdapter:
+class HFCausalAdapter(ARModel):
     """ARModel over a transformers causal LM (e.g. `LlamaForCausalLM`).
 
     model:           the causal LM; called as model(input_ids, attention_mask=4-D, position_ids, past_key_values)

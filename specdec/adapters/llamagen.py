@@ -21,6 +21,7 @@ from specdec.adapters.base import check_capacity, check_cfg, check_class_ids
 from specdec.cache import StaticKVCache
 from specdec.models.llamagen import (GPT_SIZES, LlamaGenConfig, LlamaGenGPT, LlamaGenVQ, VQ_SIZES, VQConfig,
                                      load_checked, read_state_dict)
+from specdec.protocols import ARModel
 from specdec.sampling import Sampling
 from specdec.types import Logits
 
@@ -40,7 +41,7 @@ class LlamaGenState:
         return Logits(logits[: self.batch], logits[self.batch:])
 
 
-class LlamaGenAdapter:
+class LlamaGenAdapter(ARModel):
     """ARModel over a `LlamaGenGPT`, with its `LlamaGenVQ` for decoding (optional)."""
 
     def __init__(self, model: LlamaGenGPT, vq: LlamaGenVQ | None = None):

@@ -1,0 +1,185 @@
+"""Every protocol of the toolkit in one place: what the engine asks of a generator, a drafter, a rule, a source
+of randomness, and what the bench asks of a bundle of models.
+
+Notation: p = target distribution, q = draft distribution, both after `specdec.sampling` (CFG mix, temperature,
+top-k, top-p, token mask). B = batch, k = draft tokens per step, V = image-token vocabulary, T = tokens per image.
+
+Optional capabilities are class attributes with their default, declared here once. A class that subclasses the
+protocol explicitly (every adapter, drafter and rule in this project does) inherits the defaults, so callers read
+`target.token_mask` or `drafter.one_hot_drafts` directly and never probe with `getattr`. A duck-typed object works
+too, as long as it defines every member; `require` says which ones it lacks.
+
+Wave 2 extends these shapes (draft trees on `AcceptanceRule` and `ARModel`, continuous per-position distributions,
+block generators for video, hidden states for learned drafters) by adding members with defaults here, so existing
+implementations keep working unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+from specdec.random import RowStreams
+from specdec.sampling import Sampling, to_probs
+from specdec.types import Draft, Logits, Verdict
+
+
+@runtime_checkable
+class Randomness(Protocol):
+    """Where a rule gets its uniforms: `uniform(tag, n) -> [B, n]` in the open interval (0, 1).
+
+    Each tag is an independent stream; the engine's implementation keys draws by (seed, row, token position, tag)
+    so that a row's output does not depend on its batch. `specdec.random.GeneratorRandomness` wraps a
+    `torch.Generator` for standalone use.
+    """
+
+    def uniform(self, tag: str, n: int) -> Tensor: ...
+
+
+@runtime_checkable
+class ARModel(Protocol):
+    """The adapter a generator is wrapped in. The engine speaks image-vocabulary ids 0..V-1 only; an adapter maps
+    them to its model's own ids, restricts the model's logits to the image vocabulary, and hides its prompt format,
+    CFG doubling (`specdec.adapters.cfg`) and cache layout."""
+
+    vocab_size: int                          # image-token vocabulary seen by rules (V)
+    num_tokens: int                          # tokens per image (T)
+    grid: tuple[int, ...]                    # (H, W) or (F, H, W), raster order
+    max_new_tokens: int                      # context limit for generated tokens (draft slack included)
+    supports_cfg: bool = False               # has an unconditional path
+    codebook: Tensor | None = None           # [V, D] VQ code vectors (LANTERN geometry), if known
+    token_embeddings: Tensor | None = None   # [V, D] LM input embeddings of the image tokens (GSD geometry)
+    token_mask: Tensor | None = None         # BoolTensor [V] on the model's device: tokens that may be sampled
+    can_decode: bool = True                  # decode() returns pixels (False: generate() returns tokens only)
+
+    def start(self, cond: Any, sampling: Sampling, capacity: int) -> tuple[Any, Logits]:
+        """Prefill the condition (doubling rows for CFG when sampling.cfg_scale != 1).
+        cond [B, ...]; capacity = generated tokens the cache must hold. Returns (state, logits [B, 1, V] for
+        image token 0)."""
+        ...
+
+    def forward(self, state: Any, tokens: Tensor) -> Logits:
+        """Append tokens [B, n] (image ids) after each row's own length; logits [B, n, V] predict the next."""
+        ...
+
+    def rollback(self, state: Any, keep: Tensor) -> None:
+        """Per row: keep the first keep[b] generated tokens in the cache, drop the rest. keep: LongTensor [B]."""
+        ...
+
+    def decode(self, tokens: Tensor) -> Tensor | None:
+        """tokens [B, T] -> pixels [B, 3, H, W] in [-1, 1], or None when the adapter cannot decode."""
+        ...
+
+
+@dataclass
+class DecodeContext:
+    """What a drafter may read about the generation in progress (updated in place by the engine).
+
+    tokens:   LongTensor [B, T + 2k + 1] committed image tokens (valid up to n_done[b])
+    n_done:   LongTensor [B] committed tokens per row
+    cond:     the condition passed to generate()
+    streams:  counter-based per-row random streams (drafters use their own tags)
+    token_mask: BoolTensor [V] of samplable tokens (the target's), or None
+    capacity: generated tokens a drafter's own cache must hold (finished rows parked at T-1)
+    """
+
+    target: ARModel
+    cond: Any
+    sampling: Sampling
+    tokens: Tensor
+    n_done: Tensor
+    num_tokens: int
+    grid: tuple[int, ...]
+    streams: RowStreams
+    token_mask: Tensor | None = None
+    capacity: int = 0
+
+    def park(self, keep: Tensor) -> Tensor:
+        """Clamp per-row cache lengths [B] so finished rows stay parked at T-1 (their outputs are ignored)."""
+        return keep.clamp_max(self.num_tokens - 1)
+
+    def probs(self, logits: Logits) -> Tensor:
+        """Raw logits [B, n, V] -> probabilities [B, n, V] exactly as the target's p is made."""
+        return to_probs(logits.cond, logits.uncond, self.sampling, self.token_mask)
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """Proposes k tokens per step (transformers' candidate-generator shape: propose, then observe the verdict)."""
+
+    k: int                          # draft tokens per step
+    one_hot_drafts: bool = False    # every q it returns is one-hot (deterministic drafts); LANTERN's delta bounds
+                                    # the emitted law only then, so reports read it to state a rule's bound
+    forwards: int = 0               # drafter model calls made in the current generation (0: training-free)
+
+    def start(self, ctx: DecodeContext) -> None:
+        """Called once per generate() after the prefill; keep ctx, it is updated in place."""
+        ...
+
+    def propose(self, k: int) -> Draft:
+        """Draft [B, k] tokens for positions n_done .. n_done+k-1 with their q [B, k, V] (None = one-hot)."""
+        ...
+
+    def observe(self, verdict: Verdict, target_probs: Tensor) -> None:
+        """Called after each verification with target_probs [B, k+1, V]; ctx.n_done is already updated."""
+        ...
+
+
+@runtime_checkable
+class AcceptanceRule(Protocol):
+    """Decides how many drafts each row keeps, and the token committed after them. A pure, batched function of
+    tensors and its randomness: no Python loop over rows or vocabulary, no host sync, no global RNG."""
+
+    lossless: bool = False          # True only if the emitted law equals p exactly, for every drafter
+    name: str = "rule"              # registry name, used in reports
+
+    def verify(self, draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
+               rng: Randomness) -> Verdict:
+        """draft_tokens [B, k], draft_probs [B, k, V], target_probs [B, k+1, V] -> Verdict(n_accepted [B],
+        next_token [B])."""
+        ...
+
+    def distortion_bound(self, one_hot_drafts: bool) -> float | None:
+        """The per-token total-variation bound between the emitted law and p that the rule guarantees when the
+        drafter's q is one-hot (one_hot_drafts=True) or arbitrary: 0.0 for a lossless rule, None for no bound."""
+        return 0.0 if self.lossless else None
+
+
+@runtime_checkable
+class Bundle(Protocol):
+    """A generator and what the bench and the demo measure it with (the zoo, or a stand-in of tiny models)."""
+
+    target: ARModel                 # the generator
+    drafter_model: ARModel          # a smaller generator over the same vocabulary (for ModelDrafter)
+    features: Any                   # .features(images [N, 3, H, W]) -> [N, D] (feature-space Frechet distance)
+    classes: list                   # class names, index = class id
+    target_gpt: Any                 # the target's raw model: forward_train(tokens [B, T], cond [B]) -> logits
+
+    def class_id(self, name: Any) -> int:
+        """A class name (or id, or its decimal string) -> class id; ValueError listing the valid names."""
+        ...
+
+    def heldout_images(self, n: int, seed: int = 0, classes: Tensor | None = None) -> Tensor:
+        """n real images [n, 3, H, W] in [-1, 1] not seen in training, of the given class ids [n] when given."""
+        ...
+
+
+def require(obj: Any, protocol: type, role: str) -> None:
+    """Raise TypeError naming the members `obj` lacks to serve as `role` (e.g. "the drafter")."""
+    if isinstance(obj, protocol):
+        return
+    missing = [m for m in _members(protocol) if not hasattr(obj, m)]
+    raise TypeError(f"{role} ({type(obj).__name__}) does not implement specdec.protocols.{protocol.__name__}: "
+                    f"missing {', '.join(missing)}; subclass specdec.protocols.{protocol.__name__} to inherit the "
+                    f"optional members' defaults")
+
+
+def _members(protocol: type) -> list[str]:
+    names = []
+    for cls in protocol.__mro__:
+        if cls is Protocol or cls is object or cls.__name__ == "Generic":
+            continue
+        names += [n for n in {**getattr(cls, "__annotations__", {}), **vars(cls)}
+                  if not n.startswith("_") and n not in names]
+    return names
