@@ -454,26 +454,8 @@ def metric_names(scorers) -> dict:
 
 
 def distortion_bound(rule, one_hot_drafts: bool):
-    """The rule's certified per-step TV bound: 0 lossless; its `distortion_bound` when it declares one; delta for
-    bounded_lantern; delta for lantern (delta mode) with one-hot drafts; None (no bound) otherwise."""
-    if rule is None:
-        return 0.0
-    declared = getattr(rule, "distortion_bound", None)
-    if callable(declared):
-        try:
-            return declared(one_hot=one_hot_drafts)
-        except TypeError:
-            return declared()
-    if declared is not None:
-        return declared
-    if getattr(rule, "lossless", False):
-        return 0.0
-    name = getattr(rule, "name", "")
-    if name == "bounded_lantern":
-        return float(rule.delta)
-    if name == "lantern" and getattr(rule, "lam", None) is None and one_hot_drafts:
-        return float(rule.delta)
-    return None
+    """The rule's certified per-step TV bound (0 lossless, None no bound), as the rule declares it."""
+    return 0.0 if rule is None else rule.distortion_bound(one_hot_drafts)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -691,7 +673,7 @@ def measure_row(ctx: _Ctx, run: dict, cfg: BenchConfig, scorers: list, image_dir
     tvd = token_histogram_tvd(tokens, b_tokens, bundle.target.vocab_size)
     sampling = Sampling(**run["sampling"])
     drafter, rule = build(_method(run), bundle)
-    one_hot = sampling.greedy or bool(getattr(drafter, "one_hot_drafts", False))
+    one_hot = sampling.greedy or (drafter is not None and drafter.one_hot_drafts)
     scores = {}
     for s in scorers:
         scores[s.name] = float(s(images, cond)) if images is not None else None

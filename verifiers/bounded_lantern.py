@@ -102,6 +102,10 @@ class BoundedLanternRule(AcceptanceRule):
             raise ValueError(f"candidates must be an integer >= 1, got {self.candidates!r}")
         object.__setattr__(self, "k", self.geometry.clamp_k(self.k, "BoundedLanternRule"))
 
+    def distortion_bound(self, one_hot_drafts: bool) -> float | None:
+        """delta, for any drafter: the emitted law is the relaxed target p~, within delta of p."""
+        return float(self.delta)
+
     def relaxed_target(self, target_probs: Tensor, draft_probs: Tensor) -> Tensor:
         """target_probs [B, k(+1), V], draft_probs [B, k, V] -> p~ [B, k, V] for the k draft positions."""
         k = draft_probs.shape[1]

@@ -64,6 +64,10 @@ class LanternRule(AcceptanceRule):
                 raise ValueError(f"delta must be in [0, 1] (a total-variation budget), got {self.delta}")
         object.__setattr__(self, "k", self.geometry.clamp_k(self.k, "LanternRule"))
 
+    def distortion_bound(self, one_hot_drafts: bool) -> float | None:
+        """delta for deterministic (one-hot) drafts in delta mode; no bound for sampled drafts or lambda mode."""
+        return float(self.delta) if self.lam is None and one_hot_drafts else None
+
     def relaxed(self, draft_tokens: Tensor, target_probs: Tensor):
         """draft_tokens [B, k], target_probs [B, >=k, V] -> (p_tilde [B, k], nbr [B, k, K], aggregated [B, k, K])."""
         k = draft_tokens.shape[1]
