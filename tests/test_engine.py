@@ -129,9 +129,13 @@ def test_rows_accept_different_numbers_in_the_same_step(target):
         original(verdict, target_probs)
 
     drafter.observe = spy
-    specdec.generate(target, torch.tensor([0, 1, 2, 0, 1, 2]), drafter=drafter, sampling=Sampling(), seed=3)
+    res = specdec.generate(target, torch.tensor([0, 1, 2, 0, 1, 2]), drafter=drafter, sampling=Sampling(), seed=3)
     assert any(len(set(n.tolist())) > 1 for n in seen)
-    assert DecodeContext  # imported for the protocol
+    # the drafter read the generation through a DecodeContext that the engine kept up to date in place
+    ctx = drafter.ctx
+    assert isinstance(ctx, DecodeContext) and ctx.target is target and ctx.num_tokens == target.num_tokens
+    assert torch.equal(ctx.tokens[:, :target.num_tokens], res.tokens)
+    assert bool((ctx.n_done >= target.num_tokens).all())
 
 
 # 6. KV cache integrity --------------------------------------------------------------------------------------------
