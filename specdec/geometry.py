@@ -3,8 +3,8 @@
 LANTERN (arXiv 2410.03355) measures closeness in the VQ **codebook** [V, D]; GSD (arXiv 2508.07747) in the LM
 **input-embedding** table [V, D]. Both come in as a plain [V, D] matrix.
 
-`neighbours(k)` is computed in row chunks (chunked distance + top-k), so no V x V matrix is ever held: at
-V = 16384 a chunk of 512 rows costs 512 x 16384 floats (32 MB). Results are cached per k in memory, keyed by a hash
+`neighbours(count)` is computed in row chunks (chunked distance + top-k), so no V x V matrix is ever held: at
+V = 16384 a chunk of 512 rows costs 512 x 16384 floats (32 MB). Results are cached per count in memory, keyed by a hash
 of the vectors and the metric (`key`), so a disk cache can be added later without changing callers.
 """
 from __future__ import annotations
@@ -80,15 +80,19 @@ class TokenGeometry:
             raise ValueError(f"{who}: the token geometry has {self.size} tokens but the distributions have "
                              f"V = {vocab_size}; build the geometry from the target's own codebook/embeddings")
 
-    def clamp_k(self, k: int, who: str = "rule") -> int:
-        """k validated (>= 1) and clamped to V - 1 with a warning."""
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"{who}: k (neighbours per token) must be an integer >= 1, got {k!r}")
-        if k > self.size - 1:
-            warnings.warn(f"{who}: k = {k} neighbours asked for but the geometry has only {self.size} tokens; "
-                          f"using k = {self.size - 1}", stacklevel=4)   # rule __post_init__ -> dataclass __init__ -> caller
+    def clamp_neighbours(self, count: int, who: str = "rule", word: str = "neighbours", stacklevel: int = 2) -> int:
+        """A neighbour count (neighbours per token) validated (>= 1) and clamped to V - 1 with a warning.
+
+        word: the parameter name the caller spelled, echoed in the messages; stacklevel: as for `warnings.warn`,
+        counted from the caller of this method (a rule's __post_init__ passes the depth of its constructor)."""
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"{who}: {word} (neighbours per token) must be an integer >= 1, got {count!r}")
+        if count > self.size - 1:
+            warnings.warn(f"{who}: {word} = {count} asked for, but the geometry has only {self.size} tokens (at most "
+                          f"{self.size - 1} neighbours per token); using {word} = {self.size - 1}",
+                          stacklevel=stacklevel + 1)
             return self.size - 1
-        return k
+        return count
 
     def _pair_distance(self, a: Tensor, b: Tensor) -> Tensor:
         """a [n, D], b [m, D] -> distances [n, m] in the metric (L2 distance, or 1 - cos for cosine)."""
@@ -97,29 +101,30 @@ class TokenGeometry:
         return torch.cdist(a, b)
 
     @torch.no_grad()
-    def neighbours(self, k: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-        """The k nearest other tokens of every token, nearest first, self excluded.
+    def neighbours(self, count: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+        """The `count` nearest other tokens of every token, nearest first, self excluded.
 
-        Returns (idx LongTensor [V, k], dist FloatTensor [V, k]) on `device` (default CPU; a copy per device is
-        cached, so rules on a GPU do not re-upload the table each step). Raises ValueError unless 1 <= k <= V - 1.
+        Returns (idx LongTensor [V, count], dist FloatTensor [V, count]) on `device` (default CPU; a copy per device
+        is cached, so rules on a GPU do not re-upload the table each step). Raises ValueError unless
+        1 <= count <= V - 1.
         """
         if device is not None and torch.device(device) != torch.device("cpu"):
-            key = (k, str(torch.device(device)))
+            key = (count, str(torch.device(device)))
             if key not in self._cache:
-                idx, dist = self.neighbours(k)
+                idx, dist = self.neighbours(count)
                 self._cache[key] = (idx.to(device), dist.to(device))
             return self._cache[key]
         V = self.size
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= V - 1:
-            raise ValueError(f"k must be an integer in [1, V-1] = [1, {V - 1}], got {k!r}")
-        if k in self._cache:
-            return self._cache[k]
-        # a larger cached k already holds the answer (neighbours sorted nearest first)
-        larger = [kk for kk in self._cache if isinstance(kk, int) and kk > k]
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= V - 1:
+            raise ValueError(f"the neighbour count must be an integer in [1, V-1] = [1, {V - 1}], got {count!r}")
+        if count in self._cache:
+            return self._cache[count]
+        # a larger cached count already holds the answer (neighbours sorted nearest first)
+        larger = [c for c in self._cache if isinstance(c, int) and c > count]
         if larger:
             idx, dist = self._cache[min(larger)]
-            out = (idx[:, :k].contiguous(), dist[:, :k].contiguous())
-            self._cache[k] = out
+            out = (idx[:, :count].contiguous(), dist[:, :count].contiguous())
+            self._cache[count] = out
             return out
         idx_parts, dist_parts = [], []
         for start in range(0, V, self.chunk_rows):
@@ -127,11 +132,11 @@ class TokenGeometry:
             d = self._pair_distance(rows, self.vectors)
             own = torch.arange(start, start + rows.shape[0])
             d[torch.arange(rows.shape[0]), own] = float("inf")          # exclude self
-            dist, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
+            dist, idx = torch.topk(d, count, dim=1, largest=False, sorted=True)
             idx_parts.append(idx)
             dist_parts.append(dist)
         out = (torch.cat(idx_parts), torch.cat(dist_parts))
-        self._cache[k] = out
+        self._cache[count] = out
         return out
 
     def _vectors_on(self, device: torch.device) -> Tensor:
@@ -143,10 +148,11 @@ class TokenGeometry:
             vec = self._cache[key]
         return vec
 
-    def radius(self, k: int, device: torch.device | str | None = None) -> Tensor:
-        """FloatTensor [V]: the distance from every token to its k-th nearest other token (its neighbourhood
-        radius): u is among the k nearest neighbours of v iff distance(u, v) <= radius[v] (up to exact ties)."""
-        return self.neighbours(k, device)[1][:, -1]
+    def radius(self, count: int, device: torch.device | str | None = None) -> Tensor:
+        """FloatTensor [V]: the distance from every token to its count-th nearest other token (its neighbourhood
+        radius): u is among the `count` nearest neighbours of v iff distance(u, v) <= radius[v] (up to exact
+        ties)."""
+        return self.neighbours(count, device)[1][:, -1]
 
     def cross_distance(self, a: Tensor, b: Tensor) -> Tensor:
         """Distances in the metric between two token sets: a LongTensor [..., M], b LongTensor [..., N] (same

@@ -4,7 +4,8 @@ New in specdec; the neighbourhood idea is LANTERN's (Jang et al., ICLR 2025, arX
 is standard speculative sampling (Leviathan et al. arXiv 2211.17192; Chen et al. arXiv 2302.01318).
 
 Notation: p = target distribution, q = draft distribution (both after specdec.sampling), x = draft token,
-k = draft tokens per step, B batch, V vocabulary, N_K(v) = the K nearest codes of v in the VQ codebook.
+k = draft tokens per step, B batch, V vocabulary, K = `neighbours`, N_K(v) = the K nearest codes of v in the VQ
+codebook.
 
 Per position, ONE relaxed target p~ is built from (p, q, geometry), before and independently of the sampled draft:
 mass is moved from surplus tokens (p > q) to deficit tokens (q > p), only from u to v where u is in N_K(v), at most
@@ -21,11 +22,12 @@ Transport scheme (vectorised greedy over candidate sets, `rounds` rounds): per p
 largest-deficit tokens (receivers) and the `candidates` largest-surplus tokens (givers) take part, so the work is
 [B, k, C, C] with C = candidates, whatever K and V are: at B = k = 4, V = 512 a step costs about 1.3 ms at any K on
 2 CPU cores (a dense [B, k, V, K] form cost 13 ms at K = 100 and 75 ms at K = 511). On real zoo (p, q) pairs,
-C = 32 moves 99.7% of the mass C = 512 moves at delta 0.2, K = 511. u may give to v iff distance(u, v) <= radius_K(v), the distance to v's K-th nearest
-code (the K-NN edge, tested on the fly from the code vectors: no [V, V] or [V, K] membership table). Each receiver
-asks its allowed givers for up to its deficit, nearest first; requests on an over-asked giver are scaled down pro
-rata; the round's total is scaled to the remaining budget. Leaving small deficits and surpluses out only moves less
-mass: the result is always feasible, and with candidates >= V it is the full one-hop greedy.
+C = 32 moves 99.7% of the mass C = 512 moves at delta 0.2, K = 511. u may give to v iff distance(u, v) <=
+radius_K(v), the distance to v's K-th nearest code (the K-NN edge, tested on the fly from the code vectors: no
+[V, V] or [V, K] membership table). Each receiver asks its allowed givers for up to its deficit, nearest first;
+requests on an over-asked giver are scaled down pro rata; the round's total is scaled to the remaining budget.
+Leaving small deficits and surpluses out only moves less mass: the result is always feasible, and with
+candidates >= V it is the full one-hop greedy.
 """
 from __future__ import annotations
 
@@ -37,13 +39,14 @@ from torch import Tensor
 from specdec.geometry import TokenGeometry
 from specdec.protocols import AcceptanceRule, Randomness
 from specdec.types import Verdict
-from verifiers.exact import correction_uniform, leading_run, residual_sample, token_probs
+from verifiers._kit import (CALLER_OF_RULE, accept_run, correction_uniform, neighbours_alias, residual_sample,
+                            token_probs)
 
 
-def transport(p: Tensor, q: Tensor, geometry: TokenGeometry, k: int, delta: float, rounds: int = 3,
+def transport(p: Tensor, q: Tensor, geometry: TokenGeometry, neighbours: int, delta: float, rounds: int = 3,
               candidates: int = 32) -> Tensor:
-    """The relaxed target p~ [..., V] for p, q [..., V]: mass moves from u to v only if u is among v's k nearest
-    codes, only from p > q tokens to q > p tokens, at most delta in total per position."""
+    """The relaxed target p~ [..., V] for p, q [..., V]: mass moves from u to v only if u is among v's `neighbours`
+    nearest codes, only from p > q tokens to q > p tokens, at most delta in total per position."""
     V = p.shape[-1]
     C = min(candidates, V)
     surplus = (p - q).clamp_min(0)
@@ -51,7 +54,7 @@ def transport(p: Tensor, q: Tensor, geometry: TokenGeometry, k: int, delta: floa
     receivers = deficit.topk(C, -1).indices                                     # [..., C]
     givers = surplus.topk(C, -1).indices                                        # [..., C]
     dist = geometry.cross_distance(receivers, givers)                           # [..., C(recv), C(give)]
-    radius = geometry.radius(k, p.device)[receivers]                            # [..., C]
+    radius = geometry.radius(neighbours, p.device)[receivers]                            # [..., C]
     order = dist.argsort(-1)                                                    # nearest giver first
     edge = dist.gather(-1, order) <= radius[..., None] * (1 + 1e-5) + 1e-7      # K-NN edge, ties kept
     giver = givers[..., None, :].expand(order.shape).gather(-1, order)          # [..., C, C] token ids
@@ -77,14 +80,16 @@ def transport(p: Tensor, q: Tensor, geometry: TokenGeometry, k: int, delta: floa
     return (p + moved).clamp_min(0)
 
 
+@neighbours_alias
 @dataclass(frozen=True)
 class BoundedLanternRule(AcceptanceRule):
-    """geometry: TokenGeometry over the VQ codebook; k: neighbours per token (clamped to V-1); delta in [0, 1]:
+    """geometry: TokenGeometry over the VQ codebook; neighbours: K, neighbours per token (clamped to V-1; `k=` is its
+    deprecated alias); delta in [0, 1]:
     the TV budget per token; rounds: transport rounds (>= 1); candidates: receivers and givers considered per
     position (>= 1; more moves mass more completely, at [B, k, C, C] cost)."""
 
     geometry: TokenGeometry
-    k: int = 16
+    neighbours: int = 16
     delta: float = 0.1
     rounds: int = 3
     candidates: int = 32
@@ -100,7 +105,8 @@ class BoundedLanternRule(AcceptanceRule):
             raise ValueError(f"rounds must be an integer >= 1, got {self.rounds!r}")
         if not isinstance(self.candidates, int) or self.candidates < 1:
             raise ValueError(f"candidates must be an integer >= 1, got {self.candidates!r}")
-        object.__setattr__(self, "k", self.geometry.clamp_k(self.k, "BoundedLanternRule"))
+        object.__setattr__(self, "neighbours", self.geometry.clamp_neighbours(
+            self.neighbours, "BoundedLanternRule", self._neighbours_word, CALLER_OF_RULE))
 
     def distortion_bound(self, one_hot_drafts: bool) -> float | None:
         """delta, for any drafter: the emitted law is the relaxed target p~, within delta of p."""
@@ -111,7 +117,7 @@ class BoundedLanternRule(AcceptanceRule):
         k = draft_probs.shape[1]
         if self.delta == 0:
             return target_probs[:, :k]
-        return transport(target_probs[:, :k], draft_probs, self.geometry, self.k, self.delta, self.rounds,
+        return transport(target_probs[:, :k], draft_probs, self.geometry, self.neighbours, self.delta, self.rounds,
                          self.candidates)
 
     @torch.no_grad()
@@ -129,8 +135,7 @@ class BoundedLanternRule(AcceptanceRule):
         self.geometry.check_vocab(target_probs.shape[-1], "BoundedLanternRule")
         k = draft_tokens.shape[1]
         p_tilde = self.relaxed_target(target_probs, draft_probs)                 # [B, k, V]
-        ok = rng.uniform("accept", k) * token_probs(draft_probs, draft_tokens) < token_probs(p_tilde, draft_tokens)
-        n_accepted = leading_run(ok)
+        n_accepted = accept_run(rng, token_probs(p_tilde, draft_tokens), token_probs(draft_probs, draft_tokens))
         relaxed = torch.cat([p_tilde, target_probs[:, k:]], 1)                  # bonus position keeps p_{k+1}
         next_token = residual_sample(relaxed, draft_probs, n_accepted, correction_uniform(rng, n_accepted, k))
         return Verdict(n_accepted, next_token)

@@ -4,15 +4,18 @@ Jang et al., "LANTERN: Accelerating Visual Autoregressive Models with Relaxed Sp
 arXiv 2410.03355 (delta mode); LANTERN++, arXiv 2502.06352 (lambda mode). Reference code: jadohu/LANTERN.
 
 Notation: p = target distribution, q = draft distribution (both after specdec.sampling), x = draft token,
-k = draft tokens per step, B batch, V vocabulary, n_1..n_K = the K nearest codes of x in the VQ codebook.
+k = draft tokens per step, B batch, V vocabulary, K = `neighbours`, n_1..n_K = the K nearest codes of x in the VQ
+codebook.
 
     c_j = sum_{i<=j} p(n_i),   j* = max{ j <= K : c_j <= budget } (0 if none),   p~(x) = p(x) + c_{j*}
     budget = delta (delta mode)  or  (lam - 1) * p(x) (lambda mode, LANTERN++)
     accept x iff U < min(1, p~(x) / q(x))
     rejection: y ~ norm((p'_x - q)+),  p'_x = p with p'_x(x) = p~(x) and the j* aggregated neighbours set to 0
 
-Only the j* neighbours whose mass was credited to x are zeroed (the reference zeroes all K, which removes far more
-mass than was borrowed; see methods.md section 3).
+Only the j* neighbours whose mass was credited to x are zeroed, so p'_x is a distribution (it moves c_{j*} from
+those neighbours to x and nothing else). The reference code zeroes all K, which removes more mass than was
+borrowed: p'_x then sums to less than 1, the residual pushes the mass of the uncredited neighbours onto the other
+tokens, and the delta bound below no longer holds.
 
 What it guarantees, plainly:
 - delta mode: TV(p'_x, p) = c_{j*} <= delta for every draft token x.
@@ -31,19 +34,21 @@ import torch
 from torch import Tensor
 
 from specdec.geometry import TokenGeometry
-from specdec.random import sample_categorical
 from specdec.protocols import AcceptanceRule, Randomness
 from specdec.types import Verdict
-from verifiers.exact import at_position, correction_uniform, leading_run, token_probs
+from verifiers._kit import (CALLER_OF_RULE, accept_run, correction_uniform, neighbours_alias, relax,
+                            relaxed_residual_sample, residual, token_probs)
 
 
+@neighbours_alias
 @dataclass(frozen=True)
 class LanternRule(AcceptanceRule):
-    """geometry: TokenGeometry (or a raw [V, D] tensor) over the VQ codebook; k: neighbours per token (clamped
-    to V-1); delta (default 0.1 when lam is None) or lam: the budget, one of the two."""
+    """geometry: TokenGeometry (or a raw [V, D] tensor) over the VQ codebook; neighbours: K, neighbours per token
+    (clamped to V-1; `k=` is its deprecated alias); delta (default 0.1 when lam is None) or lam: the budget, one of
+    the two."""
 
     geometry: TokenGeometry
-    k: int = 1000
+    neighbours: int = 1000
     delta: float | None = None
     lam: float | None = None
 
@@ -62,7 +67,8 @@ class LanternRule(AcceptanceRule):
                 object.__setattr__(self, "delta", 0.1)
             if not (0.0 <= self.delta <= 1.0):
                 raise ValueError(f"delta must be in [0, 1] (a total-variation budget), got {self.delta}")
-        object.__setattr__(self, "k", self.geometry.clamp_k(self.k, "LanternRule"))
+        object.__setattr__(self, "neighbours", self.geometry.clamp_neighbours(
+            self.neighbours, "LanternRule", self._neighbours_word, CALLER_OF_RULE))
 
     def distortion_bound(self, one_hot_drafts: bool) -> float | None:
         """delta for deterministic (one-hot) drafts in delta mode; no bound for sampled drafts or lambda mode."""
@@ -71,7 +77,7 @@ class LanternRule(AcceptanceRule):
     def relaxed(self, draft_tokens: Tensor, target_probs: Tensor):
         """draft_tokens [B, k], target_probs [B, >=k, V] -> (p_tilde [B, k], nbr [B, k, K], aggregated [B, k, K])."""
         k = draft_tokens.shape[1]
-        idx, _ = self.geometry.neighbours(self.k, draft_tokens.device)
+        idx, _ = self.geometry.neighbours(self.neighbours, draft_tokens.device)
         nbr = idx[draft_tokens]                      # [B, k, K]
         p = target_probs[:, :k]
         p_x = token_probs(p, draft_tokens)                                    # [B, k]
@@ -96,13 +102,9 @@ class LanternRule(AcceptanceRule):
         p_tilde, nbr, aggregated = self.relaxed(x, p[:, None].expand(P, V, V))            # [P, V], [P, V, K] x2
         p_tilde = p_tilde.double()
         accept = torch.where(q > 0, (p_tilde / q.clamp_min(1e-300)).clamp_max(1), torch.zeros_like(q))
-        p_rel = p[:, None].expand(P, V, V).scatter(-1, nbr, torch.where(aggregated, 0.0, p.gather(-1, nbr.flatten(1))
-                                                                       .view(nbr.shape)))
-        p_rel = p_rel.scatter(-1, x[..., None], p_tilde[..., None])                       # [P, V(x), V]
-        residual = (p_rel - q[:, None]).clamp_min(0)
-        mass = residual.sum(-1, keepdim=True)
-        residual = torch.where(mass <= 1e-9, p_rel / p_rel.sum(-1, keepdim=True), residual / mass.clamp_min(1e-300))
-        law = (q * accept).diag_embed() + ((q * (1 - accept))[..., None] * residual)     # [P, V(x), V]
+        p_rel = relax(p[:, None].expand(P, V, V), nbr, aggregated, x, p_tilde)             # [P, V(x), V]
+        r = residual(p_rel, q[:, None])
+        law = (q * accept).diag_embed() + ((q * (1 - accept))[..., None] * (r / r.sum(-1, keepdim=True)))
         return law.sum(1), (q * accept).sum(-1)
 
     def verify(self, draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
@@ -111,23 +113,8 @@ class LanternRule(AcceptanceRule):
         self.geometry.check_vocab(target_probs.shape[-1], "LanternRule")
         k = draft_tokens.shape[1]
         p_tilde, nbr, aggregated = self.relaxed(draft_tokens, target_probs)
-        q_x = token_probs(draft_probs, draft_tokens)
-        ok = rng.uniform("accept", k) * q_x < p_tilde
-        n_accepted = leading_run(ok)
-        u = correction_uniform(rng, n_accepted, k)
-
-        # residual at the first rejection: p'_x (the relaxed target of that draft) minus q; bonus: p_{k+1}
-        p = at_position(target_probs, n_accepted)                             # [B, V]
-        rejected = n_accepted < k
-        pos = n_accepted.clamp_max(k - 1)
-        x = draft_tokens.gather(1, pos[:, None])                              # [B, 1]
-        nb = at_position(nbr, pos)                                            # [B, K]
-        agg = at_position(aggregated, pos) & rejected[:, None]
-        pt = p_tilde.gather(1, pos[:, None])
-        p_rel = p.scatter(-1, nb, torch.where(agg, torch.zeros_like(nb, dtype=p.dtype), p.gather(-1, nb)))
-        p_rel = torch.where(rejected[:, None], p_rel.scatter(-1, x, pt), p_rel)
-        q = torch.where(rejected[:, None], at_position(draft_probs, pos), torch.zeros_like(p))
-        residual = (p_rel - q).clamp_min(0)
-        empty = residual.sum(-1, keepdim=True) <= 1e-9
-        next_token = sample_categorical(torch.where(empty, p_rel, residual), u)
+        n_accepted = accept_run(rng, p_tilde, token_probs(draft_probs, draft_tokens))
+        # the committed token: residual of p'_x (the relaxed target of the first rejected draft) minus q; bonus: p_{k+1}
+        next_token = relaxed_residual_sample(target_probs, draft_probs, draft_tokens, n_accepted,
+                                             correction_uniform(rng, n_accepted, k), nbr, aggregated, p_tilde)
         return Verdict(n_accepted, next_token)
