@@ -11,6 +11,7 @@ the committed tokens except the newest one, which the next step feeds.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -33,9 +34,17 @@ def _check_inputs(target: ARModel, drafter, rule, num_tokens: int) -> int:
             raise ValueError(f"the drafter's k (draft tokens per step) must be an integer >= 1, got {k!r}")
     if rule is not None:
         require(rule, AcceptanceRule, "the rule")
-    if not isinstance(num_tokens, int) or num_tokens < 1:
+    if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1:
         raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
     return k
+
+
+def _check_seed(seed) -> int:
+    if seed is None:
+        return fresh_seed()
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return seed
 
 
 def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: AcceptanceRule | None = None,
@@ -58,7 +67,11 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
     # T-1 (see the rollback below) and still rides along, appending k+1
     capacity = T + k
     check_capacity(target, capacity)
-    seed = fresh_seed() if seed is None else int(seed)
+    if T > math.prod(target.grid):
+        raise ValueError(f"num_tokens={T} does not fit the target's grid {tuple(target.grid)} "
+                         f"({math.prod(target.grid)} tokens); generate at most that many")
+    decode = decode and target.can_decode
+    seed = _check_seed(seed)
     token_mask = target.token_mask
 
     t_wall = time.perf_counter()
@@ -72,7 +85,10 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
     n_done = torch.ones(B, dtype=torch.long, device=device)
     zero = torch.zeros(B, 1, dtype=torch.long, device=device)
     tokens[:, 0] = sample_categorical(p0, streams.uniform_at("sample", zero)[:, 0].float())
-    bad = nonfinite(first.cond, first.uncond)
+    # non-finite values found so far, kept on device and read at the one sync per step: [target logits,
+    # drafter's q, p after sampling]
+    no = torch.zeros((), dtype=torch.bool, device=device)
+    bad = torch.stack([nonfinite(first.cond, first.uncond), no, torch.isnan(p0).any()])
 
     ctx = DecodeContext(target, cond, sampling, tokens, n_done, T, tuple(target.grid), streams, token_mask, capacity)
     if drafter is not None:
@@ -87,14 +103,13 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
 
     while True:
         active = n_done < T
-        running, is_bad = torch.stack([active.any(), bad]).tolist()    # the one host sync per step
-        if is_bad:
-            raise ValueError("the model produced NaN or +inf logits; check the weights, the dtype (try float32) "
-                             "and the inputs")
+        running, slowest, *flags = torch.cat([active.any()[None], n_done.min()[None], bad]).tolist()  # one sync
+        if any(flags):
+            raise _nonfinite_error(flags, target, drafter, sampling)
         if not running:
             break
         if bar:
-            bar(int(n_done.clamp_max(T).min()))
+            bar(min(slowest, T))
 
         t0 = time.perf_counter()
         draft = drafter.propose(k) if drafter is not None else Draft(tokens[:, :0])
@@ -102,8 +117,9 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         last = tokens.gather(1, (n_done - 1)[:, None])
         logits = target.forward(state, torch.cat([last, draft.tokens], 1))
         p = to_probs(logits.cond, logits.uncond, sampling, token_mask)                 # [B, k+1, V]
-        bad = bad | nonfinite(logits.cond, logits.uncond)
         q = draft.q(V)
+        bad = bad | torch.stack([nonfinite(logits.cond, logits.uncond), _invalid_probs(draft.probs, no),
+                                 torch.isnan(p).any()])
         verdict = rule.verify(draft.tokens, q, p, streams.at(n_done))
         t2 = time.perf_counter()
 
@@ -139,11 +155,31 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         drafted=drafted, accepted=accepted, committed=committed_total, steps=steps,
         accepted_per_position=acc_pos.cpu(), drafted_per_position=drafted_pos.cpu(),
         acceptance_map=from_draft[:, :T].cpu(), target_s=target_s, draft_s=draft_s)
-    images = target.decode(out) if decode and target.can_decode else None
+    images = target.decode(out) if decode else None
     stats.wall_s = time.perf_counter() - t_wall
     if bar:
         bar(T, close=True)
     return GenerationResult(tokens=out, stats=stats, images=images, extras={"seed": seed})
+
+
+def _invalid_probs(q: Tensor | None, no: Tensor) -> Tensor:
+    """A 0-d bool tensor: the draft distribution q [B, k, V] holds NaN, inf or negative values (no: False)."""
+    if q is None:
+        return no
+    return ~torch.isfinite(q).all() | (q < 0).any()
+
+
+def _nonfinite_error(flags: list[bool], target, drafter, sampling: Sampling) -> ValueError:
+    """The error for the first set flag of [target logits, drafter q, p after sampling]: which model, what to try."""
+    if flags[0]:
+        return ValueError(f"the target ({type(target).__name__}) produced NaN or +inf logits; check its weights, "
+                          f"the dtype (try float32) and the inputs")
+    if flags[1]:
+        return ValueError(f"the drafter ({type(drafter).__name__}) proposed a draft distribution q with NaN, inf "
+                          f"or negative values; check the draft model's weights and dtype (try float32)")
+    return ValueError(f"sampling turned the target's finite logits into NaN probabilities (temperature="
+                      f"{sampling.temperature}, cfg_scale={sampling.cfg_scale}); use a larger temperature (0 for "
+                      f"greedy) or a smaller cfg_scale")
 
 
 def _progress(enabled: bool, total: int):

@@ -7,10 +7,14 @@ the exact rule into greedy exact-match.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+MIN_TEMPERATURE = 1e-6    # float32 logits up to ~3e32 stay finite when divided by it
 
 
 @dataclass(frozen=True)
@@ -21,14 +25,22 @@ class Sampling:
     cfg_scale: float = 1.0    # 1.0 = no classifier-free guidance
 
     def __post_init__(self):
-        if not (self.temperature >= 0 and self.temperature == self.temperature):
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        for name in ("temperature", "top_p", "cfg_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"Sampling.{name} must be a number, got {type(v).__name__} {v!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise TypeError(f"Sampling.top_k must be an integer (0 = off), got {type(self.top_k).__name__} "
+                            f"{self.top_k!r}")
+        if not (math.isfinite(self.temperature) and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE)):
+            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE} (smaller "
+                             f"ones overflow float32 logits into NaN probabilities), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if not self.cfg_scale >= 0:
-            raise ValueError(f"cfg_scale must be >= 0 (1 = off), got {self.cfg_scale}")
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
+            raise ValueError(f"cfg_scale must be a finite number >= 0 (1 = off), got {self.cfg_scale}")
 
     @property
     def uses_cfg(self) -> bool:
