@@ -1,7 +1,10 @@
 """Speculative Jacobi Decoding (SJD): the target's previous pass is the drafter. Training-free, no extra model.
 
 Teng et al., "Accelerating Auto-regressive Text-to-Image Generation with Training-free Speculative Jacobi
-Decoding", ICLR 2025, arXiv 2410.01699 (reference code tyshiwo1/Accelerating-T2I-AR-with-SJD); methods.md §4.
+Decoding", ICLR 2025, arXiv 2410.01699 (reference code tyshiwo1/Accelerating-T2I-AR-with-SJD).
+
+Guarantee: LOSSLESS with a lossless rule (ExactRule): every draft is drawn from the q it reports, given everything
+the decision at its position reads (argued below); with a relaxed rule, that rule's bound for a stochastic drafter.
 
 Notation: p = target distribution, q = draft distribution (both after specdec.sampling), x = draft token,
 k = window - 1 draft tokens per step, B batch, V vocabulary, t = token position, n = ctx.n_done.
@@ -25,7 +28,7 @@ U_sample(t), but it only fed outputs at positions > t, which the decision at t n
 
 Stream reuse. Tail drafts at t use ctx.streams.uniform_at("sample", t): the draw plain AR makes at t, so when the tail
 law equals the true p the draft *is* the AR token (a common-random-numbers coupling of successive Jacobi iterates,
-in the spirit of MC-SJD, methods.md §9.2, without its maximal-coupling step). The rule's uniforms at t are "accept"
+in the spirit of MC-SJD, So et al., arXiv 2510.24211, without its maximal-coupling step). The rule's uniforms at t are "accept"
 (never used here) and, for the committed token after the drafts, "residual" or "sample" (the bonus). The bonus reads
 "sample" at t = n0 + k, the position just past the window: it is never drafted in that step, and no earlier step
 drafted it either (earlier windows end at n0' + k - 1 < n0 + k), and once committed it is never drafted again. So the
@@ -58,7 +61,8 @@ class JacobiDrafter(Drafter):
       "repeat_vertical"   the token above (W positions back); left, then the previous token, where there is none.
     A neighbour that is itself a draft of this step is copied from the draft (drafts chain).
     init_q: the law claimed for fresh slots: "onehot" (SJD; acceptance p(x)) or, for init="random" only,
-      "uniform" (q = Uniform over allowed tokens; equally exact, acceptance sum_v min(p(v), 1/V), methods.md §4).
+      "uniform" (q = Uniform over the V' allowed tokens, the law x is really drawn from: equally exact, with
+      acceptance sum_v min(p(v), 1/V') instead of p(x)).
     """
 
     one_hot_drafts = False                  # the tail's q is the target's p from the last pass
@@ -86,19 +90,20 @@ class JacobiDrafter(Drafter):
         self.ctx = ctx
         self.prev_p = None          # [B, k+1, V] target laws of the last pass
         self.prev_n = None          # [B] n_done when that pass was proposed
+        # the token mask is fixed for a generation: its id table and uniform law are built here, once, so that a
+        # step runs on the device only (no data-dependent shape, no transfer)
+        V, dev = ctx.target.vocab_size, ctx.n_done.device
+        allowed = torch.ones(V, dtype=torch.bool, device=dev) if ctx.token_mask is None else ctx.token_mask.to(dev)
+        self.allowed_ids = allowed.nonzero()[:, 0]                                 # [V'] allowed token ids
+        if self.allowed_ids.numel() == 0:
+            raise ValueError("JacobiDrafter: the target's token_mask allows no token")
+        self.uniform_q = allowed.float() / self.allowed_ids.numel()                # [V] Uniform over allowed ids
 
     # -- fresh slots --------------------------------------------------------------------------------------------
-    def _allowed(self, V: int, device) -> Tensor:
-        mask = self.ctx.token_mask
-        if mask is None:
-            return torch.ones(V, dtype=torch.bool, device=device)
-        return mask.to(device)
-
-    def _random_tokens(self, pos: Tensor, V: int) -> Tensor:
-        allowed = self._allowed(V, pos.device).nonzero()[:, 0]                      # [V'] allowed token ids
+    def _random_tokens(self, pos: Tensor) -> Tensor:
         u = self.ctx.streams.uniform_at("jacobi_init", pos)                        # [B, k]
-        idx = (u * allowed.numel()).long().clamp_max(allowed.numel() - 1)
-        return allowed[idx]
+        n = self.allowed_ids.numel()
+        return self.allowed_ids[(u * n).long().clamp_max(n - 1)]
 
     def _sources(self) -> tuple[str, ...]:
         if self.init == "repeat_horizontal":
@@ -129,7 +134,7 @@ class JacobiDrafter(Drafter):
             tail_tok = sample_categorical(tail_p, ctx.streams.uniform_at("sample", pos))
 
         if self.init == "random":
-            init_tok = self._random_tokens(pos, V)
+            init_tok = self._random_tokens(pos)
             tokens = init_tok if tail_tok is None else torch.where(fresh, init_tok, tail_tok)
         else:
             tokens = torch.zeros(B, k, dtype=torch.long, device=dev) if tail_tok is None else tail_tok.clone()
@@ -145,8 +150,7 @@ class JacobiDrafter(Drafter):
 
         self.prev_n = n.clone()
         if self.init == "random" and self.init_q == "uniform":
-            allowed = self._allowed(V, dev).float()
-            q_fresh = (allowed / allowed.sum()).expand(B, k, V)
+            q_fresh = self.uniform_q.expand(B, k, V)
         else:
             if tail_p is None:
                 return Draft(tokens)                # all fresh and one-hot: the rule materialises q

@@ -7,9 +7,11 @@ so the token to the left, above, above-left or at the same place in the previous
 Notation: p = target distribution, q = draft distribution (both after specdec.sampling), x = draft token,
 k = draft tokens per step, B batch, V vocabulary, t = token position in raster order.
 
-Drafts are deterministic functions of the committed tokens and of verdicts of earlier steps (which decided
-positions < n_done only), so q is one-hot (Draft.probs = None) and the exact rule accepts x with probability p(x):
-lossless for any choice of source (methods.md §1, "deterministic drafter").
+Guarantee: LOSSLESS with a lossless rule, for any choice of source. Drafts are deterministic functions of the
+committed tokens and of verdicts of earlier steps (which decided positions < n_done only), so q is one-hot
+(Draft.probs = None): the exact rule accepts x with probability p(x) and otherwise samples p with x removed, which
+commits a token of law p (Leviathan et al., arXiv 2211.17192, with q = one_hot(x)). A relaxed rule gives its
+one-hot-draft bound (LANTERN: TV <= delta per token).
 
 Source policy, per row and per step: each named source keeps an exponentially decayed count of its verified and
 accepted drafts for that row; a step uses the source with the best smoothed acceptance (hits+1)/(tries+2), ties going

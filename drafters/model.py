@@ -3,6 +3,9 @@
 Leviathan et al., arXiv 2211.17192; Chen et al., arXiv 2302.01318. Lossless with a lossless rule: drafts are
 sampled from q, the drafter's distribution after the same `specdec.sampling` transforms (CFG included) as p.
 
+Notation: p = target distribution, q = draft distribution (both after specdec.sampling), x = draft token,
+k = draft tokens per step, B batch, V vocabulary.
+
 drafts="argmax" makes it a deterministic drafter: x = argmax q, reported as q = one_hot(x). Still lossless with
 the exact rule (x is a function of the context). With a relaxed rule this is the setting in which LANTERN's delta
 bounds the emitted law (TV <= delta per token); with sampled drafts it does not (see verifiers/lantern.py).
@@ -68,7 +71,8 @@ class ModelDrafter(Drafter):
                 token = q.argmax(-1)
                 q = torch.nn.functional.one_hot(token, q.shape[-1]).to(q.dtype)
             else:
-                # the "sample" stream at this position: the draw plain AR would make there (see verifiers.exact)
+                # the "sample" stream at this position: the draw plain AR would make there (the bonus uniform of
+                # verifiers._kit.correction_uniform)
                 u = ctx.streams.uniform_at("sample", (ctx.n_done + j)[:, None])[:, 0]
                 token = sample_categorical(q, u)
             drafts.append(token)

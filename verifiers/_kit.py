@@ -45,9 +45,8 @@ def at_position(x: Tensor, index: Tensor) -> Tensor:
 
 def draft_q_at(draft_probs: Tensor, n_accepted: Tensor) -> Tensor:
     """q of the committed position [B, V]: the rejected draft's q, or 0 at the bonus position (n_accepted == k)."""
-    k = draft_probs.shape[1]
-    q = at_position(draft_probs, n_accepted.clamp_max(k - 1))
-    return torch.where((n_accepted < k)[:, None], q, torch.zeros_like(q))
+    bonus_q = draft_probs.new_zeros(draft_probs.shape[0], 1, draft_probs.shape[-1])
+    return at_position(torch.cat([draft_probs, bonus_q], 1), n_accepted)
 
 
 # --- the committed token ------------------------------------------------------------------------------------------
@@ -96,6 +95,8 @@ def relaxed_residual_sample(target_probs: Tensor, draft_probs: Tensor, draft_tok
     target_probs [B, k+1, V], draft_probs [B, k, V], draft_tokens [B, k], n_accepted [B], u [B],
     removed LongTensor [B, k, M], drop BoolTensor [B, k, M], credited [B, k] or None -> LongTensor [B]."""
     k = draft_tokens.shape[1]
+    if k == 0:                                                                # no draft: plain sampling from p_1
+        return residual_sample(target_probs, draft_probs, n_accepted, u)
     pos = n_accepted.clamp_max(k - 1)
     p = at_position(target_probs, n_accepted)                                 # p_j, or p_{k+1} for the bonus
     x = at_position(draft_tokens, pos)

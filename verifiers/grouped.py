@@ -23,10 +23,9 @@ import torch
 from torch import Tensor
 
 from specdec.geometry import TokenGeometry
-from specdec.random import sample_categorical
 from specdec.protocols import AcceptanceRule, Randomness
 from specdec.types import Verdict
-from verifiers.exact import at_position, correction_uniform, leading_run, residual_sample
+from verifiers._kit import accept_run, correction_uniform, relaxed_residual_sample, residual_sample
 
 
 @dataclass(frozen=True)
@@ -83,20 +82,11 @@ class GroupedRule(AcceptanceRule):
         zero = torch.zeros((), dtype=target_probs.dtype, device=target_probs.device)
         p_g = torch.where(keep, target_probs[:, :k].gather(-1, cand), zero).sum(-1)
         q_g = torch.where(keep, draft_probs.gather(-1, cand), zero).sum(-1)
-        ok = rng.uniform("accept", k) * q_g < p_g
-        n_accepted = leading_run(ok)
+        n_accepted = accept_run(rng, p_g, q_g)
         u = correction_uniform(rng, n_accepted, k)
         if self.residual == "standard":
             return Verdict(n_accepted, residual_sample(target_probs, draft_probs, n_accepted, u))
-
-        p = at_position(target_probs, n_accepted)                                          # [B, V]
-        rejected = n_accepted < k
-        pos = n_accepted.clamp_max(k - 1)
-        x = draft_tokens.gather(1, pos[:, None])
-        c = at_position(cand, pos)                                                         # [B, 2w]
-        others = at_position(keep, pos) & (c != x) & rejected[:, None]
-        p_grp = p.scatter(-1, c, torch.where(others, zero, p.gather(-1, c)))   # slots at x write p(x) back
-        q = torch.where(rejected[:, None], at_position(draft_probs, pos), torch.zeros_like(p))
-        residual = (p_grp - q).clamp_min(0)
-        empty = residual.sum(-1, keepdim=True) <= 1e-9
-        return Verdict(n_accepted, sample_categorical(torch.where(empty, p_grp, residual), u))
+        # p_G: the group's other members removed, p(x) itself kept (slots pointing at x are never dropped)
+        others = keep & (cand != draft_tokens[..., None])
+        return Verdict(n_accepted, relaxed_residual_sample(target_probs, draft_probs, draft_tokens, n_accepted, u,
+                                                           cand, others))

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from specdec.random import sample_categorical
 from specdec.protocols import AcceptanceRule, Randomness
+from specdec.random import sample_categorical
 from specdec.types import Verdict
-from verifiers.exact import at_position, correction_uniform, leading_run, token_probs
+from verifiers._kit import at_position, correction_uniform, leading_run, token_probs
 
 
 @dataclass(frozen=True)
