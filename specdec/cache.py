@@ -18,7 +18,12 @@ from torch import Tensor
 
 
 class StaticKVCache:
-    """Pre-allocated K/V buffers of shape [layers, B, heads, max_len, head_dim] with per-row lengths [B]."""
+    """Pre-allocated K/V buffers of shape [layers, B, heads, max_len, head_dim] with per-row lengths [B].
+
+    prefix_valid: BoolTensor [B, P] or None. Which of the first P slots (a left-padded condition, e.g. LlamaGen's
+    t2i caption) hold real tokens; a model that pads its prefix sets it at prefill and masks the padded slots in
+    every later step. None: every slot below a row's length is real.
+    """
 
     def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int,
                  device=None, dtype=torch.float32):
@@ -27,6 +32,7 @@ class StaticKVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_len = max_len
+        self.prefix_valid: Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -72,6 +78,16 @@ class HoleMask:
         """attention_mask [B, P] (1 = real token, 0 = left padding) of the prefill."""
         valid = attention_mask.bool()
         return cls(valid=valid, next_pos=valid.sum(1).long())
+
+    def prefill_inputs(self) -> tuple[Tensor, Tensor]:
+        """For feeding the slots already in the mask (the prefix of `from_prefix`): (position_ids [B, S],
+        boolean allowed [B, 1, S, S]). Causal over the valid slots; holes (left padding) are never attended and
+        take no logical position of their own (position_ids clamp them to 0)."""
+        S = self.valid.shape[1]
+        causal = torch.ones(S, S, dtype=torch.bool, device=self.valid.device).tril()
+        allowed = causal[None, None] & self.valid[:, None, None, :]
+        positions = (self.valid.long().cumsum(1) - 1).clamp_min(0)
+        return positions, allowed
 
     def extend(self, n: int) -> tuple[Tensor, Tensor]:
         """Append n slots to every row; return (position_ids [B, n], 4-D additive mask [B, 1, n, S + n])."""

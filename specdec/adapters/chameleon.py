@@ -46,11 +46,10 @@ class ChameleonAdapter(HFCausalAdapter):
         head = self.model.lm_head.weight
         out = self.model.model(input_ids=ids, attention_mask=additive_mask(allowed, head.dtype),
                                position_ids=positions, past_key_values=cache, use_cache=True)
-        rows = head[self.image_token_ids.to(head.device)]                     # [V, hidden]
-        bias = getattr(self.model.lm_head, "bias", None)
-        logits = out.last_hidden_state @ rows.T
+        logits = out.last_hidden_state @ head[self.image_token_ids].T              # rows [V, hidden]
+        bias = self.model.lm_head.bias
         if bias is not None:
-            logits = logits + bias[self.image_token_ids.to(head.device)]
+            logits = logits + bias[self.image_token_ids]
         return logits.float()
 
     @torch.no_grad()

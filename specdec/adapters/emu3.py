@@ -52,20 +52,18 @@ class Emu3Adapter(HFCausalAdapter):
                          codebook=model.model.vqmodel.quantize.embedding.weight.detach(),
                          compact_every=compact_every)
         self.eol_id = int(mapping.eol_token_id)
-        text = model.config.get_text_config()
-        max_pos = getattr(text, "max_position_embeddings", None) or 1 << 30
         W = self.grid[1]
         # the stream holds W + 1 slots per W engine tokens; keep the prompt's room out of it as well
-        self.max_new_tokens = max_pos * W // (W + 1)
+        self.max_new_tokens = self.max_new_tokens * W // (W + 1)
 
-    def _groups(self, k: Tensor) -> Tensor:
-        """Stream slots taken by the first k engine tokens: k tokens + one EOL per completed row."""
+    def _slots(self, k: Tensor) -> Tensor:
+        """Stream slots taken by the first k engine tokens: k tokens + one EOL per completed row (rollback drops
+        whole groups)."""
         return k + k // self.grid[1]
 
     @torch.no_grad()
     def forward(self, state: HFState, tokens: Tensor) -> Logits:
-        if state.cfg:
-            tokens = torch.cat([tokens, tokens])
+        tokens = state.double(tokens)
         R, n = tokens.shape
         W = self.grid[1]
         device = tokens.device
@@ -76,7 +74,7 @@ class Emu3Adapter(HFCausalAdapter):
         length = size.sum(1)                                                      # [R] real slots per row
         L = n + (n + W - 1) // W        # static: the most EOLs n tokens can cross; no host sync for max()
         stream = torch.full((R, L), self.eol_id, dtype=torch.long, device=device)
-        stream.scatter_(1, offset, self.image_token_ids.to(device)[tokens])
+        stream.scatter_(1, offset, self.image_token_ids[tokens])
         old_pos = state.holes.next_pos
         positions, allowed = state.holes.extend(L)
         # pad slots (past a row's own groups) are holes from the start; they sit after every real slot of the
@@ -88,15 +86,6 @@ class Emu3Adapter(HFCausalAdapter):
         last = offset + eol_after                                                 # last slot of each group
         logits = logits.gather(1, last[..., None].expand(-1, -1, logits.shape[-1]))
         return state.split(logits)
-
-    def rollback(self, state: HFState, keep: Tensor) -> None:
-        if state.cfg:
-            keep = torch.cat([keep, keep])
-        state.holes.rollback(self._groups(state.generated) - self._groups(keep))
-        state.generated = keep.clone()
-        state.steps += 1
-        if self.compact_every and state.steps % self.compact_every == 0:
-            self.compact(state)
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from specdec.adapters.base import check_capacity, check_cfg, check_class_ids
+from specdec.adapters.cfg import CFGRows
 from specdec.cache import StaticKVCache
 from specdec.models.gpt import GPT
 from specdec.protocols import ARModel
@@ -19,15 +20,10 @@ from specdec.types import Logits
 
 
 @dataclass
-class GPTState:
-    cache: StaticKVCache
-    batch: int
-    cfg: bool
+class GPTState(CFGRows):
+    """CFG rows (`CFGRows`) and the static cache of all of them."""
 
-    def split(self, logits: Tensor) -> Logits:
-        if not self.cfg:
-            return Logits(logits)
-        return Logits(logits[: self.batch], logits[self.batch:])
+    cache: StaticKVCache
 
 
 class GPTAdapter(ARModel):
@@ -60,23 +56,18 @@ class GPTAdapter(ARModel):
         cond = check_class_ids(cond, self.num_classes).to(self.device)
         check_cfg(self, sampling)
         check_capacity(self, capacity)
-        classes = cond
-        if sampling.uses_cfg:
-            classes = torch.cat([cond, torch.full_like(cond, self.model.null_class)])
+        rows = CFGRows(cond.shape[0], sampling.uses_cfg)
+        classes = rows.stack(cond, lambda c: torch.full_like(c, self.model.null_class))
         cache = self.model.new_cache(classes.shape[0], max_len=self.prefix_len + capacity)
-        state = GPTState(cache, cond.shape[0], sampling.uses_cfg)
+        state = GPTState(rows.batch, rows.cfg, cache)
         return state, state.split(self.model.prefill(classes, cache)[:, None])
 
     @torch.no_grad()
     def forward(self, state: GPTState, tokens: Tensor) -> Logits:
-        if state.cfg:
-            tokens = torch.cat([tokens, tokens])
-        return state.split(self.model.step(tokens, state.cache))
+        return state.split(self.model.step(state.double(tokens), state.cache))
 
     def rollback(self, state: GPTState, keep: Tensor) -> None:
-        if state.cfg:
-            keep = torch.cat([keep, keep])
-        state.cache.set_lengths(keep + self.prefix_len)
+        state.cache.set_lengths(state.double(keep) + self.prefix_len)
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor | None:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from specdec.adapters.base import check_capacity, check_cfg
+from specdec.adapters.cfg import CFGRows
 from specdec.cache import HoleMask
 from specdec.protocols import ARModel
 from specdec.sampling import Sampling
@@ -26,18 +27,14 @@ from specdec.types import Logits
 
 
 @dataclass
-class HFState:
+class HFState(CFGRows):
+    """CFG rows (`CFGRows`), the transformers cache of all of them, its holes, and per row the generated tokens
+    currently in the cache [rows]; steps counts rollbacks (compaction runs every `compact_every` of them)."""
+
     cache: Any
     holes: HoleMask
-    generated: Tensor        # [rows] generated tokens currently in the cache per row
-    batch: int
-    cfg: bool
+    generated: Tensor
     steps: int = 0
-
-    def split(self, logits: Tensor) -> Logits:
-        if not self.cfg:
-            return Logits(logits)
-        return Logits(logits[: self.batch], logits[self.batch:])
 
 
 def left_pad(prompts: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -62,44 +59,64 @@ class HFCausalAdapter(ARModel):
     """ARModel over a transformers causal LM (e.g. `LlamaForCausalLM`).
 
     model:           the causal LM; called as model(input_ids, attention_mask=4-D, position_ids, past_key_values)
-    image_token_ids: LongTensor [V]: model vocabulary id of each image token
+    image_token_ids: LongTensor [V]: model vocabulary id of each image token (rows of the output layer `_head`)
     grid:            token layout, e.g. (16, 16)
     uncond_prompt:   LongTensor [P'] prompt of the unconditional rows for CFG (None: no CFG)
     class_prompts:   optional callable mapping cond (e.g. class ids [B]) to a list of 1-D prompt tensors; by
                      default cond is a LongTensor [B, P] of prompt ids or a list of 1-D prompt tensors
     codebook / decode: VQ code vectors [V, D] and tokens -> pixels, when the user has them
+    token_embeddings: [V, D] LM inputs of the image tokens (default: the input-embedding rows of image_token_ids)
+
+    Subclasses adapt other layouts through hooks: `_head` (the output layer's weight: device, dtype, size),
+    `_run` / `_run_image_tokens` (how prompt ids and image tokens enter and logits leave), `uncond_prompts`
+    (unconditional rows derived from each prompt) and `_slots` (cache slots taken by k image tokens).
     """
 
     def __init__(self, model, image_token_ids: Tensor, grid: tuple[int, ...], uncond_prompt: Tensor | None = None,
                  class_prompts: Callable[[Any], list[Tensor]] | None = None, pad_id: int = 0,
                  codebook: Tensor | None = None, decode: Callable[[Tensor], Tensor] | None = None,
-                 compact_every: int = 16):
+                 compact_every: int = 16, token_embeddings: Tensor | None = None):
         self.model = model.eval()
-        self.image_token_ids = torch.as_tensor(image_token_ids, dtype=torch.long)
-        if self.image_token_ids.dim() != 1 or self.image_token_ids.numel() < 2:
+        ids = torch.as_tensor(image_token_ids, dtype=torch.long)
+        if ids.dim() != 1 or ids.numel() < 2:
             raise ValueError("image_token_ids must be a 1-D tensor with the model id of every image token")
-        n_vocab = model.get_output_embeddings().weight.shape[0]
-        if int(self.image_token_ids.max()) >= n_vocab or int(self.image_token_ids.min()) < 0:
+        n_vocab = self._head.shape[0]
+        if int(ids.max()) >= n_vocab or int(ids.min()) < 0:
             raise ValueError(f"image_token_ids must lie in the model's vocabulary [0, {n_vocab})")
+        # device-resident: indexed in every forward without a host-to-device copy (see `_place_tables`)
+        self.image_token_ids = ids.to(self.device)
         self.grid = tuple(grid)
         self.num_tokens = 1
         for g in grid:
             self.num_tokens *= g
-        self.vocab_size = self.image_token_ids.numel()
+        self.vocab_size = ids.numel()
         self.uncond_prompt = None if uncond_prompt is None else torch.as_tensor(uncond_prompt, dtype=torch.long)
         self.supports_cfg = self.uncond_prompt is not None
         self.class_prompts = class_prompts
         self.pad_id = pad_id
         self.codebook = codebook
-        self.token_embeddings = model.get_input_embeddings().weight.detach()[self.image_token_ids]
-        max_pos = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-        self.max_new_tokens = max_pos
+        if token_embeddings is None:
+            token_embeddings = model.get_input_embeddings().weight.detach()[self.image_token_ids]
+        self.token_embeddings = token_embeddings
+        self.max_new_tokens = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30
         self.compact_every = compact_every
         self._decode = decode
 
     @property
+    def _head(self) -> Tensor:
+        """Weight [N, hidden] of the layer whose rows `image_token_ids` index: its device and dtype are the
+        model's."""
+        return self.model.get_output_embeddings().weight
+
+    @property
     def device(self) -> torch.device:
-        return self.model.get_output_embeddings().weight.device
+        return self._head.device
+
+    def _place_tables(self) -> None:
+        """Follow a model moved since construction (`model.to(...)`): checked once per generation in `start`, so
+        the decode steps index a table already on the model's device."""
+        if self.image_token_ids.device != self.device:
+            self.image_token_ids = self.image_token_ids.to(self.device)
 
     def prompts(self, cond) -> list[Tensor]:
         if self.class_prompts is not None:
@@ -114,10 +131,10 @@ class HFCausalAdapter(ARModel):
         raise TypeError("cond must be a LongTensor [B, P] of prompt ids or a list of 1-D LongTensors")
 
     def _run(self, ids: Tensor, positions: Tensor, allowed: Tensor, cache) -> Tensor:
-        dtype = self.model.get_output_embeddings().weight.dtype
-        out = self.model(input_ids=ids, attention_mask=additive_mask(allowed, dtype), position_ids=positions,
-                         past_key_values=cache, use_cache=True)
-        return out.logits[..., self.image_token_ids.to(out.logits.device)].float()
+        """Model ids [rows, n] -> logits [rows, n, V] restricted to the image tokens."""
+        out = self.model(input_ids=ids, attention_mask=additive_mask(allowed, self._head.dtype),
+                         position_ids=positions, past_key_values=cache, use_cache=True)
+        return out.logits[..., self.image_token_ids].float()
 
     def uncond_prompts(self, prompts: list[Tensor]) -> list[Tensor]:
         """The unconditional rows for CFG, one per prompt (a subclass may derive them from each prompt)."""
@@ -129,51 +146,48 @@ class HFCausalAdapter(ARModel):
 
         check_cfg(self, sampling)
         prompts = self.prompts(cond)
-        batch = len(prompts)
-        if batch == 0:
+        if not prompts:
             raise ValueError("cond is empty: pass at least one prompt")
-        if sampling.uses_cfg:
-            prompts = prompts + self.uncond_prompts(prompts)
-        ids, mask = left_pad(prompts, self.pad_id)
+        rows = CFGRows(len(prompts), sampling.uses_cfg)
+        ids, mask = left_pad(rows.stack(prompts, self.uncond_prompts), self.pad_id)
         check_capacity(self, int(mask.sum(1).max()) + capacity)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        holes = HoleMask(valid=torch.zeros(ids.shape[0], 0, dtype=torch.bool, device=self.device),
-                         next_pos=torch.zeros(ids.shape[0], dtype=torch.long, device=self.device))
-        _, allowed = holes.extend(ids.shape[1])
-        # padding slots become holes: never attended, and they take no logical position
-        allowed = allowed & mask.bool()[:, None, None, :]
-        holes.valid = mask.bool()
-        holes.next_pos = mask.sum(1)
-        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        self._place_tables()
+        # padding slots are holes from the start: never attended, and they take no logical position
+        holes = HoleMask.from_prefix(mask.to(self.device))
+        positions, allowed = holes.prefill_inputs()
         cache = DynamicCache(config=self.model.config.get_text_config())
-        logits = self._run(ids, positions, allowed, cache)[:, -1:]
-        state = HFState(cache, holes, torch.zeros(ids.shape[0], dtype=torch.long, device=self.device),
-                        batch, sampling.uses_cfg)
+        logits = self._run(ids.to(self.device), positions, allowed, cache)[:, -1:]
+        generated = torch.zeros(ids.shape[0], dtype=torch.long, device=self.device)
+        state = HFState(rows.batch, rows.cfg, cache, holes, generated)
         return state, state.split(logits)
 
     def _run_image_tokens(self, tokens: Tensor, positions: Tensor, allowed: Tensor, cache) -> Tensor:
         """Image tokens [rows, n] (engine ids) -> logits [rows, n, V]; a subclass may feed embeddings instead."""
-        return self._run(self.image_token_ids.to(tokens.device)[tokens], positions, allowed, cache)
+        return self._run(self.image_token_ids[tokens], positions, allowed, cache)
 
     @torch.no_grad()
     def forward(self, state: HFState, tokens: Tensor) -> Logits:
-        if state.cfg:
-            tokens = torch.cat([tokens, tokens])
+        tokens = state.double(tokens)
         positions, allowed = state.holes.extend(tokens.shape[1])
         state.generated = state.generated + tokens.shape[1]
         return state.split(self._run_image_tokens(tokens, positions, allowed, state.cache))
 
+    def _slots(self, k: Tensor) -> Tensor:
+        """Cache slots [rows] taken by the first k [rows] generated tokens (one each here)."""
+        return k
+
     def rollback(self, state: HFState, keep: Tensor) -> None:
-        if state.cfg:
-            keep = torch.cat([keep, keep])
-        state.holes.rollback(state.generated - keep)
+        keep = state.double(keep)
+        state.holes.rollback(self._slots(state.generated) - self._slots(keep))
         state.generated = keep.clone()
         state.steps += 1
         if self.compact_every and state.steps % self.compact_every == 0:
             self.compact(state)
 
     def compact(self, state: HFState) -> None:
-        """Move every row's valid slots to the right end, dropping the columns that hold only holes."""
+        """Move every row's valid slots to the right end, dropping the columns that hold only holes.
+
+        One host sync every compact_every steps: the new cache width (the longest row) is read on the host."""
         valid = state.holes.valid
         keep_cols = int(valid.sum(1).max())
         if keep_cols == valid.shape[1]:

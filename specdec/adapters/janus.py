@@ -18,51 +18,42 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from specdec.adapters.base import check_capacity, check_cfg
-from specdec.adapters.hf_causal import HFCausalAdapter, HFState, additive_mask, left_pad
-from specdec.cache import HoleMask
-from specdec.sampling import Sampling
-from specdec.types import Logits
+from specdec.adapters.hf_causal import HFCausalAdapter, additive_mask
 
 
 class JanusAdapter(HFCausalAdapter):
-    """ARModel over `JanusForConditionalGeneration` in image mode. Engine ids are VQ codes 0..V-1 directly."""
+    """ARModel over `JanusForConditionalGeneration` in image mode. Engine ids are VQ codes 0..V-1 directly: they
+    index the generation head's outputs and the generation embeddings, so `image_token_ids` is 0..V-1."""
 
     def __init__(self, model, bos_token_id: int | None = None, boi_token_id: int | None = None,
                  pad_token_id: int | None = None, compact_every: int = 16):
         gen = model.generation_config
-        self.model = model.eval()
-        self.bos_id = bos_token_id if bos_token_id is not None else gen.bos_token_id
         kwargs = getattr(gen, "generation_kwargs", None) or {}
-        self.boi_id = boi_token_id if boi_token_id is not None else kwargs.get("boi_token_id")
-        self.pad_id = pad_token_id if pad_token_id is not None else gen.pad_token_id
-        missing = [n for n, v in (("bos_token_id", self.bos_id), ("boi_token_id", self.boi_id),
-                                  ("pad_token_id", self.pad_id)) if v is None]
+        bos = bos_token_id if bos_token_id is not None else gen.bos_token_id
+        boi = boi_token_id if boi_token_id is not None else kwargs.get("boi_token_id")
+        pad = pad_token_id if pad_token_id is not None else gen.pad_token_id
+        missing = [n for n, v in (("bos_token_id", bos), ("boi_token_id", boi), ("pad_token_id", pad)) if v is None]
         if missing:
             raise ValueError(f"Janus needs {', '.join(missing)} (from model.generation_config, "
                              "generation_kwargs['boi_token_id'] for the image-start token); pass them explicitly")
+        model = model.eval()
         vq = model.model.vqmodel
         side = vq.quantize.quant_state_dims
-        self.grid = (int(side[0]), int(side[1]))
-        self.num_tokens = self.grid[0] * self.grid[1]
-        self.vocab_size = vq.config.num_embeddings
-        self.image_token_ids = torch.arange(self.vocab_size)
-        self.supports_cfg = True
-        self.class_prompts = None
-        self.uncond_prompt = None
-        self.compact_every = compact_every
-        self._decode = None
-        text = model.config.get_text_config()
-        self.max_new_tokens = getattr(text, "max_position_embeddings", None) or 1 << 30
+        V = vq.config.num_embeddings
         with torch.no_grad():
             # VQ codes as the decoder sees them (get_codebook_entry l2-normalises), and the LM inputs of image tokens
-            self.codebook = torch.nn.functional.normalize(vq.quantize.embedding.weight.detach(), dim=-1)
-            ids = torch.arange(self.vocab_size, device=self.device)
-            self.token_embeddings = model.prepare_embeddings_for_image_generation(ids).detach()
+            codebook = torch.nn.functional.normalize(vq.quantize.embedding.weight.detach(), dim=-1)
+            codes = torch.arange(V, device=model.model.generation_head.vision_head.weight.device)
+            embeddings = model.prepare_embeddings_for_image_generation(codes).detach()
+        super().__init__(model, torch.arange(V), (int(side[0]), int(side[1])), pad_id=pad, codebook=codebook,
+                         compact_every=compact_every, token_embeddings=embeddings)
+        self.bos_id, self.boi_id = bos, boi
+        self.supports_cfg = True        # the unconditional rows are derived from each prompt (uncond_prompts)
 
     @property
-    def device(self) -> torch.device:
-        return self.model.model.generation_head.vision_head.weight.device
+    def _head(self) -> Tensor:
+        """Image logits come from the generation head, not `lm_head`."""
+        return self.model.model.generation_head.vision_head.weight
 
     def prompts(self, cond) -> list[Tensor]:
         prompts = super().prompts(cond)
@@ -75,10 +66,9 @@ class JanusAdapter(HFCausalAdapter):
                 for p in prompts]
 
     def _lm(self, positions: Tensor, allowed: Tensor, cache, **inputs) -> Tensor:
-        lm = self.model.model.language_model
-        dtype = self.model.model.generation_head.vision_head.weight.dtype
-        out = lm(attention_mask=additive_mask(allowed, dtype), position_ids=positions, past_key_values=cache,
-                 use_cache=True, **inputs)
+        out = self.model.model.language_model(attention_mask=additive_mask(allowed, self._head.dtype),
+                                              position_ids=positions, past_key_values=cache, use_cache=True,
+                                              **inputs)
         return self.model.model.generation_head(out.last_hidden_state).float()
 
     def _run(self, ids: Tensor, positions: Tensor, allowed: Tensor, cache) -> Tensor:

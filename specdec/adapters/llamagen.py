@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from specdec.adapters.base import check_capacity, check_cfg, check_class_ids
+from specdec.adapters.cfg import CFGRows
 from specdec.cache import StaticKVCache
 from specdec.models.llamagen import (GPT_SIZES, LlamaGenConfig, LlamaGenGPT, LlamaGenVQ, VQ_SIZES, VQConfig,
                                      load_checked, read_state_dict)
@@ -29,16 +30,11 @@ IMAGE_SIZES = (256, 384, 512)
 
 
 @dataclass
-class LlamaGenState:
-    cache: StaticKVCache
-    batch: int
-    cfg: bool
-    prefix: int
+class LlamaGenState(CFGRows):
+    """CFG rows (`CFGRows`), the static cache of all of them and the condition length in front of the image."""
 
-    def split(self, logits: Tensor) -> Logits:
-        if not self.cfg:
-            return Logits(logits)
-        return Logits(logits[: self.batch], logits[self.batch:])
+    cache: StaticKVCache
+    prefix: int
 
 
 class LlamaGenAdapter(ARModel):
@@ -90,24 +86,19 @@ class LlamaGenAdapter(ARModel):
         cond, mask = self._condition(cond)
         check_cfg(self, sampling)
         check_capacity(self, capacity)
-        if sampling.uses_cfg:
-            cond = torch.cat([cond, self.model.null_condition(cond)])
-            mask = None if mask is None else torch.cat([mask, mask])
+        rows = CFGRows(cond.shape[0], sampling.uses_cfg)
+        cond = rows.stack(cond, self.model.null_condition)
+        mask = None if mask is None else rows.double(mask)     # the null caption keeps the prompt's padding
         cache = self.model.new_cache(cond.shape[0], capacity)
-        state = LlamaGenState(cache, cond.shape[0] // (2 if sampling.uses_cfg else 1), sampling.uses_cfg,
-                              self.model.cfg.prefix_len)
+        state = LlamaGenState(rows.batch, rows.cfg, cache, self.model.cfg.prefix_len)
         return state, state.split(self.model.prefill(cond, cache, mask)[:, None])
 
     @torch.no_grad()
     def forward(self, state: LlamaGenState, tokens: Tensor) -> Logits:
-        if state.cfg:
-            tokens = torch.cat([tokens, tokens])
-        return state.split(self.model.step(tokens, state.cache))
+        return state.split(self.model.step(state.double(tokens), state.cache))
 
     def rollback(self, state: LlamaGenState, keep: Tensor) -> None:
-        if state.cfg:
-            keep = torch.cat([keep, keep])
-        state.cache.set_lengths(keep + state.prefix)
+        state.cache.set_lengths(state.double(keep) + state.prefix)
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor | None:

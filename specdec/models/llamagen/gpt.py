@@ -1,9 +1,7 @@
-"""LlamaGen (Sun et al., "Autoregressive Model Beats Diffusion: Llama for Scalable Image Generation",
-arXiv 2406.06525): the GPT and the VQ tokenizer, written for specdec, loading the official checkpoints.
-
-Parameter names and shapes follow the public FoundationVision/LlamaGen code (autoregressive/models/gpt.py,
-tokenizer/tokenizer_image/vq_model.py), so `model.load_state_dict(official["model"])` works as is; the modules
-themselves are our own and decode with a `specdec.cache.StaticKVCache` (per-row write pointers, ragged rows).
+"""The LlamaGen GPT (Sun et al., "Autoregressive Model Beats Diffusion: Llama for Scalable Image Generation",
+arXiv 2406.06525), written for specdec and decoding with a `specdec.cache.StaticKVCache` (per-row write pointers,
+ragged rows). Parameter names and shapes follow the public FoundationVision/LlamaGen code
+(autoregressive/models/gpt.py), so the official state dicts load as is.
 
 Behaviour reproduced from the official model because the checkpoints were trained with it:
 * 2-D RoPE: the head dim is split in halves, the first half rotated by the token's row, the second by its column,
@@ -32,8 +30,6 @@ GPT_SIZES = {
     "GPT-B": (12, 12, 768), "GPT-L": (24, 16, 1024), "GPT-XL": (36, 20, 1280), "GPT-XXL": (48, 24, 1536),
     "GPT-XXXL": (48, 40, 2560), "GPT-1B": (22, 32, 2048), "GPT-3B": (24, 32, 3200), "GPT-7B": (32, 32, 4096),
 }
-# name -> channel multipliers of encoder and decoder (downsampling factor 2 ** (len - 1))
-VQ_SIZES = {"VQ-16": (1, 1, 2, 2, 4), "VQ-8": (1, 2, 2, 4)}
 
 
 def _multiple(n: int, k: int) -> int:
@@ -110,7 +106,6 @@ class LlamaGenConfig:
         return cls(**{"n_layer": n_layer, "n_head": n_head, "dim": dim, **kwargs})
 
 
-# ----------------------------------------------------------------------------------------------- GPT modules
 class LabelEmbedder(nn.Module):
     """Class id -> one condition token. Row `num_classes` (present when dropout_prob > 0) is the null class."""
 
@@ -168,6 +163,12 @@ def apply_rope(x: Tensor, rot: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
+def _repeat_heads(x: Tensor, n: int) -> Tensor:
+    """[B, H, S, D] -> [B, H * n, S, D], each head n times in a row (= repeat_interleave(n, 1), a view + copy)."""
+    B, H, S, D = x.shape
+    return x[:, :, None].expand(B, H, n, S, D).reshape(B, H * n, S, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaGenConfig):
         super().__init__()
@@ -186,9 +187,8 @@ class Attention(nn.Module):
         v = v.view(B, n, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, k, v, positions)
-        if cfg.kv_heads != cfg.n_head:
-            k = k.repeat_interleave(cfg.n_head // cfg.kv_heads, 1)
-            v = v.repeat_interleave(cfg.n_head // cfg.kv_heads, 1)
+        if cfg.kv_heads != cfg.n_head:      # grouped-query attention: each K/V head serves n_head/kv_heads queries
+            k, v = _repeat_heads(k, cfg.n_head // cfg.kv_heads), _repeat_heads(v, cfg.n_head // cfg.kv_heads)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.wo(y.transpose(1, 2).reshape(B, n, cfg.dim))
 
@@ -310,7 +310,7 @@ class LlamaGenGPT(nn.Module):
         B, P = h.shape[:2]
         cache.set_lengths(torch.zeros_like(cache.lengths))
         positions = torch.arange(P, device=h.device).expand(B, P)
-        cache.prefix_valid = prefix_mask     # padded caption slots stay hidden in later steps
+        cache.prefix_valid = None if prefix_mask is None else prefix_mask.bool()   # hidden in later steps too
         logits = self._trunk(h, positions, self._allowed(positions, cache.max_len, prefix_mask), cache)
         cache.advance(P)
         return logits[:, -1]
@@ -318,275 +318,7 @@ class LlamaGenGPT(nn.Module):
     def step(self, tokens: Tensor, cache: StaticKVCache) -> Tensor:
         """Append image tokens [B, n] at each row's write pointer; returns logits [B, n, V]."""
         positions = cache.positions(tokens.shape[1])
-        allowed = self._allowed(positions, cache.max_len, getattr(cache, "prefix_valid", None))
+        allowed = self._allowed(positions, cache.max_len, cache.prefix_valid)
         logits = self._trunk(self.tok_embeddings(tokens), positions, allowed, cache)
         cache.advance(tokens.shape[1])
         return logits
-
-
-# ------------------------------------------------------------------------------------------------ VQ tokenizer
-@dataclass(frozen=True)
-class VQConfig:
-    codebook_size: int = 16384
-    codebook_embed_dim: int = 8
-    codebook_l2_norm: bool = True
-    codebook_show_usage: bool = True         # the `codebook_used` buffer [65536] exists in the checkpoints
-    ch_mult: tuple[int, ...] = VQ_SIZES["VQ-16"]
-    z_channels: int = 256
-    ch: int = 128                             # fixed upstream; smaller only for tests
-    num_res_blocks: int = 2
-
-    def __post_init__(self):
-        if self.ch % 32 or self.z_channels < 1:
-            raise ValueError(f"ch={self.ch} must be a multiple of 32 (GroupNorm with 32 groups)")
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
-
-    @classmethod
-    def named(cls, name: str, **kwargs) -> "VQConfig":
-        if name not in VQ_SIZES:
-            raise ValueError(f"unknown LlamaGen VQ model {name!r}; choose one of {sorted(VQ_SIZES)}")
-        return cls(**{"ch_mult": VQ_SIZES[name], **kwargs})
-
-
-def _norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, c, eps=1e-6, affine=True)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.norm1 = _norm(c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = _norm(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
-
-
-class AttnBlock(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.norm = _norm(c)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (m(h).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))   # [B, HW, C]
-        y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
-        return x + self.proj_out(y.transpose(1, 2).reshape(B, C, H, W))
-
-
-class _Level(nn.Module):
-    """One resolution level: `res` blocks, `attn` blocks (lowest resolution only), and a resampler."""
-
-    def __init__(self, blocks: list[nn.Module], attn: list[nn.Module]):
-        super().__init__()
-        self.res = nn.ModuleList(blocks)
-        self.attn = nn.ModuleList(attn)
-
-    def run(self, h: Tensor) -> Tensor:
-        for i, block in enumerate(self.res):
-            h = block(h)
-            if len(self.attn):
-                h = self.attn[i](h)
-        return h
-
-
-class _Resample(nn.Module):
-    def __init__(self, c: int, up: bool):
-        super().__init__()
-        self.up = up
-        self.conv = nn.Conv2d(c, c, 3, stride=1 if up else 2, padding=1 if up else 0)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.up:
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg: VQConfig, in_channels: int = 3):
-        super().__init__()
-        ch, mult, n = cfg.ch, cfg.ch_mult, cfg.num_res_blocks
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        self.conv_blocks = nn.ModuleList()
-        c = ch
-        for i, m in enumerate(mult):
-            blocks, attn = [], []
-            for _ in range(n):
-                blocks.append(ResnetBlock(c, ch * m))
-                c = ch * m
-                if i == len(mult) - 1:
-                    attn.append(AttnBlock(c))
-            level = _Level(blocks, attn)
-            if i != len(mult) - 1:
-                level.downsample = _Resample(c, up=False)
-            self.conv_blocks.append(level)
-        self.mid = nn.ModuleList([ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)])
-        self.norm_out = _norm(c)
-        self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
-        for level in self.conv_blocks:
-            h = level.run(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        for m in self.mid:
-            h = m(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: VQConfig, out_channels: int = 3):
-        super().__init__()
-        ch, mult, n = cfg.ch, cfg.ch_mult, cfg.num_res_blocks
-        c = ch * mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
-        self.mid = nn.ModuleList([ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)])
-        self.conv_blocks = nn.ModuleList()
-        for i in reversed(range(len(mult))):
-            blocks, attn = [], []
-            for _ in range(n + 1):
-                blocks.append(ResnetBlock(c, ch * mult[i]))
-                c = ch * mult[i]
-                if i == len(mult) - 1:
-                    attn.append(AttnBlock(c))
-            level = _Level(blocks, attn)
-            if i != 0:
-                level.upsample = _Resample(c, up=True)
-            self.conv_blocks.append(level)
-        self.norm_out = _norm(c)
-        self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
-
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.conv_in(z)
-        for m in self.mid:
-            h = m(h)
-        for level in self.conv_blocks:
-            h = level.run(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class VectorQuantizer(nn.Module):
-    def __init__(self, cfg: VQConfig):
-        super().__init__()
-        self.l2_norm = cfg.codebook_l2_norm
-        self.embedding = nn.Embedding(cfg.codebook_size, cfg.codebook_embed_dim)
-        nn.init.uniform_(self.embedding.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
-        if self.l2_norm:
-            with torch.no_grad():
-                self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
-        if cfg.codebook_show_usage:
-            self.register_buffer("codebook_used", torch.zeros(65536))
-
-    def codebook(self) -> Tensor:
-        """[V, D] the code vectors the decoder sees (l2-normalised when the model was trained so)."""
-        w = self.embedding.weight
-        return F.normalize(w, dim=-1) if self.l2_norm else w
-
-    def lookup(self, codes: Tensor) -> Tensor:
-        """codes [B, H, W] -> z_q [B, D, H, W]."""
-        return self.codebook()[codes].permute(0, 3, 1, 2).contiguous()
-
-    def quantize(self, z: Tensor) -> Tensor:
-        """z [B, D, H, W] -> nearest codes [B, H, W] (cosine distance when l2-normalised)."""
-        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        if self.l2_norm:
-            flat = F.normalize(flat, dim=-1)
-        emb = self.codebook()
-        d = flat.pow(2).sum(1, keepdim=True) + emb.pow(2).sum(1) - 2 * flat @ emb.T
-        return d.argmin(1).view(z.shape[0], z.shape[2], z.shape[3])
-
-
-class LlamaGenVQ(nn.Module):
-    """The LlamaGen VQ tokenizer (official `VQModel`). decode_code: codes [B, H, W] -> pixels [B, 3, 16H, 16W]
-    (VQ-16) in about [-1, 1]."""
-
-    def __init__(self, cfg: VQConfig = VQConfig()):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.quantize = VectorQuantizer(cfg)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
-
-    def encode_code(self, x: Tensor) -> Tensor:
-        """pixels [B, 3, H, W] in [-1, 1] -> codes [B, H/f, W/f]."""
-        return self.quantize.quantize(self.quant_conv(self.encoder(x)))
-
-    def decode_code(self, codes: Tensor) -> Tensor:
-        return self.decoder(self.post_quant_conv(self.quantize.lookup(codes)))
-
-
-# ----------------------------------------------------------------------------------------- checkpoint loading
-_IGNORED_SUFFIXES = (".kv_cache.k_cache", ".kv_cache.v_cache")
-_IGNORED_KEYS = ("freqs_cis", "causal_mask")
-
-
-def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, Tensor]:
-    """A checkpoint file -> state dict: safetensors, or a torch .pt/.pth/.bin holding the weights directly or
-    under "model" (DDP), "module" (DeepSpeed), "state_dict" or "ema"."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path, device="cpu")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:   # pickled extras (e.g. an argparse Namespace) need the full unpickler
-        if not trust_pickle:
-            raise ValueError(
-                f"{path} holds more than tensors ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                "if you trust the file, pass trust_pickle=True to unpickle it fully") from err
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, dict):
-        for key in ("model", "module", "state_dict", "ema"):
-            if key in obj and isinstance(obj[key], dict):
-                return obj[key]
-        if all(isinstance(v, Tensor) for v in obj.values()):
-            return obj
-    raise ValueError(f"{path}: no state dict found (expected a dict of tensors, or one under 'model', "
-                     f"'module', 'state_dict' or 'ema'); top-level keys: {list(obj)[:10] if isinstance(obj, dict) else type(obj).__name__}")
-
-
-def load_checked(module: nn.Module, state: dict[str, Tensor], what: str = "checkpoint") -> None:
-    """load_state_dict(strict=True) with an error that names every missing, unexpected and mis-shaped key.
-    Wrapper prefixes ("module.", "_orig_mod.") and inference-only buffers (KV caches) are ignored."""
-    clean = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        if key in _IGNORED_KEYS or key.endswith(_IGNORED_SUFFIXES):
-            continue
-        clean[key] = value
-    own = module.state_dict()
-    order = lambda k: (k.count("."), k)     # top-level tensors (embeddings, head) first, then per-layer ones
-    missing = sorted(set(own) - set(clean), key=order)
-    unexpected = sorted(set(clean) - set(own), key=order)
-    shapes = [f"{k}: checkpoint {tuple(clean[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(clean), key=order) if tuple(clean[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        def show(items):
-            return ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
-        parts = []
-        if shapes:
-            parts.append(f"shape mismatch: {show(shapes)}")
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        raise ValueError(f"the {what} does not fit the architecture ({type(module).__name__}). "
-                         + "; ".join(parts)
-                         + ". Check the model name, image size, vocabulary size, num_classes and model_type.")
-    module.load_state_dict(clean, strict=True)
