@@ -33,8 +33,8 @@ class Sampling:
             raise TypeError(f"Sampling.top_k must be an integer (0 = off), got {type(self.top_k).__name__} "
                             f"{self.top_k!r}")
         if not (math.isfinite(self.temperature) and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE)):
-            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE} (smaller "
-                             f"ones overflow float32 logits into NaN probabilities), got {self.temperature}")
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), finite, and not in (0, {MIN_TEMPERATURE}) "
+                             f"(smaller ones overflow float32 logits into NaN probabilities), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
