@@ -1,4 +1,5 @@
-"""One adapter per generator family; each implements `specdec.adapters.base.ARModel`.
+"""One adapter per generator family; each subclasses `specdec.protocols.ARModel`. Shared pieces: `base` (input
+checks) and `cfg` (the conditional / unconditional rows of classifier-free guidance).
 
 The transformers-based adapters are imported on first use, so `import specdec` stays light.
 """
