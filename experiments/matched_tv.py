@@ -21,9 +21,9 @@ import torch
 
 import specdec.zoo
 from specdec.certify import TVPoint, acceptance_at_tv, tv_sweep
-from specdec.cli import zoo_pairs
 from specdec.geometry import TokenGeometry
 from specdec.sampling import Sampling
+from specdec.zoo.pairs import zoo_pairs
 from verifiers.bounded_lantern import BoundedLanternRule
 from verifiers.lantern import LanternRule
 
@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON lines file (rewritten)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
-    warnings.filterwarnings("ignore", message=".*neighbours asked for.*")      # k = 1000 > V - 1 is clamped
+    # neighbours = 1000 > V - 1 is clamped to V - 1, with a warning per rule
+    warnings.filterwarnings("ignore", message=".*neighbours per token asked for.*")
 
     bundle = specdec.zoo.load()
     p, q = zoo_pairs(bundle, args.pairs, Sampling(cfg_scale=args.cfg), seed=args.seed)
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     for family, make, deltas in (("lantern", LanternRule, LANTERN_DELTAS),
                                  ("bounded_lantern", bounded, BOUNDED_DELTAS)):
         for n in NEIGHBOURS:
-            rules = {d: make(geometry, k=n, delta=d) for d in deltas}
+            rules = {d: make(geometry, neighbours=n, delta=d) for d in deltas}
             for d, pt in zip(deltas, tv_sweep(rules, p, q)):
                 rows.append({"rule": family, "neighbours": n, "delta": d, "acceptance": pt.acceptance,
                              "mean_tvd": pt.mean_tvd, "max_tvd": pt.max_tvd, "frontier": pt.frontier,
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
             matched = {n: acceptance_at_tv(points("bounded_lantern", n), r["mean_tvd"]) for n in NEIGHBOURS}
             r["bounded_acceptance_at_same_tv"] = {str(n): a for n, a in matched.items()}
             # BoundedLANTERN's max TV is its delta: give it LANTERN's worst-case TV as its budget
-            worst = tv_sweep({"": bounded(geometry, k=r["neighbours"], delta=min(1.0, r["max_tvd"]))}, p, q)[0]
+            worst_rule = bounded(geometry, neighbours=r["neighbours"], delta=min(1.0, r["max_tvd"]))
+            worst = tv_sweep({"": worst_rule}, p, q)[0]
             r["bounded_acceptance_at_same_max_tv"] = worst.acceptance
             line += "  " + "  ".join(f"{a:16.4f}" for a in matched.values()) + f"  {worst.acceptance:17.4f}"
         print(line)

@@ -1,203 +1,57 @@
-"""`specdec demo | generate | certify | bench | report`."""
+"""`specdec demo | certify | bench | report`: argument parsing and dispatch only.
+
+The commands' bodies live with their concern: `specdec.demo.run_demo`, `specdec.certify.certify_command`,
+`specdec.bench.runner.bench_command`, `specdec.report.report_command`. Here their errors become one-line exits.
+"""
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
-
-from specdec.sampling import Sampling
-
-
-@dataclass(frozen=True)
-class Method:
-    """One decoding configuration: a drafter (None = plain AR) and a rule, by registry name."""
-
-    label: str
-    drafter: str | None = None
-    drafter_params: dict = field(default_factory=dict)
-    rule: str = "exact"
-    rule_params: dict = field(default_factory=dict)
+from specdec.bench.config import BenchConfigError, preset_names
+from specdec.bench.runner import bench_command
+from specdec.certify import certify_command
+from specdec.demo import DemoError, run_demo
+from specdec.report import report_command
 
 
-DEMO_METHODS = (
-    Method("AR"),
-    Method("exact + model k=4", "model", {"k": 4}),
-    Method("lantern d=0.1 + model k=4", "model", {"k": 4}, "lantern", {"k": 100, "delta": 0.1}),
-    Method("bounded_lantern d=0.1 + model k=4", "model", {"k": 4}, "bounded_lantern", {"k": 100, "delta": 0.1}),
-    Method("exact + jacobi w=16", "jacobi", {"window": 16, "init": "random"}),
-    Method("exact + lookup k=4", "lookup", {"k": 4}),
-)
-QUICK_METHODS = DEMO_METHODS[:3]
-
-
-def build(method: Method, bundle):
-    """(drafter, rule) for a method on a zoo bundle."""
-    from specdec.registry import make_drafter, make_rule
-
-    drafter = None
-    if method.drafter is not None:
-        drafter = make_drafter(method.drafter, bundle.drafter_model, **method.drafter_params)
-    return drafter, make_rule(method.rule, bundle.target, **method.rule_params)
-
-
-def available(methods, bundle) -> list[Method]:
-    """Keep the methods whose rule and drafter exist in this install (optional pieces may be absent)."""
-    keep = []
-    for m in methods:
-        try:
-            build(m, bundle)
-            keep.append(m)
-        except (ImportError, AttributeError):
-            continue
-    return keep
-
-
-def run_method(bundle, method: Method, cond, sampling, seed, repeats):
-    """Median wall-clock over repeats; the result of the last repeat (all repeats are identical for a seed)."""
-    import specdec
-
-    times, res = [], None
-    for _ in range(repeats):
-        drafter, rule = build(method, bundle)
-        t0 = time.perf_counter()
-        res = specdec.generate(bundle.target, cond, drafter=drafter, rule=rule, sampling=sampling, seed=seed)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), res
-
-
-def check_out_dir(path: str) -> Path:
-    out = Path(path)
+def demo_cmd(args) -> int:
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"specdec: cannot create output folder {out}: {e.strerror}; pass --out with a writable path")
-    if not os.access(out, os.W_OK):
-        raise SystemExit(f"specdec: output folder {out} is not writable; pass --out with a writable path")
-    return out
-
-
-def demo(args) -> int:
-    import specdec
-    from specdec import metrics
-    from specdec.plots import acceptance_heatmaps, image_grid
-
-    torch.set_grad_enabled(False)
-    out = check_out_dir(args.out)
-    bundle = specdec.zoo.load()
-    names = args.classes.split(",") if args.classes else list(bundle.classes[: (3 if args.quick else 6)])
-    try:
-        class_ids = [bundle.class_id(n) for n in names]
-    except ValueError as e:
+        return run_demo(args.out, quick=args.quick, classes=args.classes.split(",") if args.classes else None,
+                        per_class=args.per_class, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+                        cfg=args.cfg, repeats=args.repeats, fd_real=args.fd_real)
+    except DemoError as e:
         raise SystemExit(f"specdec: {e}")
-    per_class = args.per_class or (2 if args.quick else 4)
-    cond = torch.tensor([c for c in class_ids for _ in range(per_class)])
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg)
-    repeats = args.repeats or (1 if args.quick else 3)
-    methods = available(QUICK_METHODS if args.quick else DEMO_METHODS, bundle)
-    print(f"specdec demo: {len(methods)} methods x {len(cond)} images ({', '.join(names)}), {sampling}, "
-          f"seed {args.seed}, median of {repeats}", flush=True)
-
-    # warm-up outside the timings, then every method through the same generate() in this process
-    specdec.generate(bundle.target, cond[:2], sampling=sampling, seed=args.seed)
-    # held-out crops of the same classes, in the same proportions as the samples
-    real = bundle.heldout_images(args.fd_real, seed=0, classes=cond[torch.arange(args.fd_real) % len(cond)])
-    real_feats = metrics.extract_features(real, bundle.features)
-    rows, images, maps = [], [], []
-    from tqdm.auto import tqdm
-
-    for method in tqdm(methods, desc="methods", disable=not sys.stderr.isatty()):
-        wall, res = run_method(bundle, method, cond, sampling, args.seed, repeats)
-        fd = metrics.frechet_distance(metrics.extract_features(res.images, bundle.features), real_feats)
-        nll = float(metrics.token_nll(bundle.target_gpt, res.tokens, cond).mean())
-        st = res.stats
-        rows.append({"method": method.label, "drafter": method.drafter or "-", "rule": method.rule,
-                     "k": method.drafter_params.get("k", method.drafter_params.get("window", 0)),
-                     "mean_accepted_length": st.mean_accepted_length, "acceptance_rate": st.acceptance_rate,
-                     "target_forwards_per_image": st.target_forwards_per_image, "wall_s": wall,
-                     "feature_fd": fd, "nll": nll, "images": len(cond), "repeats": repeats})
-        images.append(res.images)
-        maps.append(st.acceptance_map.float().mean(0).reshape(bundle.target.grid))
-    ar_wall = rows[0]["wall_s"]
-    for r in rows:
-        r["speedup"] = ar_wall / r["wall_s"]
-    meta = {"sampling": vars(sampling) if hasattr(sampling, "__dict__") else str(sampling), "seed": args.seed,
-            "classes": names, "device": "cpu", "dtype": "float32", "threads": torch.get_num_threads(),
-            "fd_real_images": args.fd_real, "fd_metric": "Frechet distance in the zoo feature net's space"}
-    (out / "table.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    image_grid(images, [r["method"] for r in rows], out / "samples.png")
-    acceptance_heatmaps(maps[1:], [r["method"] for r in rows[1:]], out / "acceptance.png")
-    print(format_table(rows))
-    print(f"\nwrote {out / 'samples.png'}, {out / 'acceptance.png'}, {out / 'table.json'}")
-    return 0
-
-
-def format_table(rows) -> str:
-    head = f"{'method':36s} {'rule':16s} {'k':>3s} {'MAL':>5s} {'fwd/img':>8s} {'speedup':>8s} {'FD':>7s} {'NLL':>6s}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['method']:36s} {r['rule']:16s} {r['k']:3d} {r['mean_accepted_length']:5.2f} "
-                     f"{r['target_forwards_per_image']:8.1f} {r['speedup']:7.2f}x {r['feature_fd']:7.2f} "
-                     f"{r['nll']:6.3f}")
-    return "\n".join(lines)
-
-
-def zoo_pairs(bundle, n_positions: int, sampling: Sampling, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real (p, q) pairs [n_positions, V]: target and drafter distributions at positions of AR samples."""
-    import specdec
-    from specdec.sampling import to_probs
-
-    g = torch.Generator().manual_seed(seed)
-    cond = torch.arange(len(bundle.classes))
-    tokens = specdec.generate(bundle.target, cond, sampling=sampling, seed=seed, decode=False).tokens
-    null = torch.full_like(cond, len(bundle.classes))
-
-    def probs(model):
-        uncond = model.forward_train(tokens, null) if sampling.uses_cfg else None
-        return to_probs(model.forward_train(tokens, cond), uncond, sampling)
-
-    p, q = probs(bundle.target_gpt), probs(bundle.drafter_gpt)
-    pick = torch.randperm(p.shape[0] * p.shape[1], generator=g)[:n_positions]
-    return p.reshape(-1, p.shape[-1])[pick], q.reshape(-1, q.shape[-1])[pick]
 
 
 def certify_cmd(args) -> int:
-    from specdec import certify
-    from specdec.registry import GEOMETRY_RULES, make_rule, resolve
-
     params = json.loads(args.params) if args.params else {}
-    torch.set_grad_enabled(False)
     try:
-        if args.zoo:
-            import specdec
-
-            bundle = specdec.zoo.load()
-            rule = make_rule(args.rule, bundle.target, **params)
-            p, q = zoo_pairs(bundle, args.zoo, Sampling(cfg_scale=args.cfg))
-            print(certify.certify_on(rule, p, q, n_samples=args.samples, name=f"zoo cfg={args.cfg}"))
-            if hasattr(rule, "single_step_law"):
-                (point,) = certify.tv_sweep({args.rule: rule}, p, q)
-                print(f"  exact single-step law (no sampling noise): acc={point.acceptance:.4f} "
-                      f"TVD mean={point.mean_tvd:.4f} max={point.max_tvd:.4f} "
-                      f"(frontier sum min(p,q)+TVD = {point.frontier:.4f})")
-            return 0
-        if args.rule in GEOMETRY_RULES:
-            rule = resolve("rule", args.rule)(certify.default_geometry(args.vocab), **params)
-        else:
-            rule = make_rule(args.rule, **params)
+        text = certify_command(args.rule, params, vocab=args.vocab, n_samples=args.samples, zoo=args.zoo,
+                               cfg=args.cfg)
     except ValueError as e:
         raise SystemExit(f"specdec: {e}")
-    print(certify.certify(rule, V=args.vocab, n_samples=args.samples))
+    print(text)
     return 0
 
 
-def main(argv=None) -> int:
+def bench_cmd(args) -> int:
+    try:
+        return bench_command(args.config, args.preset, out=args.out, repeats=args.repeats, max_rows=args.max_rows,
+                             dry_run=args.dry_run, progress=not args.no_progress)
+    except BenchConfigError as e:
+        raise SystemExit(f"specdec bench: {e}")
+
+
+def report_cmd(args) -> int:
+    try:
+        return report_command(args.results, args.out, heatmaps=args.heatmaps.split(",") if args.heatmaps else None)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"specdec report: {e}")
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="specdec", description="speculative decoding for AR image generators")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -212,7 +66,7 @@ def main(argv=None) -> int:
     d.add_argument("--cfg", type=float, default=3.0)
     d.add_argument("--repeats", type=int, default=0, help="timing repeats (default 1 quick, 3 full)")
     d.add_argument("--fd-real", type=int, default=256, help="held-out real crops for the Frechet distance")
-    d.set_defaults(func=demo)
+    d.set_defaults(func=demo_cmd)
 
     c = sub.add_parser("certify", help="estimate what a rule does to the output distribution")
     c.add_argument("rule")
@@ -224,10 +78,27 @@ def main(argv=None) -> int:
     c.add_argument("--cfg", type=float, default=3.0, help="CFG scale of the zoo pairs")
     c.set_defaults(func=certify_cmd)
 
-    from specdec.bench import add_subcommands
+    b = sub.add_parser("bench", help="speedup-vs-quality sweep -> JSON lines (resumable, multi-process)")
+    b.add_argument("config", nargs="?", default=None, help="TOML config (or use --preset)")
+    b.add_argument("--preset", default=None, help="a built-in config: " + ", ".join(preset_names()))
+    b.add_argument("--out", default="", help="results JSONL (default: specdec-bench/<config name>.jsonl)")
+    b.add_argument("--repeats", type=int, default=0, help="override the config's timing repeats")
+    b.add_argument("--max-rows", type=int, default=0, help="stop after this many new rows (resume later)")
+    b.add_argument("--dry-run", action="store_true", help="list the configurations and exit")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=bench_cmd)
 
-    add_subcommands(sub)
-    args = ap.parse_args(argv)
+    r = sub.add_parser("report", help="plots + Markdown table from bench JSON lines")
+    r.add_argument("results", help="a results JSONL written by `specdec bench`")
+    r.add_argument("--out", default="specdec-report", help="output folder")
+    r.add_argument("--heatmaps", default="", help="comma-separated labels or keys for acceptance heatmaps "
+                                                   "(default: the fastest configuration of each family)")
+    r.set_defaults(func=report_cmd)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     return args.func(args)
 
 

@@ -21,6 +21,15 @@ def to_uint8(images: Tensor) -> Tensor:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+def image_strip(images: Tensor, path: Path) -> Path:
+    """images [N, 3, H, W] in [-1, 1] side by side in one PNG of [H, N * W] pixels (no axes, no labels)."""
+    plt = _plt()
+    strip = torch.cat(list(to_uint8(images)), dim=1).numpy()       # [N, H, W, 3] -> [H, N * W, 3]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    plt.imsave(path, strip)
+    return Path(path)
+
+
 def image_grid(rows: list[Tensor], labels: list[str], path: Path, scale: float = 1.0) -> Path:
     """One row of images per method (rows[i]: [B, 3, H, W] in [-1, 1]), labelled on the left."""
     plt = _plt()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 
+from specdec.geometry import TokenGeometry
+
 RULES = {
     "exact": "verifiers.exact:ExactRule",
     "lantern": "verifiers.lantern:LanternRule",
@@ -33,17 +35,24 @@ def resolve(kind: str, name: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def make_rule(name: str, target=None, **params):
-    """Build a rule by name; geometry rules get their TokenGeometry from the target adapter."""
-    cls = resolve("rule", name)
-    if name in GEOMETRY_RULES:
-        from specdec.geometry import TokenGeometry
+def make_rule(name: str, target=None, geometries: dict | None = None, **params):
+    """Build a rule by name; geometry rules get their TokenGeometry from the target adapter.
 
-        table = getattr(target, GEOMETRY_RULES[name], None) if target is not None else None
+    geometries: a dict the caller keeps across calls for ONE target (table name -> TokenGeometry), so that every
+    rule over the same table shares one geometry and the k-NN tables it caches are computed once."""
+    cls = resolve("rule", name)
+    if name not in GEOMETRY_RULES:
+        return cls(**params)
+    source = GEOMETRY_RULES[name]
+    geometry = None if geometries is None else geometries.get(source)
+    if geometry is None:
+        table = getattr(target, source, None) if target is not None else None
         if table is None:
-            raise ValueError(f"rule {name!r} needs the target's {GEOMETRY_RULES[name]}, which this adapter lacks")
-        return cls(TokenGeometry.from_vectors(table), **params)
-    return cls(**params)
+            raise ValueError(f"rule {name!r} needs the target's {source}, which this adapter lacks")
+        geometry = TokenGeometry.from_vectors(table)
+        if geometries is not None:
+            geometries[source] = geometry
+    return cls(geometry, **params)
 
 
 def make_drafter(name: str, draft_model=None, **params):

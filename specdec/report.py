@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from specdec.bench import read_rows
+from specdec.bench.results import read_rows
 from specdec.plots import _plt, acceptance_heatmaps
 
 MAX_IMAGE_ROWS = 60
@@ -190,3 +190,10 @@ def make_report(results: str | Path, out: str | Path, heatmaps: list[str] | None
     (out / "rows.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "acceptance_map"}
                                                for r in rows], indent=1))
     return files + [out / "table.md", out / "rows.json"]
+
+
+def report_command(results: str | Path, out: str | Path = "specdec-report", heatmaps: list[str] | None = None) -> int:
+    """`specdec report`: write the report files and name them. FileNotFoundError / ValueError as `make_report`."""
+    for f in make_report(results, out, heatmaps=heatmaps):
+        print(f"wrote {f}")
+    return 0

@@ -140,7 +140,7 @@ def test_lantern_vs_bounded_lantern_emitted_tv_on_zoo_pairs(bundle):
     import warnings
 
     from specdec.certify import single_step_law
-    from specdec.cli import zoo_pairs
+    from specdec.zoo.pairs import zoo_pairs
     from specdec.geometry import TokenGeometry
     from specdec.sampling import Sampling
     from verifiers.bounded_lantern import BoundedLanternRule

@@ -1,0 +1,87 @@
+"""What a sweep runs on and what it measures besides the built-in metrics: the generator registry and user scorers.
+
+A generator is a name -> a zero-argument function returning a bundle (`specdec.protocols.Bundle`: .target,
+.drafter_model, .features, .classes, .target_gpt, .class_id, .heldout_images). Bundles are loaded once per process.
+A scorer is a user metric named in a config as "module:callable".
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from torch import Tensor
+
+from specdec.testing import tiny_random_bundle
+
+
+class BenchConfigError(ValueError):
+    """A bad bench config: what is wrong and the valid choices."""
+
+
+def _zoo_bundle():
+    import specdec.zoo       # loads weights: only when a sweep asks for the zoo
+
+    return specdec.zoo.load()
+
+
+GENERATORS: dict[str, Callable[[], Any]] = {"zoo": _zoo_bundle, "tiny-random": tiny_random_bundle}
+_BUNDLES: dict[str, Any] = {}
+
+
+def check_generator(name: str) -> None:
+    if name not in GENERATORS:
+        raise BenchConfigError(f"unknown generator {name!r}; valid generators: {', '.join(sorted(GENERATORS))}")
+
+
+def load_generator(name: str):
+    """The bundle of a registered generator, loaded on first use and kept for the rest of the process."""
+    check_generator(name)
+    if name not in _BUNDLES:
+        try:
+            _BUNDLES[name] = GENERATORS[name]()
+        except Exception as e:   # e.g. the zoo's weights are not trained/installed yet
+            raise BenchConfigError(f"generator {name!r} could not be loaded: {e}") from e
+    return _BUNDLES[name]
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """A user metric: `name`, and `__call__(images [N, 3, H, W] in [-1, 1], cond [N]) -> float`.
+
+    Config: `scorers = ["my_pkg.metrics:clip_score"]`; the object is called as is, or instantiated first when it
+    is a class. Wrap torchmetrics' FrechetInceptionDistance (with local weights) or a CLIP score this way.
+    """
+
+    name: str
+
+    def __call__(self, images: Tensor, cond) -> float: ...
+
+
+class MeanBrightness:
+    """A trivial example scorer (`specdec.bench:MeanBrightness`): mean pixel value in [-1, 1]."""
+
+    name = "mean_brightness"
+
+    def __call__(self, images: Tensor, cond) -> float:
+        return float(images.float().mean())
+
+
+def load_scorer(spec: str) -> Scorer:
+    """"module:callable" -> the scorer (a class is instantiated); BenchConfigError when it cannot be imported."""
+    if ":" not in spec:
+        raise BenchConfigError(f"scorer {spec!r} must be 'module:callable'")
+    module, attr = spec.split(":", 1)
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise BenchConfigError(f"cannot import scorer {spec!r}: {e}") from e
+    if isinstance(obj, type):
+        obj = obj()
+    if not callable(obj):
+        raise BenchConfigError(f"scorer {spec!r} is not callable")
+    if not getattr(obj, "name", None):      # a plain function: named after its attribute
+        try:
+            obj.name = attr
+        except AttributeError:
+            pass
+    return obj

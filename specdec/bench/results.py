@@ -1,0 +1,96 @@
+"""Results as JSON lines, one per finished configuration, and the plain-text table the demo and the bench print.
+
+Appends are flushed and fsynced line by line, so a kill loses at most the line being written; `repair_tail` drops
+that torn line before the next append. A multi-process run writes `<out stem>.part<rank>.jsonl` per process and
+`merge_parts` folds them into the results file (rows whose key is already there are not repeated).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a torn last line (a kill mid-write) is ignored."""
+    rows = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def repair_tail(path: Path) -> None:
+    """Drop a torn last line so appends start on a fresh line."""
+    if path.is_file() and path.stat().st_size:
+        text = path.read_text()
+        if not text.endswith("\n"):
+            path.write_text(text[: text.rfind("\n") + 1])
+
+
+def part_path(out: Path, process_index: int) -> Path:
+    return out.parent / f"{out.stem}.part{process_index}.jsonl"
+
+
+def part_files(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f"{out.stem}.part*.jsonl"))
+
+
+def finished_keys(out: Path) -> set:
+    """Keys of the rows in `out` and in its part files (an interrupted multi-process run leaves parts)."""
+    done = set()
+    for path in [out, *part_files(out)]:
+        done |= {r.get("key") for r in read_rows(path)}
+    return done
+
+
+def merge_parts(out: Path) -> int:
+    """Append rows of the part files whose keys are not in `out` yet; delete the parts. Returns rows added."""
+    repair_tail(out)
+    done = {r.get("key") for r in read_rows(out)}
+    added = 0
+    for part in part_files(out):
+        for row in read_rows(part):
+            if row.get("key") not in done:
+                append_row(out, row)
+                done.add(row.get("key"))
+                added += 1
+        part.unlink()
+    return added
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """Bench rows in the shape `format_table` prints."""
+    out = []
+    for r in rows:
+        out.append({"method": r["label"][:36], "rule": r["rule"], "k": int(r.get("k") or 0),
+                    "mean_accepted_length": r["mean_accepted_length"] or 0.0,
+                    "target_forwards_per_image": r["target_forwards_per_image"] or 0.0,
+                    "speedup": r["speedup"] or 0.0,
+                    "feature_fd": r["feature_fd"] if r["feature_fd"] is not None else float("nan"),
+                    "nll": r["nll"] if r["nll"] is not None else float("nan")})
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per method: rule, k, mean accepted length, target forwards per image, speedup, FD, NLL."""
+    head = f"{'method':36s} {'rule':16s} {'k':>3s} {'MAL':>5s} {'fwd/img':>8s} {'speedup':>8s} {'FD':>7s} {'NLL':>6s}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['method']:36s} {r['rule']:16s} {r['k']:3d} {r['mean_accepted_length']:5.2f} "
+                     f"{r['target_forwards_per_image']:8.1f} {r['speedup']:7.2f}x {r['feature_fd']:7.2f} "
+                     f"{r['nll']:6.3f}")
+    return "\n".join(lines)
