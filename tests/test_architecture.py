@@ -155,11 +155,16 @@ class SyncCounter(TorchFunctionMode):
         sync = name in SYNCING
         if name in ("__getitem__", "__setitem__"):
             sync = _bool_index(args)
+        stack = traceback.extract_stack()[:-1]
         if name == "to":
-            sync = any(isinstance(a, (torch.device, str)) for a in (*args[1:], *kwargs.values()))
+            # a transfer written in this library counts even between CPU tensors (on a GPU it is a copy from the
+            # host); inside a third-party model only a real device change counts (transformers' rotary tables
+            # call .to(x.device) on a tensor already there, a no-op)
+            dest = [torch.device(a) for a in (*args[1:], *kwargs.values()) if isinstance(a, (torch.device, str))]
+            ours = str(ROOT) in stack[-1].filename
+            sync = bool(dest) and (ours or any(d != args[0].device for d in dest))
         if sync:
-            frames = [f for f in traceback.extract_stack()[:-1] if str(ROOT) in f.filename
-                      and "/tests/" not in f.filename]
+            frames = [f for f in stack if str(ROOT) in f.filename and "/tests/" not in f.filename]
             where = f"{Path(frames[-1].filename).relative_to(ROOT)}:{frames[-1].lineno}" if frames else "?"
             self.events.append((f"sync:{name}", where))
         return func(*args, **kwargs)
@@ -236,6 +241,9 @@ def test_counter_sees_a_planted_sync(gpt):
     drafter.propose = lambda k: (int(drafter.ctx.n_done[0]), propose(k))[1]      # a host read per step
     steps, _, _ = _count_per_step(gpt, lambda: specdec.generate(gpt, torch.tensor([0, 1]), drafter=drafter, seed=1))
     assert all(len(s) == 2 for s in steps) and any("__int__" in e for s in steps for e in s)
+    drafter.propose = lambda k: (drafter.ctx.n_done.to("cpu"), propose(k))[1]       # a transfer per step
+    steps, _, _ = _count_per_step(gpt, lambda: specdec.generate(gpt, torch.tensor([0, 1]), drafter=drafter, seed=1))
+    assert all(len(s) == 2 for s in steps) and any("sync:to" in e for s in steps for e in s)
 
 
 def _tiny_llama(hidden, layers, seed):
