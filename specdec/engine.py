@@ -71,6 +71,9 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         raise ValueError(f"num_tokens={T} does not fit the target's grid {tuple(target.grid)} "
                          f"({math.prod(target.grid)} tokens); generate at most that many")
     decode = decode and target.can_decode
+    if decode and T != math.prod(target.grid):
+        raise ValueError(f"decoding pixels needs the whole grid {tuple(target.grid)} ({math.prod(target.grid)} "
+                         f"tokens) but num_tokens={T}; pass decode=False to get the tokens only")
     seed = _check_seed(seed)
     token_mask = target.token_mask
 

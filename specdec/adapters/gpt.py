@@ -46,6 +46,7 @@ class GPTAdapter(ARModel):
         self.supports_cfg = True
         self.max_new_tokens = model.cfg.max_len - self.prefix_len
         self._decode = decode
+        self.can_decode = decode is not None     # without a decoder generate() returns tokens only
 
     @property
     def device(self) -> torch.device:

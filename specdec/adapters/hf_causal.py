@@ -101,6 +101,8 @@ class HFCausalAdapter(ARModel):
         self.max_new_tokens = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 1 << 30
         self.compact_every = compact_every
         self._decode = decode
+        # without a decoder generate() returns tokens only; a subclass with its own decode() (Janus, Emu3) can
+        self.can_decode = decode is not None or type(self).decode is not HFCausalAdapter.decode
 
     @property
     def _head(self) -> Tensor:
