@@ -14,6 +14,7 @@ rule whose distortion sits below the tolerance is reported lossless at that reso
 
 Deterministic (one-hot) drafters: x is fixed given the context and q = one_hot(x); the "one_hot" family covers them.
 `acceptance_probability` is deterministic: it enumerates x and a midpoint grid of acceptance uniforms.
+`certify_command` is the body of `specdec certify` (random pairs, or real pairs from the zoo on request).
 """
 from __future__ import annotations
 
