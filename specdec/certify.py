@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from specdec.protocols import AcceptanceRule, require
 from specdec.random import GeneratorRandomness
 from specdec.registry import GEOMETRY_RULES, make_rule, resolve
 from specdec.sampling import Sampling
@@ -247,9 +248,9 @@ def certify_on(rule, p_batch: Tensor, q_batch: Tensor, n_samples: int = 40_000, 
     if p_batch.dim() != 2 or p_batch.shape != q_batch.shape:
         raise ValueError(f"p_batch and q_batch must both be [P, V], got {tuple(p_batch.shape)} and "
                          f"{tuple(q_batch.shape)}")
+    require(rule, AcceptanceRule, "the rule")
     fam = _family(rule, p_batch, q_batch, n_samples, seed, tolerance_factor)
-    return CertifyReport(getattr(rule, "name", type(rule).__name__), bool(getattr(rule, "lossless", False)),
-                         p_batch.shape[1], n_samples, tolerance_factor, {name: fam})
+    return CertifyReport(rule.name, rule.lossless, p_batch.shape[1], n_samples, tolerance_factor, {name: fam})
 
 
 def certify(rule, V: int = 8, n_pairs: int = 8, n_samples: int = 40_000, seed: int = 0,
@@ -258,6 +259,7 @@ def certify(rule, V: int = 8, n_pairs: int = 8, n_samples: int = 40_000, seed: i
 
     A pair passes when TVD(emitted, p) <= tolerance_factor * noise(p, n_samples); the rule certifies lossless when
     every pair passes. Rules with a geometry need one of size V, e.g. `default_geometry(V)`."""
+    require(rule, AcceptanceRule, "the rule")
     pairs = random_pairs(V, n_pairs, seed)
     if families is not None:
         unknown = set(families) - set(pairs)
@@ -266,8 +268,7 @@ def certify(rule, V: int = 8, n_pairs: int = 8, n_samples: int = 40_000, seed: i
         pairs = {k: v for k, v in pairs.items() if k in families}
     reports = {name: _family(rule, p, q, n_samples, seed + 17 * j, tolerance_factor)
                for j, (name, (p, q)) in enumerate(pairs.items())}
-    return CertifyReport(getattr(rule, "name", type(rule).__name__), bool(getattr(rule, "lossless", False)),
-                         V, n_samples, tolerance_factor, reports)
+    return CertifyReport(rule.name, rule.lossless, V, n_samples, tolerance_factor, reports)
 
 
 def default_geometry(V: int = 8, dim: int = 4, seed: int = 0, metric: str = "l2"):

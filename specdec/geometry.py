@@ -139,6 +139,13 @@ class TokenGeometry:
         self._cache[count] = out
         return out
 
+    def prepare(self, device: torch.device | str = "cpu", count: int | None = None) -> None:
+        """Build and cache, ahead of decoding, the vectors on `device` and (when count is given) the count-nearest
+        neighbour table there, so that the first decode step pays nothing for them."""
+        self._vectors_on(torch.device(device))
+        if count is not None:
+            self.neighbours(count, device)
+
     def _vectors_on(self, device: torch.device) -> Tensor:
         vec = self.vectors
         if device != vec.device:

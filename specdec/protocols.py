@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from specdec.random import RowStreams
@@ -47,6 +48,7 @@ class ARModel(Protocol):
     num_tokens: int                          # tokens per image (T)
     grid: tuple[int, ...]                    # (H, W) or (F, H, W), raster order
     max_new_tokens: int                      # context limit for generated tokens (draft slack included)
+    device: torch.device                     # where the model's weights (and its caches) live
     supports_cfg: bool = False               # has an unconditional path
     codebook: Tensor | None = None           # [V, D] VQ code vectors (LANTERN geometry), if known
     token_embeddings: Tensor | None = None   # [V, D] LM input embeddings of the image tokens (GSD geometry)
@@ -139,6 +141,11 @@ class AcceptanceRule(Protocol):
         """draft_tokens [B, k], draft_probs [B, k, V], target_probs [B, k+1, V] -> Verdict(n_accepted [B],
         next_token [B])."""
         ...
+
+    def prepare(self, device) -> None:
+        """Precompute what verify() needs that does not depend on the step (e.g. neighbour tables), so that the
+        first decode step pays nothing extra; callers that time generations call it outside the timed region.
+        Default: nothing to precompute."""
 
     def distortion_bound(self, one_hot_drafts: bool) -> float | None:
         """The per-token total-variation bound between the emitted law and p that the rule guarantees when the

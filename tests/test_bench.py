@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from specdec import bench
+from specdec import bench, cli
 from specdec.bench import Abort, BenchConfigError, load_config, parse_config, read_rows, run_bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_two_process_accelerate_run_merges_to_the_one_process_rows(small_cfg, tm
     # runs gloo on CPU.
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "specdec.bench", "bench", str(small_cfg), "--out", str(two), "--no-progress"]
+           "-m", "specdec.cli", "bench", str(small_cfg), "--out", str(two), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -221,7 +221,7 @@ def test_bad_configs_give_clear_errors(tmp_path):
     with pytest.raises(BenchConfigError, match="cannot import scorer"):
         parse_config({**_raw(), "scorers": ["nope.nothing:fid"]})
     with pytest.raises(SystemExit, match="specdec bench: config file .* not found"):
-        bench.main(["bench", str(tmp_path / "missing.toml")])
+        cli.main(["bench", str(tmp_path / "missing.toml")])
 
 
 def test_presets_parse_and_cover_the_readme_table():

@@ -108,6 +108,10 @@ class BoundedLanternRule(AcceptanceRule):
         object.__setattr__(self, "neighbours", self.geometry.clamp_neighbours(
             self.neighbours, "BoundedLanternRule", self._neighbours_word, CALLER_OF_RULE))
 
+    def prepare(self, device) -> None:
+        """Build the neighbour table on `device` before the first step."""
+        self.geometry.prepare(device, self.neighbours)
+
     def distortion_bound(self, one_hot_drafts: bool) -> float | None:
         """delta, for any drafter: the emitted law is the relaxed target p~, within delta of p."""
         return float(self.delta)

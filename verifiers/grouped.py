@@ -53,6 +53,10 @@ class GroupedRule(AcceptanceRule):
         if self.residual not in ("standard", "group"):
             raise ValueError(f"residual must be 'standard' or 'group', got {self.residual!r}")
 
+    def prepare(self, device) -> None:
+        """Place the embedding table on `device` before the first step."""
+        self.geometry.prepare(device)
+
     def groups(self, draft_tokens: Tensor, target_probs: Tensor):
         """-> (cand LongTensor [B, k, 2w], keep BoolTensor [B, k, 2w]); invalid slots point at x and are not kept
         (the slot of x itself is kept)."""

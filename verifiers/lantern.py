@@ -70,6 +70,10 @@ class LanternRule(AcceptanceRule):
         object.__setattr__(self, "neighbours", self.geometry.clamp_neighbours(
             self.neighbours, "LanternRule", self._neighbours_word, CALLER_OF_RULE))
 
+    def prepare(self, device) -> None:
+        """Build the neighbour table on `device` before the first step."""
+        self.geometry.prepare(device, self.neighbours)
+
     def distortion_bound(self, one_hot_drafts: bool) -> float | None:
         """delta for deterministic (one-hot) drafts in delta mode; no bound for sampled drafts or lambda mode."""
         return float(self.delta) if self.lam is None and one_hot_drafts else None

@@ -20,14 +20,7 @@ from specdec.bench.runner import Abort, bench_command, distortion_bound, measure
 
 __all__ = ["Abort", "BenchConfig", "BenchConfigError", "DEMO_METHODS", "GENERATORS", "MeanBrightness", "Method",
            "QUICK_METHODS", "Scorer", "available", "bench_command", "build", "config_key", "distortion_bound",
-           "family", "format_table", "load_config", "load_generator", "load_scorer", "main", "measure_row",
+           "family", "format_table", "load_config", "load_generator", "load_scorer", "measure_row",
            "merge_parts", "metric_names", "parse_config", "preset_names", "read_config", "read_rows", "run_bench",
            "run_method", "summary_rows", "timed_generate"]
 
-
-def main(argv=None) -> int:
-    """`python -m specdec.bench ...`, the same as `specdec ...` (launchers such as `accelerate launch -m` start a
-    module). The CLI imports this package's modules, never this one, so the import below closes no cycle."""
-    from specdec.cli import main as cli_main
-
-    return cli_main(argv)

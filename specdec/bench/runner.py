@@ -123,8 +123,9 @@ def _measure(ctx: _Ctx, run: dict, repeats: int, warmup: int) -> _Measured:
     sampling = Sampling(**run["sampling"])          # the run holds the JSON form its key is hashed from
     method = Method(run["label"], run["drafter"], dict(run["drafter_params"]), run["rule"], dict(run["rule_params"]))
     drafter, rule = build(method, bundle, ctx.geometries)
+    rule.prepare(bundle.target.device)           # neighbour tables are built here, never inside a timed generation
     batches = _batches(run, bundle)
-    for _ in range(warmup):        # untimed: first calls at a new shape (and the k-NN tables) are several times slower
+    for _ in range(warmup):        # untimed: first calls at a new shape are several times slower
         generate(bundle.target, batches[0][0], drafter=drafter, rule=rule, sampling=sampling, seed=run["seed"],
                  decode=False)
     timed = [timed_generate(bundle.target, cond, drafter, rule, sampling, seed, repeats) for cond, seed in batches]
@@ -219,7 +220,7 @@ def measure_row(ctx: _Ctx, run: dict, cfg: BenchConfig, scorers: list, image_dir
     if m.images is not None and cfg.save_images:
         image_path = os.path.relpath(image_strip(m.images[: cfg.save_images], image_dir / f"{run['key']}.png"),
                                      rel_to)
-    dev = getattr(bundle.target, "device", torch.device("cpu"))
+    dev = bundle.target.device
     model = getattr(bundle.target, "model", None)
     dtype = next(model.parameters()).dtype if hasattr(model, "parameters") else torch.get_default_dtype()
     return {
