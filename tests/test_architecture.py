@@ -126,6 +126,32 @@ def test_no_library_file_over_400_lines():
     assert long == {}
 
 
+def _code_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, whitespace-folded text) of the lines that carry code: no blanks, comments, docstring-only
+    lines, imports or lone punctuation."""
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        s = " ".join(line.split())
+        if not s or s.startswith(("#", "import ", "from ", '"""', "@")) or s in (")", "]", "}", "):", "),"):
+            continue
+        out.append((i, s))
+    return out
+
+
+def test_no_block_of_six_lines_repeated_in_the_library():
+    seen: dict[tuple[str, ...], str] = {}
+    repeats = []
+    for name, path in sorted(_modules().items()):
+        lines = _code_lines(path)
+        for j in range(len(lines) - 5):
+            window = tuple(s for _, s in lines[j:j + 6])
+            where = f"{path.relative_to(ROOT)}:{lines[j][0]}"
+            if window in seen and not seen[window].startswith(f"{path.relative_to(ROOT)}:"):
+                repeats.append(f"{where} repeats {seen[window]}")
+            seen.setdefault(window, where)
+    assert repeats == []
+
+
 # -- host syncs per decode step ---------------------------------------------------------------------------------------
 SYNCING = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy", "cuda",
            "masked_select", "unique", "unique_consecutive", "repeat_interleave", "argwhere"}

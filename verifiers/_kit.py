@@ -136,3 +136,17 @@ def neighbours_alias(cls):
 
 # a rule's __post_init__ -> dataclass __init__ -> `neighbours_alias` __init__ -> the caller that built the rule
 CALLER_OF_RULE = 4
+
+
+class NeighbourTable:
+    """What the rules built on a k-nearest-neighbour table of the token geometry share (mixed in before
+    AcceptanceRule): the count clamped to what the geometry holds, and the table built ahead of decoding."""
+
+    def _clamp_neighbours(self) -> None:
+        """Clamp self.neighbours to V - 1 (with a warning at the line that built the rule); call in __post_init__."""
+        object.__setattr__(self, "neighbours", self.geometry.clamp_neighbours(
+            self.neighbours, type(self).__name__, self._neighbours_word, CALLER_OF_RULE + 1))
+
+    def prepare(self, device) -> None:
+        """Build the neighbour table on `device` before the first step."""
+        self.geometry.prepare(device, self.neighbours)

@@ -39,7 +39,7 @@ from torch import Tensor
 from specdec.geometry import TokenGeometry
 from specdec.protocols import AcceptanceRule, Randomness
 from specdec.types import Verdict
-from verifiers._kit import (CALLER_OF_RULE, accept_run, correction_uniform, neighbours_alias, residual_sample,
+from verifiers._kit import (NeighbourTable, accept_run, correction_uniform, neighbours_alias, residual_sample,
                             token_probs)
 
 
@@ -82,7 +82,7 @@ def transport(p: Tensor, q: Tensor, geometry: TokenGeometry, neighbours: int, de
 
 @neighbours_alias
 @dataclass(frozen=True)
-class BoundedLanternRule(AcceptanceRule):
+class BoundedLanternRule(NeighbourTable, AcceptanceRule):
     """geometry: TokenGeometry over the VQ codebook; neighbours: K, neighbours per token (clamped to V-1; `k=` is its
     deprecated alias); delta in [0, 1]:
     the TV budget per token; rounds: transport rounds (>= 1); candidates: receivers and givers considered per
@@ -105,12 +105,7 @@ class BoundedLanternRule(AcceptanceRule):
             raise ValueError(f"rounds must be an integer >= 1, got {self.rounds!r}")
         if not isinstance(self.candidates, int) or self.candidates < 1:
             raise ValueError(f"candidates must be an integer >= 1, got {self.candidates!r}")
-        object.__setattr__(self, "neighbours", self.geometry.clamp_neighbours(
-            self.neighbours, "BoundedLanternRule", self._neighbours_word, CALLER_OF_RULE))
-
-    def prepare(self, device) -> None:
-        """Build the neighbour table on `device` before the first step."""
-        self.geometry.prepare(device, self.neighbours)
+        self._clamp_neighbours()
 
     def distortion_bound(self, one_hot_drafts: bool) -> float | None:
         """delta, for any drafter: the emitted law is the relaxed target p~, within delta of p."""

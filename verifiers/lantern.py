@@ -36,13 +36,13 @@ from torch import Tensor
 from specdec.geometry import TokenGeometry
 from specdec.protocols import AcceptanceRule, Randomness
 from specdec.types import Verdict
-from verifiers._kit import (CALLER_OF_RULE, accept_run, correction_uniform, neighbours_alias, relax,
+from verifiers._kit import (NeighbourTable, accept_run, correction_uniform, neighbours_alias, relax,
                             relaxed_residual_sample, residual, token_probs)
 
 
 @neighbours_alias
 @dataclass(frozen=True)
-class LanternRule(AcceptanceRule):
+class LanternRule(NeighbourTable, AcceptanceRule):
     """geometry: TokenGeometry (or a raw [V, D] tensor) over the VQ codebook; neighbours: K, neighbours per token
     (clamped to V-1; `k=` is its deprecated alias); delta (default 0.1 when lam is None) or lam: the budget, one of
     the two."""
@@ -67,12 +67,7 @@ class LanternRule(AcceptanceRule):
                 object.__setattr__(self, "delta", 0.1)
             if not (0.0 <= self.delta <= 1.0):
                 raise ValueError(f"delta must be in [0, 1] (a total-variation budget), got {self.delta}")
-        object.__setattr__(self, "neighbours", self.geometry.clamp_neighbours(
-            self.neighbours, "LanternRule", self._neighbours_word, CALLER_OF_RULE))
-
-    def prepare(self, device) -> None:
-        """Build the neighbour table on `device` before the first step."""
-        self.geometry.prepare(device, self.neighbours)
+        self._clamp_neighbours()
 
     def distortion_bound(self, one_hot_drafts: bool) -> float | None:
         """delta for deterministic (one-hot) drafts in delta mode; no bound for sampled drafts or lambda mode."""

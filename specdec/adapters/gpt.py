@@ -4,7 +4,6 @@ Static cache with a per-row write pointer: rollback just moves the pointer. CFG 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -12,21 +11,13 @@ from torch import Tensor
 
 from specdec.adapters.base import check_capacity, check_cfg, check_class_ids
 from specdec.adapters.cfg import CFGRows
-from specdec.cache import StaticKVCache
+from specdec.adapters.static import StaticCacheAdapter, StaticCacheState
 from specdec.models.gpt import GPT
-from specdec.protocols import ARModel
 from specdec.sampling import Sampling
 from specdec.types import Logits
 
 
-@dataclass
-class GPTState(CFGRows):
-    """CFG rows (`CFGRows`) and the static cache of all of them."""
-
-    cache: StaticKVCache
-
-
-class GPTAdapter(ARModel):
+class GPTAdapter(StaticCacheAdapter):
     """ARModel over `GPT`. grid: token layout (H, W); decode: tokens [B, T] -> pixels, optional."""
 
     prefix_len = 1
@@ -53,22 +44,15 @@ class GPTAdapter(ARModel):
         return self.model.head.weight.device
 
     @torch.no_grad()
-    def start(self, cond: Tensor, sampling: Sampling, capacity: int) -> tuple[GPTState, Logits]:
+    def start(self, cond: Tensor, sampling: Sampling, capacity: int) -> tuple[StaticCacheState, Logits]:
         cond = check_class_ids(cond, self.num_classes).to(self.device)
         check_cfg(self, sampling)
         check_capacity(self, capacity)
         rows = CFGRows(cond.shape[0], sampling.uses_cfg)
         classes = rows.stack(cond, lambda c: torch.full_like(c, self.model.null_class))
         cache = self.model.new_cache(classes.shape[0], max_len=self.prefix_len + capacity)
-        state = GPTState(rows.batch, rows.cfg, cache)
+        state = StaticCacheState(rows.batch, rows.cfg, cache, self.prefix_len)
         return state, state.split(self.model.prefill(classes, cache)[:, None])
-
-    @torch.no_grad()
-    def forward(self, state: GPTState, tokens: Tensor) -> Logits:
-        return state.split(self.model.step(state.double(tokens), state.cache))
-
-    def rollback(self, state: GPTState, keep: Tensor) -> None:
-        state.cache.set_lengths(state.double(keep) + self.prefix_len)
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor | None:

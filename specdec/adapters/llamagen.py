@@ -11,7 +11,6 @@ cls_token_num, left-padded as LlamaGen's sample_t2i does), or a tuple (features,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,25 +18,16 @@ from torch import Tensor
 
 from specdec.adapters.base import check_capacity, check_cfg, check_class_ids
 from specdec.adapters.cfg import CFGRows
-from specdec.cache import StaticKVCache
+from specdec.adapters.static import StaticCacheAdapter, StaticCacheState
 from specdec.models.llamagen import (GPT_SIZES, LlamaGenConfig, LlamaGenGPT, LlamaGenVQ, VQ_SIZES, VQConfig,
                                      load_checked, read_state_dict)
-from specdec.protocols import ARModel
 from specdec.sampling import Sampling
 from specdec.types import Logits
 
 IMAGE_SIZES = (256, 384, 512)
 
 
-@dataclass
-class LlamaGenState(CFGRows):
-    """CFG rows (`CFGRows`), the static cache of all of them and the condition length in front of the image."""
-
-    cache: StaticKVCache
-    prefix: int
-
-
-class LlamaGenAdapter(ARModel):
+class LlamaGenAdapter(StaticCacheAdapter):
     """ARModel over a `LlamaGenGPT`, with its `LlamaGenVQ` for decoding (optional)."""
 
     def __init__(self, model: LlamaGenGPT, vq: LlamaGenVQ | None = None):
@@ -82,7 +72,7 @@ class LlamaGenAdapter(ARModel):
         return cond.to(self.device, self.model.output.weight.dtype), mask
 
     @torch.no_grad()
-    def start(self, cond: Any, sampling: Sampling, capacity: int) -> tuple[LlamaGenState, Logits]:
+    def start(self, cond: Any, sampling: Sampling, capacity: int) -> tuple[StaticCacheState, Logits]:
         cond, mask = self._condition(cond)
         check_cfg(self, sampling)
         check_capacity(self, capacity)
@@ -90,15 +80,8 @@ class LlamaGenAdapter(ARModel):
         cond = rows.stack(cond, self.model.null_condition)
         mask = None if mask is None else rows.double(mask)     # the null caption keeps the prompt's padding
         cache = self.model.new_cache(cond.shape[0], capacity)
-        state = LlamaGenState(rows.batch, rows.cfg, cache, self.model.cfg.prefix_len)
+        state = StaticCacheState(rows.batch, rows.cfg, cache, self.model.cfg.prefix_len)
         return state, state.split(self.model.prefill(cond, cache, mask)[:, None])
-
-    @torch.no_grad()
-    def forward(self, state: LlamaGenState, tokens: Tensor) -> Logits:
-        return state.split(self.model.step(state.double(tokens), state.cache))
-
-    def rollback(self, state: LlamaGenState, keep: Tensor) -> None:
-        state.cache.set_lengths(state.double(keep) + state.prefix)
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor | None:
