@@ -28,7 +28,7 @@ from specdec import Sampling
 from specdec.types import Draft
 
 
-def build(backend: str, dim: int, layers: int, heads: int, vocab: int, grid, seed: int):
+def build_models(backend: str, dim: int, layers: int, heads: int, vocab: int, grid, seed: int):
     torch.manual_seed(seed)
     tokens = grid[0] * grid[1]
     if backend == "gpt":
@@ -106,8 +106,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     grid = tuple(int(g) for g in args.grid.split(","))
-    target, n_target = build(args.backend, 384, 6, 6, 4096, grid, 0)
-    small, n_small = build(args.backend, 128, 2, 4, 4096, grid, 1)
+    target, n_target = build_models(args.backend, 384, 6, 6, 4096, grid, 0)
+    small, n_small = build_models(args.backend, 128, 2, 4, 4096, grid, 1)
     sampling = Sampling(temperature=0.0, cfg_scale=args.cfg)
     cond = torch.zeros(args.batch, dtype=torch.long)
     T = target.num_tokens

@@ -133,7 +133,7 @@ def stage_vq(args, out: Path, work: Path) -> None:
     card = dict(config=_config_dict(cfg), data=_data_card(), seed=args.seed, batch=args.vq_batch, lr=args.vq_lr,
                 loss="MSE + 0.25 commitment; EMA l2-normalised codebook with dead-code restarts", **run)
     zoo.save_model(model, out, "vq", card)
-    model, card = zoo.build("vq", out)
+    model, card = zoo.load_model("vq", out)
     x, _ = data.fixed_set("heldout", args.eval_per_class, args.seed + 11)
     with torch.no_grad():
         ids = model.encode(x)
@@ -166,7 +166,7 @@ def stage_features(args, out: Path, work: Path) -> None:
     card = dict(config=_config_dict(cfg), data=_data_card(), seed=args.seed, batch=args.features_batch,
                 lr=args.features_lr, loss="cross-entropy over the photo classes", **run)
     zoo.save_model(model, out, "features", card)
-    model, _ = zoo.build("features", out)
+    model, _ = zoo.load_model("features", out)
     x, c = data.fixed_set("heldout", args.eval_per_class, args.seed + 11)
     with torch.no_grad():
         acc = (model(x).argmax(-1) == c).float().mean().item()
@@ -180,7 +180,7 @@ def token_pool(args, out: Path, work: Path) -> tuple[torch.Tensor, torch.Tensor]
     path = work / f"pool_{card['sha256'][:12]}_{args.pool}_{args.seed}.pt"
     if path.is_file():
         return tuple(torch.load(path))
-    tok, _ = zoo.build("vq", out)
+    tok, _ = zoo.load_model("vq", out)
     toks, classes, chunk = [], [], 256
     t0 = time.time()
     for i in range(math.ceil(args.pool / chunk)):
@@ -197,7 +197,7 @@ def token_pool(args, out: Path, work: Path) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def heldout_tokens(args, out: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    tok, _ = zoo.build("vq", out)
+    tok, _ = zoo.load_model("vq", out)
     x, c = data.fixed_set("heldout", args.eval_per_class, args.seed + 11)
     return tok.encode(x).flatten(1), c
 
@@ -234,7 +234,7 @@ def stage_gpt(name: str, args, out: Path, work: Path) -> None:
                 seed=args.seed, batch=bsz, lr=peak, class_dropout=args.class_dropout,
                 optimizer="AdamW(0.9, 0.95), wd 0.05, warm-up 100 + cosine to 10%, grad clip 1.0", **run)
     zoo.save_model(model, out, name, card, half=True)
-    model, _ = zoo.build(name, out)
+    model, _ = zoo.load_model(name, out)
     ht, hc = heldout_tokens(args, out)
     train_idx = torch.arange(0, len(tokens), max(1, len(tokens) // len(ht)))[: len(ht)]
     metrics = dict(heldout_nll_per_token=round(token_nll(model, ht, hc).mean().item(), 4),

@@ -14,12 +14,12 @@ from __future__ import annotations
 from specdec.bench.config import (BenchConfig, BenchConfigError, config_key, family, load_config, parse_config,
                                   preset_names, read_config)
 from specdec.bench.generators import GENERATORS, MeanBrightness, Scorer, load_generator, load_scorer
-from specdec.bench.methods import DEMO_METHODS, QUICK_METHODS, Method, available, build, run_method, timed_generate
+from specdec.bench.methods import DEMO_METHODS, QUICK_METHODS, Method, available, build_method, run_method, timed_generate
 from specdec.bench.results import format_table, merge_parts, read_rows, summary_rows
 from specdec.bench.runner import Abort, bench_command, distortion_bound, measure_row, metric_names, run_bench
 
 __all__ = ["Abort", "BenchConfig", "BenchConfigError", "DEMO_METHODS", "GENERATORS", "MeanBrightness", "Method",
-           "QUICK_METHODS", "Scorer", "available", "bench_command", "build", "config_key", "distortion_bound",
+           "QUICK_METHODS", "Scorer", "available", "bench_command", "build_method", "config_key", "distortion_bound",
            "family", "format_table", "load_config", "load_generator", "load_scorer", "measure_row",
            "merge_parts", "metric_names", "parse_config", "preset_names", "read_config", "read_rows", "run_bench",
            "run_method", "summary_rows", "timed_generate"]

@@ -1,6 +1,6 @@
 """Decoding methods by name: a drafter and an acceptance rule from the registry, built once and timed.
 
-A `Method` names a drafter (None = plain AR) and a rule with their parameters; `build` turns it into objects for a
+A `Method` names a drafter (None = plain AR) and a rule with their parameters; `build_method` turns it into objects for a
 bundle. Both are reusable across `specdec.generate` calls: a drafter's `start` resets it and rules are stateless,
 so a method is built once per configuration, outside the timed region, and every timing repeat reuses it.
 """
@@ -39,7 +39,7 @@ DEMO_METHODS = (
 QUICK_METHODS = DEMO_METHODS[:3]
 
 
-def build(method: Method, bundle, geometries: dict | None = None):
+def build_method(method: Method, bundle, geometries: dict | None = None):
     """(drafter or None, rule) for a method on a bundle (`specdec.protocols.Bundle`).
 
     geometries: a dict kept by the caller across the methods of one bundle, so that rules over the same token table
@@ -55,7 +55,7 @@ def available(methods, bundle) -> list[Method]:
     keep = []
     for m in methods:
         try:
-            build(m, bundle)
+            build_method(m, bundle)
             keep.append(m)
         except (ImportError, AttributeError):
             continue
@@ -76,5 +76,5 @@ def timed_generate(target, cond, drafter, rule, sampling: Sampling, seed: int, r
 def run_method(bundle, method: Method, cond, sampling: Sampling, seed: int, repeats: int,
                geometries: dict | None = None):
     """Build the method once, then (median wall-clock over repeats, the result of the last repeat)."""
-    drafter, rule = build(method, bundle, geometries)
+    drafter, rule = build_method(method, bundle, geometries)
     return timed_generate(bundle.target, cond, drafter, rule, sampling, seed, repeats)

@@ -29,7 +29,7 @@ from torch import Tensor
 from specdec import metrics
 from specdec.bench.config import BenchConfig, BenchConfigError, config_key, family, load_config
 from specdec.bench.generators import load_generator, load_scorer
-from specdec.bench.methods import Method, build, timed_generate
+from specdec.bench.methods import Method, build_method, timed_generate
 from specdec.bench.results import (append_row, finished_keys, format_table, merge_parts, part_files, part_path,
                                    read_rows, repair_tail, summary_rows)
 from specdec.engine import generate
@@ -79,7 +79,7 @@ def _dist() -> _Dist:
 
 # -- measuring one configuration ----------------------------------------------------------------------------------
 @dataclass
-class _Ctx:
+class _PerGenerator:
     """What a process keeps per generator across configurations."""
 
     bundle: Any
@@ -118,11 +118,11 @@ def _batches(run: dict, bundle) -> list[tuple[Tensor, int]]:
             for i in range(0, run["images"], run["batch"])]
 
 
-def _measure(ctx: _Ctx, run: dict, repeats: int, warmup: int) -> _Measured:
-    bundle = ctx.bundle
+def _measure(gen: _PerGenerator, run: dict, repeats: int, warmup: int) -> _Measured:
+    bundle = gen.bundle
     sampling = Sampling(**run["sampling"])          # the run holds the JSON form its key is hashed from
     method = Method(run["label"], run["drafter"], dict(run["drafter_params"]), run["rule"], dict(run["rule_params"]))
-    drafter, rule = build(method, bundle, ctx.geometries)
+    drafter, rule = build_method(method, bundle, gen.geometries)
     rule.prepare(bundle.target.device)           # neighbour tables are built here, never inside a timed generation
     batches = _batches(run, bundle)
     for _ in range(warmup):        # untimed: first calls at a new shape are several times slower
@@ -160,17 +160,17 @@ def _per_position(stats: list) -> list[float]:
     return [round(float(x), 4) for x in (acc_pos / dr_pos.clamp_min(1))]
 
 
-def _feature_fd(ctx: _Ctx, m: _Measured, fd_real: int) -> float | None:
+def _feature_fd(gen: _PerGenerator, m: _Measured, fd_real: int) -> float | None:
     """Frechet distance in the bundle's feature space against real crops of the generated classes, in the same
     proportions as the generated images (their features are computed once per class set)."""
     if m.images is None:
         return None
     ids = tuple(sorted(set(m.cond.tolist())))
-    if ids not in ctx.real_feats:
+    if ids not in gen.real_feats:
         real_cond = torch.tensor(ids)[torch.arange(fd_real) % len(ids)]
-        real = ctx.bundle.heldout_images(fd_real, seed=0, classes=real_cond)
-        ctx.real_feats[ids] = metrics.extract_features(real, ctx.bundle.features)
-    return metrics.frechet_distance(metrics.extract_features(m.images, ctx.bundle.features), ctx.real_feats[ids])
+        real = gen.bundle.heldout_images(fd_real, seed=0, classes=real_cond)
+        gen.real_feats[ids] = metrics.extract_features(real, gen.bundle.features)
+    return metrics.frechet_distance(metrics.extract_features(m.images, gen.bundle.features), gen.real_feats[ids])
 
 
 def metric_names(scorers) -> dict:
@@ -191,16 +191,16 @@ def _r6(x):
     return None if x is None else round(float(x), 6)
 
 
-def measure_row(ctx: _Ctx, run: dict, cfg: BenchConfig, scorers: list, image_dir: Path, rel_to: Path,
+def measure_row(gen: _PerGenerator, run: dict, cfg: BenchConfig, scorers: list, image_dir: Path, rel_to: Path,
                 dist: _Dist) -> dict:
     """Measure one configuration (and its group's baseline, once) -> the JSON row."""
-    bundle = ctx.bundle
+    bundle = gen.bundle
     g = _group(run)
-    if g not in ctx.baselines:
-        ctx.baselines[g] = _measure(ctx, _baseline_run(run), cfg.repeats, cfg.warmup)
-    base = ctx.baselines[g]
+    if g not in gen.baselines:
+        gen.baselines[g] = _measure(gen, _baseline_run(run), cfg.repeats, cfg.warmup)
+    base = gen.baselines[g]
     is_base = run["drafter"] is None and run["rule"] == "exact"
-    m = base if is_base else _measure(ctx, run, cfg.repeats, cfg.warmup)
+    m = base if is_base else _measure(gen, run, cfg.repeats, cfg.warmup)
 
     n = m.tokens.shape[0]
     tf = sum(s.target_forwards for s in m.stats)
@@ -240,7 +240,7 @@ def measure_row(ctx: _Ctx, run: dict, cfg: BenchConfig, scorers: list, image_dir
         "wall_s": _r6(m.wall), "wall_per_image_s": _r6(m.wall / n), "baseline_wall_per_image_s": _r6(base.wall / n),
         "speedup": _r6(base.wall / m.wall if m.wall else None),
         "draft_share": _r6(draft_s / wall_s_gen if wall_s_gen else 0.0),
-        "feature_fd": _r6(_feature_fd(ctx, m, cfg.fd_real)), "nll": _r6(nll), "tvd_vs_baseline": _r6(tvd),
+        "feature_fd": _r6(_feature_fd(gen, m, cfg.fd_real)), "nll": _r6(nll), "tvd_vs_baseline": _r6(tvd),
         "distortion_bound": distortion_bound(m.rule, one_hot), "lossless": bool(m.rule.lossless),
         "scores": scores, "metric": metric_names(scorers),
         "grid": list(bundle.target.grid), "acceptance_map": [round(float(x), 3) for x in acc_map],
@@ -277,13 +277,13 @@ def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
 
     bar = tqdm(total=len(cfg.runs), initial=len(cfg.runs) - len(todo), desc=f"configs[{dist.process_index}]",
                position=dist.process_index, disable=not progress, unit="cfg")
-    ctxs: dict[str, _Ctx] = {}
+    per_generator: dict[str, _PerGenerator] = {}
     written = []
     try:
         for run in mine:
-            if run["generator"] not in ctxs:
-                ctxs[run["generator"]] = _Ctx(load_generator(run["generator"]))
-            row = measure_row(ctxs[run["generator"]], run, cfg, scorers, image_dir, out.parent, dist)
+            if run["generator"] not in per_generator:
+                per_generator[run["generator"]] = _PerGenerator(load_generator(run["generator"]))
+            row = measure_row(per_generator[run["generator"]], run, cfg, scorers, image_dir, out.parent, dist)
             append_row(target, row)
             written.append(row)
             bar.update(1)

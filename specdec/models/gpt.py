@@ -90,15 +90,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, ctx: "StepInputs", layer: int) -> Tensor:
+    def forward(self, x: Tensor, inputs: "StepInputs", layer: int) -> Tensor:
         B, n, _ = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.cfg.n_heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = rotary(q, ctx.cos, ctx.sin), rotary(k, ctx.cos, ctx.sin)
-        if ctx.cache is None:
+        q, k = rotary(q, inputs.cos, inputs.sin), rotary(k, inputs.cos, inputs.sin)
+        if inputs.cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            k_all, v_all = ctx.cache.write(layer, k, v, ctx.positions)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=ctx.mask)
+            k_all, v_all = inputs.cache.write(layer, k, v, inputs.positions)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=inputs.mask)
         return self.proj(y.transpose(1, 2).reshape(B, n, -1))
 
 
@@ -111,8 +111,8 @@ class Block(nn.Module):
         self.gate_up = nn.Linear(cfg.dim, 2 * cfg.hidden, bias=False)
         self.down = nn.Linear(cfg.hidden, cfg.dim, bias=False)
 
-    def forward(self, x, ctx: "StepInputs", layer: int):
-        x = x + self.attn(self.attn_norm(x), ctx, layer)
+    def forward(self, x, inputs: "StepInputs", layer: int):
+        x = x + self.attn(self.attn_norm(x), inputs, layer)
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, -1)
         return x + self.down(F.silu(gate) * up)
 
@@ -148,9 +148,9 @@ class GPT(nn.Module):
     def trunk(self, x: Tensor, positions: Tensor, cache: StaticKVCache | None) -> Tensor:
         cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_base, x.dtype)
         mask = cache.attention_mask(positions) if cache is not None else None
-        ctx = StepInputs(positions, cos, sin, cache, mask)
+        inputs = StepInputs(positions, cos, sin, cache, mask)
         for i, block in enumerate(self.blocks):
-            x = block(x, ctx, i)
+            x = block(x, inputs, i)
         return self.norm(x)
 
     def forward_train(self, tokens: Tensor, classes: Tensor) -> Tensor:

@@ -111,7 +111,7 @@ def _config(cls, raw: dict[str, Any]):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
-def build(name: str, directory: Path | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_model(name: str, directory: Path | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """One zoo model in eval mode, weights verified and loaded -> (module, card)."""
     from specdec.models.gpt import GPT, GPTConfig
     factories: dict[str, tuple[type, Callable]] = {
@@ -164,7 +164,7 @@ def load(device: str | torch.device = "cpu", directory: str | Path | None = None
     directory = Path(directory) if directory is not None else None
     models, cards = {}, {}
     for name in MODEL_NAMES:
-        models[name], cards[name] = build(name, directory, device)
+        models[name], cards[name] = load_model(name, directory, device)
     classes = tuple(cards["target"].get("data", {}).get("classes", CLASS_NAMES))
     tok: VQTokenizer = models["vq"]
     codebook = tok.codebook.detach()
