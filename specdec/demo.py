@@ -10,8 +10,8 @@ proportions as the samples) and the samples' NLL under the target. Writes into t
 from __future__ import annotations
 
 import json
-import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -34,8 +34,12 @@ def check_out_dir(path: str | Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DemoError(f"cannot create output folder {out}: {e.strerror}; pass --out with a writable path") from e
-    if not os.access(out, os.W_OK):
-        raise DemoError(f"output folder {out} is not writable; pass --out with a writable path")
+    try:        # a real write: permission bits say nothing to root, and read-only or virtual file systems exist
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise DemoError(f"output folder {out} is not writable ({e.strerror}); pass --out with a writable "
+                        f"path") from e
     return out
 
 
