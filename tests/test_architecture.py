@@ -238,11 +238,6 @@ def _assert_one_sync_per_step(steps):
     assert not bad, f"steps with other than one host sync: {dict(list(bad.items())[:2])}"
 
 
-@pytest.fixture(scope="module")
-def gpt():
-    return tiny_gpt(vocab=64, grid=(4, 4), sharpen=3.0)
-
-
 @pytest.mark.parametrize("make", [
     lambda t: (None, None),
     lambda t: (ModelDrafter(perturbed_copy(t, 0.3), k=3), ExactRule()),
@@ -253,22 +248,22 @@ def gpt():
     lambda t: (LookupDrafter(k=3), ExactRule()),
 ], ids=["ar", "model-exact", "argmax-lantern", "model-bounded", "jacobi-random", "jacobi-vertical", "lookup"])
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
-def test_own_model_paths_sync_once_per_step(gpt, make, cfg):
-    drafter, rule = make(gpt)
+def test_own_model_paths_sync_once_per_step(target, make, cfg):
+    drafter, rule = make(target)
     cond = torch.tensor([0, 1, 2])
-    steps, _, _ = _count_per_step(gpt, lambda: specdec.generate(
-        gpt, cond, drafter=drafter, rule=rule, sampling=Sampling(cfg_scale=cfg), seed=1, decode=False))
+    steps, _, _ = _count_per_step(target, lambda: specdec.generate(
+        target, cond, drafter=drafter, rule=rule, sampling=Sampling(cfg_scale=cfg), seed=1, decode=False))
     _assert_one_sync_per_step(steps)
 
 
-def test_counter_sees_a_planted_sync(gpt):
-    drafter = ModelDrafter(perturbed_copy(gpt, 0.3), k=3)
+def test_counter_sees_a_planted_sync(target):
+    drafter = ModelDrafter(perturbed_copy(target, 0.3), k=3)
     propose = drafter.propose
     drafter.propose = lambda k: (int(drafter.ctx.n_done[0]), propose(k))[1]      # a host read per step
-    steps, _, _ = _count_per_step(gpt, lambda: specdec.generate(gpt, torch.tensor([0, 1]), drafter=drafter, seed=1))
+    steps, _, _ = _count_per_step(target, lambda: specdec.generate(target, torch.tensor([0, 1]), drafter=drafter, seed=1))
     assert all(len(s) == 2 for s in steps) and any("__int__" in e for s in steps for e in s)
     drafter.propose = lambda k: (drafter.ctx.n_done.to("cpu"), propose(k))[1]       # a transfer per step
-    steps, _, _ = _count_per_step(gpt, lambda: specdec.generate(gpt, torch.tensor([0, 1]), drafter=drafter, seed=1))
+    steps, _, _ = _count_per_step(target, lambda: specdec.generate(target, torch.tensor([0, 1]), drafter=drafter, seed=1))
     assert all(len(s) == 2 for s in steps) and any("sync:to" in e for s in steps for e in s)
 
 

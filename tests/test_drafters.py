@@ -12,22 +12,13 @@ from drafters.jacobi import JacobiDrafter
 from drafters.lookup import LookupDrafter
 from specdec import Sampling
 from specdec.protocols import DecodeContext
-from specdec.exactness import exact_joint, goodness_of_fit, sequence_index
 from specdec.random import RowStreams
-from helpers import perturbed_copy, tiny_gpt
-
-GREEDY = Sampling(temperature=0.0)
-
+from helpers import GREEDY, fit_of, perturbed_copy, tiny_gpt
 
 @pytest.fixture(scope="module")
 def enumerable():
     """V = 5, T = 4 on a (2, 2) grid: 625 sequences, sharpened so the joint law is far from uniform."""
     return tiny_gpt(vocab=5, grid=(2, 2), dim=32, heads=2, classes=2, sharpen=15.0)
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny_gpt(vocab=64, grid=(4, 4), sharpen=3.0)
 
 
 def spy_tail(drafter):
@@ -54,13 +45,6 @@ def spy_tail(drafter):
 
     drafter.propose, drafter.observe = p, o
     return counts
-
-
-def fit_of(target, drafter, sampling, n=20000, seed=1234):
-    """Chi-square fit of n samples (one condition) against the exact joint law, and the GenerationResult."""
-    probs = exact_joint(target, torch.tensor(1), sampling, 4)
-    res = specdec.generate(target, torch.ones(n, dtype=torch.long), drafter=drafter, sampling=sampling, seed=seed)
-    return goodness_of_fit(sequence_index(res.tokens, 5), probs), res
 
 
 # 1. Losslessness: sequence-level chi-square against the enumerated joint law -----------------------------------

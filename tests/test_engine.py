@@ -9,16 +9,7 @@ import torch
 import specdec
 from drafters import ModelDrafter
 from specdec import Sampling
-from specdec.exactness import exact_joint, goodness_of_fit, sequence_index
-from helpers import perturbed_copy, tiny_gpt
-
-GREEDY = Sampling(temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def target():
-    return tiny_gpt(vocab=64, grid=(4, 4), sharpen=3.0)
-
+from helpers import GREEDY, fit_of, perturbed_copy, tiny_gpt
 
 @pytest.fixture(scope="module")
 def unrelated():
@@ -95,11 +86,7 @@ def test_speculative_sampling_is_exact(enumerable, name):
     an exact sampler with as many samples (both measured)."""
     target, drafter = enumerable
     sampling = SAMPLINGS[name]
-    probs = exact_joint(target, torch.tensor(1), sampling, 4)
-    n = 24000
-    res = specdec.generate(target, torch.ones(n, dtype=torch.long), drafter=ModelDrafter(drafter, k=2),
-                           sampling=sampling, seed=1234)
-    fit = goodness_of_fit(sequence_index(res.tokens, 5), probs)
+    fit, res = fit_of(target, ModelDrafter(drafter, k=2), sampling, n=24000, seed=1234)
     assert fit.p_value > 1e-3, str(fit)
     assert fit.tvd < 2 * fit.tvd_noise + 1e-3, str(fit)
     # the test means something only if drafts were both accepted and rejected

@@ -7,8 +7,8 @@ import torch
 import specdec
 from drafters import ModelDrafter
 from specdec.adapters.llamagen import LlamaGenAdapter, from_checkpoint
-from specdec.exactness import exact_joint, goodness_of_fit, sequence_index
 from specdec.models.llamagen import LlamaGenConfig, LlamaGenGPT, LlamaGenVQ, VQConfig
+from helpers import fit_of
 
 
 def tiny(seed=0, model_type="c2i", vocab=48, side=4, dim=64, layers=2, heads=4, kv=None, cls=1, classes=5):
@@ -85,11 +85,7 @@ def test_sampling_is_exact_with_cfg():
     target = LlamaGenAdapter(tiny(2, vocab=4, side=2, dim=32, layers=1, heads=2))
     drafter = LlamaGenAdapter(tiny(9, vocab=4, side=2, dim=32, layers=1, heads=2))
     sampling = specdec.Sampling(temperature=1.0, cfg_scale=2.0)
-    law = exact_joint(target, torch.tensor(1), sampling, target.num_tokens)
-    n = 20000
-    out = specdec.generate(target, torch.full((n,), 1), drafter=ModelDrafter(drafter, k=2), sampling=sampling,
-                           seed=0, decode=False)
-    report = goodness_of_fit(sequence_index(out.tokens, 4), law)
+    report, out = fit_of(target, ModelDrafter(drafter, k=2), sampling, n=20000, seed=0)
     assert report.p_value > 1e-3, str(report)
     assert 0 < out.stats.acceptance_rate < 1
 

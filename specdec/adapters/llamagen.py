@@ -33,6 +33,7 @@ class LlamaGenAdapter(StaticCacheAdapter):
     def __init__(self, model: LlamaGenGPT, vq: LlamaGenVQ | None = None):
         self.model = model.eval()
         self.vq = None if vq is None else vq.eval()
+        self.can_decode = vq is not None     # without a VQ decoder generate() returns tokens only
         cfg = model.cfg
         side = cfg.grid_side
         self.grid = (side, side)
