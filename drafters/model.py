@@ -14,6 +14,10 @@ Cache bookkeeping without per-row branches: before each proposal the drafter rol
 n_done - 2 generated tokens and re-feeds the last two committed tokens. Whatever the previous verdict was, the
 first n_done - 2 tokens in its cache are right (it held the committed prefix plus d_1..d_{k-1}), so every row feeds
 the same number of tokens and shapes stay static. Re-computing one token's K/V is the price.
+
+compile=True runs each draft token (model call, q, the draw) as one torch.compile graph: a small drafter's step is
+mostly per-call overhead, which the graph removes (the zoo drafter: about half the time per token). It needs a
+model with a static KV cache (the project's GPT, LlamaGen); the first step of each shape pays the compilation.
 """
 from __future__ import annotations
 
@@ -23,13 +27,14 @@ from torch import Tensor
 from specdec.adapters.base import check_capacity
 from specdec.protocols import ARModel, Drafter
 from specdec.random import sample_categorical
+from specdec.sampling import Sampling, to_probs
 from specdec.types import Draft, Verdict
 
 
 class ModelDrafter(Drafter):
     """Drafts k tokens per step with `model`, an ARModel over the same image vocabulary as the target."""
 
-    def __init__(self, model: ARModel, k: int = 4, drafts: str = "sample"):
+    def __init__(self, model: ARModel, k: int = 4, drafts: str = "sample", compile: bool = False):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k (draft tokens per step) must be an integer >= 1, got {k!r}")
         if drafts not in ("sample", "argmax"):
@@ -38,6 +43,13 @@ class ModelDrafter(Drafter):
         self.k = k
         self.drafts = drafts
         self.forwards = 0
+        self._token_step = draft_token
+        if compile:
+            from specdec.adapters.static import StaticCacheAdapter
+            if not isinstance(model, StaticCacheAdapter):
+                raise TypeError(f"compile=True needs a draft model with a static KV cache (GPTAdapter, "
+                                f"LlamaGenAdapter); {type(model).__name__} is not one: use compile=False")
+            self._token_step = torch.compile(draft_token, fullgraph=True, dynamic=False)
 
     @property
     def one_hot_drafts(self) -> bool:
@@ -51,6 +63,7 @@ class ModelDrafter(Drafter):
         check_capacity(self.model, ctx.capacity)
         self.ctx = ctx
         self.state, _ = self.model.start(ctx.cond, ctx.sampling, ctx.capacity)
+        self.offsets = torch.arange(self.k + 1, device=ctx.n_done.device)
         self.first = True
         self.forwards = 0
 
@@ -60,21 +73,17 @@ class ModelDrafter(Drafter):
         n_feed = 1 if self.first else 2
         self.first = False
         self.model.rollback(self.state, ctx.park(ctx.n_done - n_feed))
-        feed = ctx.tokens.gather(1, ctx.n_done[:, None] - n_feed + torch.arange(n_feed, device=ctx.n_done.device))
+        feed = ctx.tokens.gather(1, ctx.n_done[:, None] - n_feed + self.offsets[:n_feed])
+        # the "sample" stream at each drafted position: the draw plain AR would make there (the bonus uniform of
+        # verifiers._kit.correction_uniform); all k at once, a step's per-token work is the model call
+        u = ctx.streams.uniform_at("sample", ctx.n_done[:, None] + self.offsets[:k]) if self.drafts == "sample" \
+            else None
         drafts, probs = [], []
+        argmax = self.drafts == "argmax"
         for j in range(k):
-            logits = self.model.forward(self.state, feed)
+            token, q = self._token_step(self.model, self.state, feed, None if argmax else u[:, j], ctx.sampling,
+                                        ctx.token_mask)
             self.forwards += 1
-            q = ctx.probs(type(logits)(logits.cond[:, -1:], None if logits.uncond is None
-                                       else logits.uncond[:, -1:]))[:, 0]              # [B, V]
-            if self.drafts == "argmax":
-                token = q.argmax(-1)
-                q = torch.nn.functional.one_hot(token, q.shape[-1]).to(q.dtype)
-            else:
-                # the "sample" stream at this position: the draw plain AR would make there (the bonus uniform of
-                # verifiers._kit.correction_uniform)
-                u = ctx.streams.uniform_at("sample", (ctx.n_done + j)[:, None])[:, 0]
-                token = sample_categorical(q, u)
             drafts.append(token)
             probs.append(q)
             feed = token[:, None]
@@ -82,3 +91,15 @@ class ModelDrafter(Drafter):
 
     def observe(self, verdict: Verdict, target_probs: Tensor) -> None:
         """Nothing to do: the next proposal rolls the cache back from ctx.n_done."""
+
+
+def draft_token(model: ARModel, state, feed: Tensor, u: Tensor | None, sampling: Sampling,
+                token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One draft token: feed [B, n] into the draft model, q [B, V] of the position after it, and the token [B]
+    drawn from q with uniforms u [B] (u None: the argmax, with q reported one-hot)."""
+    logits = model.forward(state, feed)
+    q = to_probs(logits.cond[:, -1], None if logits.uncond is None else logits.uncond[:, -1], sampling, token_mask)
+    if u is None:
+        token = q.argmax(-1)
+        return token, torch.nn.functional.one_hot(token, q.shape[-1]).to(q.dtype)
+    return sample_categorical(q, u), q

@@ -1,0 +1,60 @@
+"""The compiled decode step (specdec.compiled): same tokens as the eager adapters, one graph per shape."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specdec
+from drafters import ModelDrafter
+from specdec import Sampling
+from specdec.compiled import compile_adapter
+from helpers import perturbed_copy, tiny_gpt
+
+
+@pytest.fixture(scope="module")
+def compiled(target):
+    draft = perturbed_copy(target, 0.3)
+    return draft, compile_adapter(target), compile_adapter(draft)
+
+
+def test_compiled_tokens_equal_eager_and_graphs_are_reused(target, compiled):
+    from torch._dynamo.utils import counters
+
+    draft, c_target, c_draft = compiled
+    sampling, cond = Sampling(cfg_scale=3.0), torch.tensor([0, 1, 2])
+    graphs = []
+    for seed in (4, 5):
+        eager = specdec.generate(target, cond, drafter=ModelDrafter(draft, k=3), sampling=sampling, seed=seed)
+        fast = specdec.generate(c_target, cond, drafter=ModelDrafter(c_draft, k=3), sampling=sampling, seed=seed)
+        whole = specdec.generate(target, cond, drafter=ModelDrafter(draft, k=3, compile=True), sampling=sampling,
+                                 seed=seed)
+        assert torch.equal(eager.tokens, fast.tokens) and torch.equal(eager.tokens, whole.tokens)
+        assert fast.stats.target_forwards == eager.stats.target_forwards
+        assert 0 < fast.stats.acceptance_rate < 1
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0]          # the second generation replays the graphs of the first
+
+
+def test_compile_refuses_a_growing_cache_and_unknown_modes(target):
+    class Growing:
+        pass
+    with pytest.raises(TypeError, match="static KV cache"):
+        compile_adapter(Growing())
+    with pytest.raises(ValueError, match="mode"):
+        compile_adapter(target, mode="fastest")
+    with pytest.raises(TypeError, match="static KV cache"):
+        ModelDrafter(Growing(), k=2, compile=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_path_equals_eager():
+    target = tiny_gpt(vocab=64, grid=(4, 4), sharpen=3.0)
+    draft = perturbed_copy(target, 0.3)
+    target.model.cuda()
+    draft.model.cuda()
+    c_target, c_draft = compile_adapter(target, "reduce-overhead"), compile_adapter(draft, "reduce-overhead")
+    cond = torch.tensor([0, 1])
+    eager = specdec.generate(target, cond, drafter=ModelDrafter(draft, k=3), seed=1)
+    for _ in range(2):       # the second run replays the captured graphs
+        fast = specdec.generate(c_target, cond, drafter=ModelDrafter(c_draft, k=3), seed=1)
+        assert torch.equal(eager.tokens, fast.tokens)
