@@ -20,7 +20,7 @@ def demo_cmd(args) -> int:
     try:
         return run_demo(args.out, quick=args.quick, classes=args.classes.split(",") if args.classes else None,
                         per_class=args.per_class, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                        cfg=args.cfg, repeats=args.repeats, fd_real=args.fd_real)
+                        cfg=args.cfg, repeats=args.repeats, fd_real=args.fd_real, threads=args.threads)
     except DemoError as e:
         raise SystemExit(f"specdec: {e}")
 
@@ -39,7 +39,7 @@ def certify_cmd(args) -> int:
 def bench_cmd(args) -> int:
     try:
         return bench_command(args.config, args.preset, out=args.out, repeats=args.repeats, max_rows=args.max_rows,
-                             dry_run=args.dry_run, progress=not args.no_progress)
+                             dry_run=args.dry_run, progress=not args.no_progress, threads=args.threads)
     except BenchConfigError as e:
         raise SystemExit(f"specdec bench: {e}")
 
@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--temperature", type=float, default=1.0)
     d.add_argument("--top-k", type=int, default=0)
     d.add_argument("--cfg", type=float, default=3.0)
-    d.add_argument("--repeats", type=int, default=0, help="timing repeats (default 1 quick, 3 full)")
+    d.add_argument("--repeats", type=int, default=0, help="latency rounds (default 3 quick, 5 full)")
+    d.add_argument("--threads", type=int, default=0, help="torch threads (default 0: the physical cores)")
     d.add_argument("--fd-real", type=int, default=256, help="held-out real crops for the Frechet distance")
     d.set_defaults(func=demo_cmd)
 
@@ -86,6 +87,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-rows", type=int, default=0, help="stop after this many new rows (resume later)")
     b.add_argument("--dry-run", action="store_true", help="list the configurations and exit")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--threads", type=int, default=0, help="torch threads (default 0: the physical cores)")
     b.set_defaults(func=bench_cmd)
 
     r = sub.add_parser("report", help="plots + Markdown table from bench JSON lines")

@@ -1,24 +1,30 @@
 """`specdec demo`: plain AR against speculative decoding on the embedded zoo, in one process, one table, two figures.
 
-Every method goes through the same `specdec.generate` after one untimed warm-up, timed as the median of `repeats`
-generations. Quality: feature-space Frechet distance against held-out crops of the same classes (in the same
-proportions as the samples) and the samples' NLL under the target. Writes into the output folder:
-  table.json      the rows (MAL, acceptance, target forwards per image, wall-clock, speedup, FD, NLL) and the setup
+Speed (the headline, the field's convention): latency of one image (batch 1), every method through the same
+`specdec.generate`, after one untimed warm-up, timed in interleaved rounds (AR, A, B, AR, A, B, ...) so that load
+from other processes hits all methods alike; min / median / max per method. A speedup larger than its counts allow
+(MAL * t_step / t_verify, with the target's raw step costs measured here) or a large spread is flagged
+"unreliable: rerun on a quiet machine". Beside it, throughput at the demo's batch (one interleaved pass).
+Quality, on the batch: the samples' NLL under the target, and the feature-space Frechet distance against held-out
+crops of the same classes, shown only from 200 images on (below that its noise exceeds the differences).
+Writes into the output folder:
+  table.json      the rows (MAL, acceptance, target forwards per image, latency, speedup and its bound, throughput,
+                  NLL, FD) and the setup (sampling, seed, threads, device)
   samples.png     the images of every method, one row each (same seeds)
   acceptance.png  per-position share of tokens committed from drafts, one panel per speculative method
 """
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 from specdec import metrics
-from specdec.bench.methods import DEMO_METHODS, QUICK_METHODS, available, run_method
+from specdec.bench.methods import DEMO_METHODS, QUICK_METHODS, available, build_method
 from specdec.bench.results import format_table
+from specdec.bench.timing import count_bound, interleaved_rounds, reliability, set_threads, step_costs
 from specdec.plots import acceptance_heatmaps, image_grid
 from specdec.sampling import Sampling
 
@@ -43,16 +49,24 @@ def check_out_dir(path: str | Path) -> Path:
     return out
 
 
+FD_MIN_IMAGES = 200     # fewer images: the Frechet distance's seed noise exceeds the differences between methods
+
+
 def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: list[str] | None = None,
              per_class: int = 0, seed: int = 0, temperature: float = 1.0, top_k: int = 0, cfg: float = 3.0,
-             repeats: int = 0, fd_real: int = 256) -> int:
-    """Run the demo and print its table. classes: zoo class names (None: the first 3 quick / 6 full); per_class,
-    repeats: 0 = 2 / 1 quick, 4 / 3 full. Raises DemoError for bad inputs."""
+             repeats: int = 0, fd_real: int = 256, threads: int = 0) -> int:
+    """Run the demo and print its table. classes: zoo class names (None: the first 3 quick / 6 full); per_class:
+    0 = 2 quick / 4 full; repeats: latency rounds, 0 = 3 quick / 5 full; threads: 0 = the physical cores.
+    Raises DemoError for bad inputs."""
     import specdec.zoo
-    from tqdm.auto import tqdm
+    from specdec.engine import generate
 
     torch.set_grad_enabled(False)
     out = check_out_dir(out)
+    try:
+        threads = set_threads(threads)
+    except ValueError as e:
+        raise DemoError(str(e)) from e
     bundle = specdec.zoo.load()
     names = classes or list(bundle.classes[: (3 if quick else 6)])
     try:
@@ -62,39 +76,61 @@ def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: lis
     per_class = per_class or (2 if quick else 4)
     cond = torch.tensor([c for c in class_ids for _ in range(per_class)])
     sampling = Sampling(temperature=temperature, top_k=top_k, cfg_scale=cfg)
-    repeats = repeats or (1 if quick else 3)
+    rounds = repeats or (3 if quick else 5)
     methods = available(QUICK_METHODS if quick else DEMO_METHODS, bundle)
-    print(f"specdec demo: {len(methods)} methods x {len(cond)} images ({', '.join(names)}), {sampling}, "
-          f"seed {seed}, median of {repeats}", flush=True)
+    print(f"specdec demo: {len(methods)} methods, latency of 1 image ({rounds} interleaved rounds) and "
+          f"{len(cond)} images ({', '.join(names)}), {sampling}, seed {seed}, {threads} threads", flush=True)
 
-    # warm-up outside the timings, then every method through the same generate() in this process
-    specdec.generate(bundle.target, cond[:2], sampling=sampling, seed=seed)
-    # held-out crops of the same classes, in the same proportions as the samples
-    real = bundle.heldout_images(fd_real, seed=0, classes=cond[torch.arange(fd_real) % len(cond)])
-    real_feats = metrics.extract_features(real, bundle.features)
-    rows, images, maps = [], [], []
     geometries: dict = {}            # rules over the codebook share one geometry and its k-NN tables
-    for method in tqdm(methods, desc="methods", disable=not sys.stderr.isatty()):
-        wall, res = run_method(bundle, method, cond, sampling, seed, repeats, geometries)
-        fd = metrics.frechet_distance(metrics.extract_features(res.images, bundle.features), real_feats)
-        nll = float(metrics.token_nll(bundle.target_gpt, res.tokens, cond).mean())
+    built = [build_method(m, bundle, geometries) for m in methods]
+    for _, rule in built:
+        rule.prepare(bundle.target.device)
+
+    def run(drafter, rule, c):
+        return lambda: generate(bundle.target, c, drafter=drafter, rule=rule, sampling=sampling, seed=seed)
+
+    for drafter, rule in built:      # warm-up: first calls at a new shape are several times slower
+        run(drafter, rule, cond[:1])()
+    latency, single = interleaved_rounds([run(d, r, cond[:1]) for d, r in built], rounds)
+    throughput, results = interleaved_rounds([run(d, r, cond) for d, r in built], 1)
+    ks = {d.k for d, _ in built if d is not None}
+    costs = {k: step_costs(bundle.target, cond[:1], sampling, k + 1) for k in ks}
+    t_step = min(c[0] for c in costs.values()) if costs else 0.0
+
+    real_feats = None
+    if len(cond) >= FD_MIN_IMAGES:   # held-out crops of the same classes, in the same proportions as the samples
+        real = bundle.heldout_images(fd_real, seed=0, classes=cond[torch.arange(fd_real) % len(cond)])
+        real_feats = metrics.extract_features(real, bundle.features)
+    rows, images, maps = [], [], []
+    for method, (drafter, _), lat, one, thr, res in zip(methods, built, latency, single, throughput, results):
         st = res.stats
+        speedup = latency[0].median / lat.median
+        bound = count_bound(one.stats.mean_accepted_length, costs[drafter.k][0], costs[drafter.k][1]) \
+            if drafter is not None else 1.0
+        fd = None if real_feats is None else \
+            metrics.frechet_distance(metrics.extract_features(res.images, bundle.features), real_feats)
         rows.append({"method": method.label, "drafter": method.drafter or "-", "rule": method.rule,
                      "k": method.drafter_params.get("k", method.drafter_params.get("window", 0)),
                      "mean_accepted_length": st.mean_accepted_length, "acceptance_rate": st.acceptance_rate,
-                     "target_forwards_per_image": st.target_forwards_per_image, "wall_s": wall,
-                     "feature_fd": fd, "nll": nll, "images": len(cond), "repeats": repeats})
+                     "target_forwards_per_image": st.target_forwards_per_image,
+                     "latency_s": lat.as_dict(), "speedup": speedup, "speedup_bound": bound,
+                     "reliability": reliability(speedup, bound, lat, latency[0]),
+                     "throughput_images_per_s": len(cond) / thr.median,
+                     "throughput_speedup": throughput[0].median / thr.median,
+                     "feature_fd": fd, "nll": float(metrics.token_nll(bundle.target_gpt, res.tokens, cond).mean()),
+                     "images": len(cond), "rounds": rounds})
         images.append(res.images)
         maps.append(st.acceptance_map.float().mean(0).reshape(bundle.target.grid))     # [H, W]
-    ar_wall = rows[0]["wall_s"]
-    for r in rows:
-        r["speedup"] = ar_wall / r["wall_s"]
-    meta = {"sampling": vars(sampling), "seed": seed, "classes": names, "device": "cpu", "dtype": "float32",
-            "threads": torch.get_num_threads(), "fd_real_images": fd_real,
-            "fd_metric": "Frechet distance in the zoo feature net's space"}
+    meta = {"sampling": vars(sampling), "seed": seed, "classes": names, "device": str(bundle.target.device),
+            "dtype": "float32", "threads": threads, "latency_batch": 1, "throughput_batch": len(cond),
+            "target_step_s": t_step, "fd_real_images": fd_real if real_feats is not None else 0,
+            "fd_metric": f"Frechet distance in the zoo feature net's space (from {FD_MIN_IMAGES} images on)"}
     (out / "table.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     image_grid(images, [r["method"] for r in rows], out / "samples.png")
     acceptance_heatmaps(maps[1:], [r["method"] for r in rows[1:]], out / "acceptance.png")
     print(format_table(rows))
+    for r in rows:
+        if r["reliability"]:
+            print(f"{r['method']}: {r['reliability']}")
     print(f"\nwrote {out / 'samples.png'}, {out / 'acceptance.png'}, {out / 'table.json'}")
     return 0

@@ -1,18 +1,15 @@
-"""Decoding methods by name: a drafter and an acceptance rule from the registry, built once and timed.
+"""Decoding methods by name: a drafter and an acceptance rule from the registry, built once.
 
 A `Method` names a drafter (None = plain AR) and a rule with their parameters; `build_method` turns it into objects for a
 bundle. Both are reusable across `specdec.generate` calls: a drafter's `start` resets it and rules are stateless,
-so a method is built once per configuration, outside the timed region, and every timing repeat reuses it.
+so a method is built once per configuration, outside the timed region, and every timing round reuses it
+(`specdec.bench.timing`).
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field
 
-from specdec.engine import generate
 from specdec.registry import make_drafter, make_rule
-from specdec.sampling import Sampling
 
 
 @dataclass(frozen=True)
@@ -60,21 +57,3 @@ def available(methods, bundle) -> list[Method]:
         except (ImportError, AttributeError):
             continue
     return keep
-
-
-def timed_generate(target, cond, drafter, rule, sampling: Sampling, seed: int, repeats: int):
-    """Median wall-clock seconds of `repeats` generate() calls (decoding included) and the last result; the
-    repeats are identical for a seed, so only their timing differs. cond [B]."""
-    times, res = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        res = generate(target, cond, drafter=drafter, rule=rule, sampling=sampling, seed=seed)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), res
-
-
-def run_method(bundle, method: Method, cond, sampling: Sampling, seed: int, repeats: int,
-               geometries: dict | None = None):
-    """Build the method once, then (median wall-clock over repeats, the result of the last repeat)."""
-    drafter, rule = build_method(method, bundle, geometries)
-    return timed_generate(bundle.target, cond, drafter, rule, sampling, seed, repeats)

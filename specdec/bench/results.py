@@ -79,18 +79,27 @@ def summary_rows(rows: list[dict]) -> list[dict]:
         out.append({"method": r["label"][:36], "rule": r["rule"], "k": int(r.get("k") or 0),
                     "mean_accepted_length": r["mean_accepted_length"] or 0.0,
                     "target_forwards_per_image": r["target_forwards_per_image"] or 0.0,
-                    "speedup": r["speedup"] or 0.0,
+                    "speedup": r["speedup"] or 0.0, "reliability": r.get("reliability"),
                     "feature_fd": r["feature_fd"] if r["feature_fd"] is not None else float("nan"),
                     "nll": r["nll"] if r["nll"] is not None else float("nan")})
     return out
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per method: rule, k, mean accepted length, target forwards per image, speedup, FD, NLL."""
-    head = f"{'method':36s} {'rule':16s} {'k':>3s} {'MAL':>5s} {'fwd/img':>8s} {'speedup':>8s} {'FD':>7s} {'NLL':>6s}"
+    """One line per method: rule, k, mean accepted length, target forwards per image, speedup (with its
+    min-max range when the row has latency rounds, and '!' when it is flagged unreliable), FD, NLL."""
+    head = (f"{'method':36s} {'rule':16s} {'k':>3s} {'MAL':>5s} {'fwd/img':>8s} {'speedup':>8s} {'range':>11s} "
+            f"{'FD':>7s} {'NLL':>6s}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        fd = r.get("feature_fd")
+        fd = "-" if fd is None or fd != fd else f"{fd:.2f}"
+        span = ""
+        if isinstance(r.get("latency_s"), dict) and rows[0].get("latency_s"):
+            base = rows[0]["latency_s"]["median_s"]
+            span = f"{base / r['latency_s']['max_s']:.2f}-{base / r['latency_s']['min_s']:.2f}"
+        flag = "!" if r.get("reliability") else " "
         lines.append(f"{r['method']:36s} {r['rule']:16s} {r['k']:3d} {r['mean_accepted_length']:5.2f} "
-                     f"{r['target_forwards_per_image']:8.1f} {r['speedup']:7.2f}x {r['feature_fd']:7.2f} "
+                     f"{r['target_forwards_per_image']:8.1f} {r['speedup']:6.2f}x{flag} {span:>11s} {fd:>7s} "
                      f"{r['nll']:6.3f}")
     return "\n".join(lines)

@@ -1,9 +1,11 @@
 """Running a sweep: measure every pending configuration of a config and append one JSON row per finished one.
 
 Each configuration builds its drafter and rule once (rules over one token table share a TokenGeometry and its
-k-NN tables), runs `warmup` untimed generations, then times every batch as the median of `repeats` generations.
-Every (generator, sampling, batch, images, seed, classes) group is compared with its plain-AR baseline, measured in
-the same process, so speedups always compare runs made side by side.
+k-NN tables, prepared before any timing), runs `warmup` untimed generations, then is timed in `repeats`
+interleaved rounds with plain AR on the same batches (AR, method, AR, method, ...; `specdec.bench.timing`): its
+speedup compares runs made side by side, and a row whose speedup exceeds what its counts allow, or whose rounds
+spread widely, says "unreliable: rerun on a quiet machine". Tokens, images and quality come from the method's last
+round; every (generator, sampling, batch, images, seed, classes) group's AR tokens from its baseline row.
 
 Multi-process: under `torchrun --nproc_per_node N` or `accelerate launch --multi_gpu --num_processes N` (on CPU too:
 accelerate's PartialState then uses gloo) the pending configurations are split with
@@ -29,7 +31,8 @@ from torch import Tensor
 from specdec import metrics
 from specdec.bench.config import BenchConfig, BenchConfigError, config_key, family, load_config
 from specdec.bench.generators import load_generator, load_scorer
-from specdec.bench.methods import Method, build_method, timed_generate
+from specdec.bench.methods import Method, build_method
+from specdec.bench.timing import Timing, count_bound, interleaved_rounds, reliability, set_threads, step_costs
 from specdec.bench.results import (append_row, finished_keys, format_table, merge_parts, part_files, part_path,
                                    read_rows, repair_tail, summary_rows)
 from specdec.engine import generate
@@ -84,6 +87,7 @@ class _PerGenerator:
 
     bundle: Any
     geometries: dict = field(default_factory=dict)      # token-table name -> TokenGeometry (shared k-NN tables)
+    step_costs: dict = field(default_factory=dict)      # (group, k) -> (t_step, t_verify) of the target
     real_feats: dict = field(default_factory=dict)      # class-id tuple -> held-out features [fd_real, D]
     baselines: dict = field(default_factory=dict)       # group -> _Measured of the plain-AR run
 
@@ -92,7 +96,8 @@ class _PerGenerator:
 class _Measured:
     """One configuration's generations: N = images, T = tokens per image."""
 
-    wall: float                   # seconds, summed over batches (each the median of the repeats)
+    timing: Timing                # seconds per round, summed over the batches
+    ar_timing: Timing             # plain AR on the same batches, in the same rounds (the method's own for AR)
     tokens: Tensor                # [N, T]
     images: Tensor | None         # [N, 3, H, W] in [-1, 1], None when the target cannot decode
     stats: list                   # SpecStats of every batch
@@ -125,13 +130,20 @@ def _measure(gen: _PerGenerator, run: dict, repeats: int, warmup: int) -> _Measu
     drafter, rule = build_method(method, bundle, gen.geometries)
     rule.prepare(bundle.target.device)           # neighbour tables are built here, never inside a timed generation
     batches = _batches(run, bundle)
+
+    # plain AR (no drafter: the engine samples p whatever the rule) interleaved with the method, round by round
+    drafters = [drafter] if drafter is None else [None, drafter]
     for _ in range(warmup):        # untimed: first calls at a new shape are several times slower
-        generate(bundle.target, batches[0][0], drafter=drafter, rule=rule, sampling=sampling, seed=run["seed"],
-                 decode=False)
-    timed = [timed_generate(bundle.target, cond, drafter, rule, sampling, seed, repeats) for cond, seed in batches]
-    results = [res for _, res in timed]
+        for d in drafters:
+            generate(bundle.target, batches[0][0], drafter=d, rule=rule, sampling=sampling, seed=run["seed"],
+                     decode=False)
+
+    def all_batches(d):
+        return lambda: [generate(bundle.target, c, drafter=d, rule=rule, sampling=sampling, seed=s) for c, s in batches]
+    timings, last = interleaved_rounds([all_batches(d) for d in drafters], repeats)
+    results = last[-1]
     images = [res.images for res in results]
-    return _Measured(wall=sum(w for w, _ in timed), tokens=torch.cat([res.tokens for res in results]),
+    return _Measured(timing=timings[-1], ar_timing=timings[0], tokens=torch.cat([res.tokens for res in results]),
                      images=torch.cat(images) if all(i is not None for i in images) else None,
                      stats=[res.stats for res in results], cond=torch.cat([c for c, _ in batches]),
                      sampling=sampling, drafter=drafter, rule=rule)
@@ -220,6 +232,15 @@ def measure_row(gen: _PerGenerator, run: dict, cfg: BenchConfig, scorers: list, 
     if m.images is not None and cfg.save_images:
         image_path = os.path.relpath(image_strip(m.images[: cfg.save_images], image_dir / f"{run['key']}.png"),
                                      rel_to)
+    ar_wall, wall = m.ar_timing.median, m.timing.median
+    speedup = ar_wall / wall if wall else None
+    bound, note = 1.0, reliability(speedup, 1.0, m.timing) if is_base else None
+    if m.drafter is not None:
+        key = (g, m.drafter.k)
+        if key not in gen.step_costs:             # the target's raw 1-token and (k+1)-token forwards, this batch
+            gen.step_costs[key] = step_costs(bundle.target, m.cond[: run["batch"]], m.sampling, m.drafter.k + 1)
+        bound = count_bound(committed / tf if tf else 0.0, *gen.step_costs[key])
+        note = reliability(speedup, bound, m.timing, m.ar_timing)
     dev = bundle.target.device
     model = getattr(bundle.target, "model", None)
     dtype = next(model.parameters()).dtype if hasattr(model, "parameters") else torch.get_default_dtype()
@@ -237,8 +258,10 @@ def measure_row(gen: _PerGenerator, run: dict, cfg: BenchConfig, scorers: list, 
         "acceptance_rate": _r6(accepted / drafted if drafted else 0.0),
         "acceptance_per_position": _per_position(m.stats),
         "target_forwards_per_image": _r6(tf / n), "step_compression": _r6(b_tf / tf if tf else None),
-        "wall_s": _r6(m.wall), "wall_per_image_s": _r6(m.wall / n), "baseline_wall_per_image_s": _r6(base.wall / n),
-        "speedup": _r6(base.wall / m.wall if m.wall else None),
+        "wall_s": _r6(wall), "wall_per_image_s": _r6(wall / n), "wall_min_s": _r6(m.timing.min),
+        "wall_max_s": _r6(m.timing.max), "wall_spread": _r6(m.timing.spread), "baseline_wall_per_image_s": _r6(ar_wall / n),
+        "baseline_wall_spread": _r6(m.ar_timing.spread), "speedup": _r6(speedup), "speedup_bound": _r6(bound),
+        "reliability": note,
         "draft_share": _r6(draft_s / wall_s_gen if wall_s_gen else 0.0),
         "feature_fd": _r6(_feature_fd(gen, m, cfg.fd_real)), "nll": _r6(nll), "tvd_vs_baseline": _r6(tvd),
         "distortion_bound": distortion_bound(m.rule, one_hot), "lossless": bool(m.rule.lossless),
@@ -303,12 +326,17 @@ def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
 
 
 def bench_command(config: str | None = None, preset: str | None = None, out: str = "", repeats: int = 0,
-                  max_rows: int = 0, dry_run: bool = False, progress: bool = True) -> int:
+                  max_rows: int = 0, dry_run: bool = False, progress: bool = True, threads: int = 0) -> int:
     """`specdec bench`: list (dry_run) or run a config's configurations, then print the summary table of its rows.
 
-    out: results JSONL (default specdec-bench/<config name>.jsonl); repeats / max_rows: 0 = the config's / no limit.
+    out: results JSONL (default specdec-bench/<config name>.jsonl); repeats / max_rows: 0 = the config's / no limit;
+    threads: torch threads, 0 = the physical cores (recorded in every row).
     Raises BenchConfigError for a bad config; an Abort (max_rows) is reported and ends the command normally."""
     cfg = load_config(config, preset)
+    try:
+        set_threads(threads)
+    except ValueError as e:
+        raise BenchConfigError(str(e)) from e
     if repeats:
         cfg = dataclasses.replace(cfg, repeats=repeats)
     path = Path(out) if out else Path("specdec-bench") / f"{cfg.name}.jsonl"
