@@ -25,6 +25,7 @@ import torch
 import specdec
 from drafters import ModelDrafter
 from specdec import Sampling
+from specdec.protocols import Drafter
 from specdec.types import Draft
 
 
@@ -49,7 +50,7 @@ def build_models(backend: str, dim: int, layers: int, heads: int, vocab: int, gr
     return adapter, sum(p.numel() for p in model.parameters())
 
 
-class ReplayDrafter:
+class ReplayDrafter(Drafter):
     """Proposes the known output (free drafts, q one-hot): an oracle with c ~ 0."""
 
     def __init__(self, known: torch.Tensor, k: int):

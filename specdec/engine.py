@@ -21,7 +21,7 @@ from specdec.adapters.base import check_capacity
 from specdec.protocols import AcceptanceRule, ARModel, DecodeContext, Drafter, require
 from specdec.random import RowStreams, fresh_seed, sample_categorical
 from specdec.sampling import Sampling, nonfinite, to_probs
-from specdec.types import Draft, GenerationResult, SpecStats
+from specdec.types import Draft, GenerationResult, SpecStats, Verdict
 
 
 def _check_inputs(target: ARModel, drafter, rule, num_tokens: int) -> int:
@@ -120,10 +120,13 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         last = tokens.gather(1, (n_done - 1)[:, None])
         logits = target.forward(state, torch.cat([last, draft.tokens], 1))
         p = to_probs(logits.cond, logits.uncond, sampling, token_mask)                 # [B, k+1, V]
-        q = draft.q(V)
         bad = bad | torch.stack([nonfinite(logits.cond, logits.uncond), _invalid_probs(draft.probs, no),
                                  torch.isnan(p).any()])
-        verdict = rule.verify(draft.tokens, q, p, streams.at(n_done))
+        if k:
+            verdict = rule.verify(draft.tokens, draft.q(V), p, streams.at(n_done))
+        else:   # plain AR: what the exact rule does with no drafts (the bonus draw from p), without its bookkeeping
+            u = streams.uniform_at("sample", n_done[:, None])[:, 0]
+            verdict = Verdict(zero[:, 0], sample_categorical(p[:, 0], u))
         t2 = time.perf_counter()
 
         # commit: d_1..d_n then the correction/bonus; slots past it are garbage that later steps overwrite

@@ -260,10 +260,12 @@ def test_counter_sees_a_planted_sync(target):
     drafter = ModelDrafter(perturbed_copy(target, 0.3), k=3)
     propose = drafter.propose
     drafter.propose = lambda k: (int(drafter.ctx.n_done[0]), propose(k))[1]      # a host read per step
-    steps, _, _ = _count_per_step(target, lambda: specdec.generate(target, torch.tensor([0, 1]), drafter=drafter, seed=1))
+    steps, _, _ = _count_per_step(target, lambda: specdec.generate(target, torch.tensor([0, 1]), drafter=drafter,
+                                                                   seed=1))
     assert all(len(s) == 2 for s in steps) and any("__int__" in e for s in steps for e in s)
     drafter.propose = lambda k: (drafter.ctx.n_done.to("cpu"), propose(k))[1]       # a transfer per step
-    steps, _, _ = _count_per_step(target, lambda: specdec.generate(target, torch.tensor([0, 1]), drafter=drafter, seed=1))
+    steps, _, _ = _count_per_step(target, lambda: specdec.generate(target, torch.tensor([0, 1]), drafter=drafter,
+                                                                   seed=1))
     assert all(len(s) == 2 for s in steps) and any("sync:to" in e for s in steps for e in s)
 
 

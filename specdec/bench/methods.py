@@ -1,9 +1,9 @@
 """Decoding methods by name: a drafter and an acceptance rule from the registry, built once.
 
-A `Method` names a drafter (None = plain AR) and a rule with their parameters; `build_method` turns it into objects for a
-bundle. Both are reusable across `specdec.generate` calls: a drafter's `start` resets it and rules are stateless,
-so a method is built once per configuration, outside the timed region, and every timing round reuses it
-(`specdec.bench.timing`).
+A `Method` names a drafter (None = plain AR) and a rule with their parameters; `build_method` turns it into
+objects for a bundle. Both are reusable across `specdec.generate` calls: a drafter's `start` resets it and rules
+are stateless, so a method is built once per configuration, outside the timed region, and every timing round
+reuses it (`specdec.bench.timing`).
 """
 from __future__ import annotations
 
