@@ -15,11 +15,17 @@ n_done - 2 generated tokens and re-feeds the last two committed tokens. Whatever
 first n_done - 2 tokens in its cache are right (it held the committed prefix plus d_1..d_{k-1}), so every row feeds
 the same number of tokens and shapes stay static. Re-computing one token's K/V is the price.
 
+draft_cfg sets the drafter's own guidance scale (None: the target's). A drafter distilled on the target's
+CFG-guided samples already models the guided law, so it drafts best unguided (draft_cfg=1.0), which also halves its
+rows. Any q is lossless with the exact rule as long as the drafts are drawn from it; only acceptance changes.
+
 compile=True runs each draft token (model call, q, the draw) as one torch.compile graph: a small drafter's step is
 mostly per-call overhead, which the graph removes (the zoo drafter: about half the time per token). It needs a
 model with a static KV cache (the project's GPT, LlamaGen); the first step of each shape pays the compilation.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor
@@ -34,14 +40,20 @@ from specdec.types import Draft, Verdict
 class ModelDrafter(Drafter):
     """Drafts k tokens per step with `model`, an ARModel over the same image vocabulary as the target."""
 
-    def __init__(self, model: ARModel, k: int = 4, drafts: str = "sample", compile: bool = False):
+    def __init__(self, model: ARModel, k: int = 4, drafts: str = "sample", compile: bool = False,
+                 draft_cfg: float | None = None):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k (draft tokens per step) must be an integer >= 1, got {k!r}")
         if drafts not in ("sample", "argmax"):
             raise ValueError(f"drafts must be 'sample' (x ~ q) or 'argmax' (one-hot q), got {drafts!r}")
+        if draft_cfg is not None and (isinstance(draft_cfg, bool) or not isinstance(draft_cfg, (int, float))
+                                      or not draft_cfg >= 0 or draft_cfg == float("inf")):
+            raise ValueError(f"draft_cfg must be None (the target's cfg_scale) or a finite number >= 0, "
+                             f"got {draft_cfg!r}")
         self.model = model
         self.k = k
         self.drafts = drafts
+        self.draft_cfg = draft_cfg
         self.forwards = 0
         self._token_step = draft_token
         if compile:
@@ -62,7 +74,17 @@ class ModelDrafter(Drafter):
                 f"({ctx.target.vocab_size}); a drafter must propose tokens of the target's image vocabulary")
         check_capacity(self.model, ctx.capacity)
         self.ctx = ctx
-        self.state, _ = self.model.start(ctx.cond, ctx.sampling, ctx.capacity)
+        self.sampling = ctx.sampling if self.draft_cfg is None else \
+            dataclasses.replace(ctx.sampling, cfg_scale=float(self.draft_cfg))
+        try:
+            self.state, _ = self.model.start(ctx.cond, self.sampling, ctx.capacity)
+        except ValueError as e:
+            if self.sampling.uses_cfg and not self.model.supports_cfg:
+                raise ValueError(f"the drafter's model ({type(self.model).__name__}) has no unconditional path for "
+                                 f"cfg_scale={self.sampling.cfg_scale}: pass ModelDrafter(..., draft_cfg=1.0) to "
+                                 f"draft without guidance (still lossless), or a draft model with an unconditional "
+                                 f"path") from e
+            raise
         self.offsets = torch.arange(self.k + 1, device=ctx.n_done.device)
         self.first = True
         self.forwards = 0
@@ -81,7 +103,7 @@ class ModelDrafter(Drafter):
         drafts, probs = [], []
         argmax = self.drafts == "argmax"
         for j in range(k):
-            token, q = self._token_step(self.model, self.state, feed, None if argmax else u[:, j], ctx.sampling,
+            token, q = self._token_step(self.model, self.state, feed, None if argmax else u[:, j], self.sampling,
                                         ctx.token_mask)
             self.forwards += 1
             drafts.append(token)

@@ -316,3 +316,29 @@ def test_lookup_bad_input(target):
         LookupDrafter(2, sources=())
     with pytest.raises(ValueError, match="3-D"):
         specdec.generate(target, torch.tensor([0]), drafter=LookupDrafter(2, sources=("prev_frame",)))
+
+
+def test_model_drafter_with_its_own_guidance_is_exact(enumerable):
+    """draft_cfg=1.0: the drafter drafts unguided while the target samples with CFG; still plain AR's law."""
+    from drafters import ModelDrafter
+
+    drafter = ModelDrafter(perturbed_copy(enumerable, noise=0.5), k=2, draft_cfg=1.0)
+    fit, res = fit_of(enumerable, drafter, Sampling(cfg_scale=2.0))
+    assert fit.p_value > 1e-3, str(fit)
+    assert fit.tvd < 2 * fit.tvd_noise + 1e-3, str(fit)
+    assert 0.05 < res.stats.acceptance_rate < 0.95, res.stats.acceptance_rate
+
+
+def test_drafter_without_unconditional_path_is_named(target):
+    from drafters import ModelDrafter
+
+    unguided = perturbed_copy(target, noise=0.1)
+    unguided.supports_cfg = False
+    with pytest.raises(ValueError, match="drafter's model .* draft_cfg=1.0"):
+        specdec.generate(target, torch.tensor([0]), drafter=ModelDrafter(unguided, k=2),
+                         sampling=Sampling(cfg_scale=3.0))
+    res = specdec.generate(target, torch.tensor([0]), drafter=ModelDrafter(unguided, k=2, draft_cfg=1.0),
+                           sampling=Sampling(cfg_scale=3.0), seed=0)
+    assert res.stats.target_forwards_per_image < target.num_tokens - 1
+    with pytest.raises(ValueError, match="draft_cfg"):
+        ModelDrafter(unguided, k=2, draft_cfg=float("inf"))
