@@ -1,4 +1,9 @@
-"""Train the embedded default zoo: VQ tokenizer, feature net, target GPT, drafter GPT (in that order).
+"""Train the embedded default zoo: VQ tokenizer, feature net, target GPT, drafter GPT, then the cards' figures.
+
+The drafter is distilled: it is trained on the target's own samples at --distill-cfg (the demo's CFG scale), and
+drafts unguided (`ModelDrafter(bundle.drafter_model, draft_cfg=1.0)`). The last stage ("figures") writes the
+target's realism (share of positions with top-1 p < 5 %, entropy) and speed (step, verification and drafter call
+at batch 1) and the drafter's overlap sum min(p, q) into the cards (experiments/zoo_distill.py).
 
     python experiments/train_zoo.py                                  # everything, defaults
     python experiments/train_zoo.py --stages target --target-minutes 40
@@ -30,13 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from specdec import zoo  # noqa: E402
+from specdec.adapters import GPTAdapter  # noqa: E402
 from specdec.metrics import token_nll  # noqa: E402
 from specdec.models.gpt import GPT, GPTConfig  # noqa: E402
 from specdec.zoo import data  # noqa: E402
 from specdec.zoo.features import FeatureConfig, FeatureNet  # noqa: E402
 from specdec.zoo.vq import VQConfig, VQTokenizer, psnr  # noqa: E402
+from zoo_distill import guided_probs, overlap, realism, speed, target_samples  # noqa: E402
 
-STAGES = ("vq", "features", "target", "drafter")
+STAGES = ("vq", "features", "target", "drafter", "figures")
 # Zoo v2. The target is sized so that, at batch 1 on 2 CPU cores, a step is dominated by compute rather than
 # per-call overhead (17 M parameters: ~6 ms a step, verifying 5 tokens ~1.2x one step), as real generators are on
 # a GPU; the drafter's raw step is ~6 % of it. 4096 codes of dim 8 (LlamaGen: 16384 of dim 8) give the target the
@@ -206,8 +213,25 @@ def heldout_tokens(args, out: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return tok.encode(x).flatten(1), c
 
 
+def zoo_adapter(name: str, out: Path) -> GPTAdapter:
+    model, _ = zoo.load_model(name, out)
+    return GPTAdapter(model, grid=tuple(zoo.read_card("vq", out)["config"]["image_size"] // 4 for _ in range(2)))
+
+
+def distill_set(args, out: Path, work: Path, cfg: float, n: int, seed: int):
+    """(tokens [n, T], classes [n]): the target's samples at cfg, cached in chunks in `work`."""
+    return target_samples(zoo_adapter("target", out), n, cfg, args.distill_batch, seed, len(data.CLASS_NAMES),
+                          work, log)
+
+
 def stage_gpt(name: str, args, out: Path, work: Path) -> None:
-    tokens, classes = token_pool(args, out, work)
+    if name == "target":
+        tokens, classes = token_pool(args, out, work)
+        source = f"{args.pool} pre-tokenised training crops"
+    else:
+        tokens, classes = distill_set(args, out, work, args.distill_cfg, args.distill_samples, args.seed + 21)
+        source = (f"{args.distill_samples} samples of the target at cfg {args.distill_cfg:g} (distillation; draft "
+                  f"with draft_cfg=1.0)")
     torch.manual_seed(args.seed + (7 if name == "target" else 8))
     vocab = zoo.read_card("vq", out)["config"]["codebook_size"]
     cfg = GPTConfig(vocab_size=vocab, num_classes=len(data.CLASS_NAMES), **GPT_CONFIGS[name])
@@ -237,7 +261,7 @@ def stage_gpt(name: str, args, out: Path, work: Path) -> None:
     steps = getattr(args, f"{name}_steps")
     run = train_loop(name, model, opt, None if steps == "auto" else int(steps), getattr(args, f"{name}_minutes"),
                      peak, 100, step_fn, work, args.ckpt_every)
-    card = dict(config=_config_dict(cfg), data=dict(_data_card(), pool=f"{args.pool} pre-tokenised training crops"),
+    card = dict(config=_config_dict(cfg), data=dict(_data_card(), pool=source),
                 seed=args.seed, batch=bsz, lr=peak, class_dropout=args.class_dropout,
                 optimizer="AdamW(0.9, 0.95), wd 0.05, warm-up 100 + cosine to 10%, grad clip 1.0",
                 precision="bfloat16 autocast, float32 master weights" if args.bf16 else "float32", **run)
@@ -253,6 +277,26 @@ def stage_gpt(name: str, args, out: Path, work: Path) -> None:
                                                    .mean().item(), 4),
                    heldout_images=len(ht))
     _finish_card(out, name, metrics)
+
+
+def stage_figures(args, out: Path, work: Path) -> None:
+    """Realism and speed on the target's card, overlap sum min(p, q) on the drafter's (held-out target samples)."""
+    target, drafter = zoo_adapter("target", out), zoo_adapter("drafter", out)
+    figures, overlaps = {}, {}
+    for cfg in (1.0, args.distill_cfg):
+        t, c = distill_set(args, out, work, cfg, args.eval_samples, args.seed + 31)
+        p = guided_probs(target.model, t.long(), c, cfg)
+        figures[f"cfg{cfg:g}"] = realism(p)
+        overlaps[f"cfg{cfg:g}_unguided_drafter"] = overlap(p, guided_probs(drafter.model, t.long(), c, 1.0))
+        overlaps[f"cfg{cfg:g}_guided_drafter"] = overlap(p, guided_probs(drafter.model, t.long(), c, cfg))
+    timing = speed(target, drafter, args.distill_cfg)
+    for name, extra in (("target", dict(realism=figures, speed_batch1=timing, realism_samples=args.eval_samples)),
+                        ("drafter", dict(overlap_sum_min_p_q=overlaps, overlap_samples=args.eval_samples))):
+        path = out / f"{name}.json"
+        card = json.loads(path.read_text())
+        card["metrics"] = {**card.get("metrics", {}), **extra}
+        path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    log(f"figures: realism {figures}, overlap {overlaps}, speed {timing}")
 
 
 # ---- cards -----------------------------------------------------------------------------------------------------------
@@ -306,6 +350,10 @@ def main(argv=None) -> None:
     p.add_argument("--target-steps", default="auto")
     p.add_argument("--target-minutes", type=float, default=90)
     p.add_argument("--target-lr", type=float, default=1e-3)
+    p.add_argument("--distill-cfg", type=float, default=3.0, help="CFG scale of the drafter's training samples")
+    p.add_argument("--distill-samples", type=int, default=6144)
+    p.add_argument("--distill-batch", type=int, default=64)
+    p.add_argument("--eval-samples", type=int, default=256, help="held-out target samples for the card figures")
     p.add_argument("--drafter-steps", default="auto")
     p.add_argument("--drafter-minutes", type=float, default=10)
     p.add_argument("--drafter-lr", type=float, default=2e-3)
@@ -330,6 +378,8 @@ def main(argv=None) -> None:
             stage_vq(args, args.out, args.work_dir)
         elif stage == "features":
             stage_features(args, args.out, args.work_dir)
+        elif stage == "figures":
+            stage_figures(args, args.out, args.work_dir)
         else:
             stage_gpt(stage, args, args.out, args.work_dir)
     if "vq" in stages and "target" not in stages and "drafter" not in stages:
