@@ -63,6 +63,8 @@ class ModelDrafter(Drafter):
                                 f"LlamaGenAdapter); {type(model).__name__} is not one: use compile=False")
             self._token_step = torch.compile(draft_token, fullgraph=True, dynamic=False)
 
+    needs_draft_model = True        # the registry passes the bundle's draft model first
+
     @property
     def one_hot_drafts(self) -> bool:
         return self.drafts == "argmax"

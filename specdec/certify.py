@@ -25,7 +25,7 @@ from torch import Tensor
 
 from specdec.protocols import AcceptanceRule, require
 from specdec.random import GeneratorRandomness
-from specdec.registry import GEOMETRY_RULES, make_rule, resolve
+from specdec.registry import geometry_source, make_rule, resolve
 from specdec.sampling import Sampling
 from specdec.types import Verdict
 
@@ -349,8 +349,9 @@ def certify_command(rule_name: str, params: dict, vocab: int = 8, n_samples: int
                          f"TVD mean={point.mean_tvd:.4f} max={point.max_tvd:.4f} "
                          f"(frontier sum min(p,q)+TVD = {point.frontier:.4f})")
         return "\n".join(lines)
-    if rule_name in GEOMETRY_RULES:
-        rule = resolve("rule", rule_name)(default_geometry(vocab), **params)
+    cls = resolve("rule", rule_name)
+    if geometry_source(cls) is not None:
+        rule = cls(default_geometry(vocab), **params)
     else:
         rule = make_rule(rule_name, **params)
     return str(certify(rule, V=vocab, n_samples=n_samples))

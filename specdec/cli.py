@@ -1,7 +1,9 @@
 """`specdec demo | certify | bench | report`: argument parsing and dispatch only.
 
 The commands' bodies live with their concern: `specdec.demo.run_demo`, `specdec.certify.certify_command`,
-`specdec.bench.runner.bench_command`, `specdec.report.report_command`. Here their errors become one-line exits.
+`specdec.bench.runner.bench_command`, `specdec.report.report_command`. Here numeric options are checked before
+anything runs, and every error becomes one line saying what is wrong and what to do (exit status 2); Ctrl-C says how
+to continue (exit status 130).
 """
 from __future__ import annotations
 
@@ -16,39 +18,68 @@ from specdec.demo import DemoError, run_demo
 from specdec.report import report_command
 
 
+class UsageError(SystemExit):
+    """A bad command line: `str(error)` is the one-line message; the console script exits with status 2."""
+
+
+def check_range(name: str, value, lo=None, hi=None, what: str = "") -> None:
+    """UsageError unless lo <= value <= hi (either bound may be None); `what` says what the option means."""
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        span = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+        raise UsageError(f"specdec: {name} must be {span}{what}, got {value}")
+
+
 def demo_cmd(args) -> int:
+    check_range("--per-class", args.per_class, 0, what=" (0 = the default)")
+    check_range("--repeats", args.repeats, 0, what=" (0 = the default)")
+    check_range("--threads", args.threads, 0, what=" (0 = the physical cores)")
+    check_range("--fd-real", args.fd_real, 2)
     try:
         return run_demo(args.out, quick=args.quick, classes=args.classes.split(",") if args.classes else None,
                         per_class=args.per_class, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                         cfg=args.cfg, repeats=args.repeats, fd_real=args.fd_real, threads=args.threads)
     except DemoError as e:
-        raise SystemExit(f"specdec: {e}")
+        raise UsageError(f"specdec: {e}")
 
 
 def certify_cmd(args) -> int:
-    params = json.loads(args.params) if args.params else {}
+    check_range("--vocab", args.vocab, 2, what=" (tokens of the random pairs)")
+    check_range("--samples", args.samples, 100, what=" (Monte Carlo samples per pair)")
+    check_range("--zoo", args.zoo, 0, 4096, " (real pairs; 0 = random pairs instead)")
+    try:
+        params = json.loads(args.params) if args.params else {}
+    except json.JSONDecodeError as e:
+        raise UsageError(f"specdec: --params is not JSON ({e.msg}); write e.g. --params '{{\"delta\": 0.1}}'")
+    if not isinstance(params, dict):
+        raise UsageError(f"specdec: --params must be a JSON object of parameter names, e.g. '{{\"delta\": 0.1}}'; "
+                         f"got {args.params}")
     try:
         text = certify_command(args.rule, params, vocab=args.vocab, n_samples=args.samples, zoo=args.zoo,
                                cfg=args.cfg)
+    except TypeError as e:       # an unknown or missing constructor parameter
+        raise UsageError(f"specdec: rule {args.rule!r} does not take these parameters ({e}); check --params")
     except ValueError as e:
-        raise SystemExit(f"specdec: {e}")
+        raise UsageError(f"specdec: {e}")
     print(text)
     return 0
 
 
 def bench_cmd(args) -> int:
+    check_range("--repeats", args.repeats, 0, what=" (0 = the config's)")
+    check_range("--max-rows", args.max_rows, 0, what=" (0 = no limit)")
+    check_range("--threads", args.threads, 0, what=" (0 = the physical cores)")
     try:
         return bench_command(args.config, args.preset, out=args.out, repeats=args.repeats, max_rows=args.max_rows,
                              dry_run=args.dry_run, progress=not args.no_progress, threads=args.threads)
     except BenchConfigError as e:
-        raise SystemExit(f"specdec bench: {e}")
+        raise UsageError(f"specdec bench: {e}")
 
 
 def report_cmd(args) -> int:
     try:
         return report_command(args.results, args.out, heatmaps=args.heatmaps.split(",") if args.heatmaps else None)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"specdec report: {e}")
+        raise UsageError(f"specdec report: {e}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -104,5 +135,20 @@ def main(argv=None) -> int:
     return args.func(args)
 
 
+def entry(argv=None) -> int:
+    """The console script: main() with one-line errors (exit 2) and Ctrl-C (exit 130) instead of tracebacks."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("specdec: interrupted — rerun the same command to continue (finished results are kept)",
+              file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -114,6 +114,7 @@ class Drafter(Protocol):
     one_hot_drafts: bool = False    # every q it returns is one-hot (deterministic drafts); LANTERN's delta bounds
                                     # the emitted law only then, so reports read it to state a rule's bound
     forwards: int = 0               # drafter model calls made in the current generation (0: training-free)
+    needs_draft_model: bool = False  # the registry builds it as cls(draft_model, **params)
 
     def start(self, ctx: DecodeContext) -> None:
         """Called once per generate() after the prefill; keep ctx, it is updated in place."""
@@ -135,6 +136,7 @@ class AcceptanceRule(Protocol):
 
     lossless: bool = False          # True only if the emitted law equals p exactly, for every drafter
     name: str = "rule"              # registry name, used in reports
+    geometry_source: str | None = None  # "codebook" / "token_embeddings": built over that table of the target
 
     def verify(self, draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
                rng: Randomness) -> Verdict:

@@ -1,11 +1,22 @@
-"""Names -> classes for the command line and experiments (the engine itself never names a concrete rule/drafter).
+"""Names -> classes for the command line, bench configs and experiments (the engine never names a concrete rule or
+drafter).
 
-Entries are import strings, resolved on use, so a missing optional piece fails only when asked for, with the list
-of valid names.
+A name is a built-in name ("exact", "lantern", "model", ...), or the user's own class as `module:Class` (an
+importable module) or `path/to/file.py:Class` (a file, loaded as is): a rule or drafter written in the user's own
+file works in `specdec certify`, `specdec bench` configs and the demo without touching the package.
+
+What a class needs to be built is declared on the class: a rule whose `geometry_source` is "codebook" or
+"token_embeddings" gets a TokenGeometry over that table of the target first; a drafter whose `needs_draft_model`
+is True gets the bundle's draft model first. Built-in entries are import strings resolved on use, so a missing
+optional piece fails only when asked for, with the list of valid names.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import sys
+from pathlib import Path
 
 from specdec.geometry import TokenGeometry
 
@@ -23,16 +34,59 @@ DRAFTERS = {
     "lookup": "drafters.lookup:LookupDrafter",
 }
 
-# rules whose constructor takes a TokenGeometry first, and which table of the adapter it is built from
-GEOMETRY_RULES = {"lantern": "codebook", "bounded_lantern": "codebook", "grouped": "token_embeddings"}
+SOURCES = ("codebook", "token_embeddings")
+
+
+def _load_file(path: Path):
+    """Import a user's .py file once (keyed by its resolved path) and return the module."""
+    name = "specdec_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
 
 
 def resolve(kind: str, name: str):
+    """The class for a built-in name, `module:Class` or `file.py:Class`; ValueError saying what is wrong."""
     table = {"rule": RULES, "drafter": DRAFTERS}[kind]
-    if name not in table:
-        raise ValueError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(table))}")
-    module, attr = table[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a {kind} name must be a non-empty string, got {name!r}")
+    spec = table.get(name, name)
+    if ":" not in spec:
+        raise ValueError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(table))}, or your own class "
+                         f"as 'module:Class' or 'path/to/file.py:Class'")
+    where, _, attr = spec.rpartition(":")
+    try:
+        if where.endswith(".py") or "/" in where or "\\" in where:
+            path = Path(where)
+            if not path.is_file():
+                raise ValueError(f"{kind} {name!r}: file {where!r} not found")
+            module = _load_file(path)
+        else:
+            module = importlib.import_module(where)
+    except ImportError as e:
+        raise ValueError(f"{kind} {name!r}: cannot import {where!r} ({e}); check the module name and that it is "
+                         f"on the Python path") from e
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise ValueError(f"{kind} {name!r}: {where!r} has no attribute {attr!r}")
+    if not callable(cls):
+        raise ValueError(f"{kind} {name!r}: {attr!r} is not a class")
+    return cls
+
+
+def geometry_source(cls) -> str | None:
+    """Which table of the target a rule class is built over ("codebook", "token_embeddings") or None."""
+    source = getattr(cls, "geometry_source", None)
+    if source is not None and source not in SOURCES:
+        raise ValueError(f"{cls.__name__}.geometry_source must be one of {SOURCES} or None, got {source!r}")
+    return source
 
 
 def make_rule(name: str, target=None, geometries: dict | None = None, **params):
@@ -41,9 +95,9 @@ def make_rule(name: str, target=None, geometries: dict | None = None, **params):
     geometries: a dict the caller keeps across calls for ONE target (table name -> TokenGeometry), so that every
     rule over the same table shares one geometry and the k-NN tables it caches are computed once."""
     cls = resolve("rule", name)
-    if name not in GEOMETRY_RULES:
+    source = geometry_source(cls)
+    if source is None:
         return cls(**params)
-    source = GEOMETRY_RULES[name]
     geometry = None if geometries is None else geometries.get(source)
     if geometry is None:
         table = getattr(target, source, None) if target is not None else None
@@ -56,9 +110,10 @@ def make_rule(name: str, target=None, geometries: dict | None = None, **params):
 
 
 def make_drafter(name: str, draft_model=None, **params):
+    """Build a drafter by name; one that declares `needs_draft_model` gets the draft model first."""
     cls = resolve("drafter", name)
-    if name == "model":
+    if getattr(cls, "needs_draft_model", False):
         if draft_model is None:
-            raise ValueError("drafter 'model' needs a draft model")
+            raise ValueError(f"drafter {name!r} needs a draft model")
         return cls(draft_model, **params)
     return cls(**params)

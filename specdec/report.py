@@ -176,6 +176,13 @@ def make_report(results: str | Path, out: str | Path, heatmaps: list[str] | None
     rows = read_rows(results)
     if not rows:
         raise ValueError(f"{results} holds no result rows")
+    needed = ("key", "label", "family", "mean_accepted_length", "speedup", "acceptance_map", "grid")
+    bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or any(k not in r for k in needed)]
+    if bad:
+        first = rows[bad[0]] if isinstance(rows[bad[0]], dict) else {}
+        raise ValueError(f"{results} line {bad[0] + 1} (and {len(bad) - 1} more) is not a `specdec bench` row (it "
+                         f"lacks {', '.join(k for k in needed if k not in first)}); pass a results file written by "
+                         f"`specdec bench`")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = [

@@ -96,6 +96,7 @@ class BoundedLanternRule(NeighbourTable, AcceptanceRule):
 
     lossless = False
     name = "bounded_lantern"
+    geometry_source = "codebook"           # the registry builds it over the target's VQ codebook
 
     def __post_init__(self):
         object.__setattr__(self, "geometry", TokenGeometry.coerce(self.geometry, "codebook"))

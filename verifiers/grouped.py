@@ -41,6 +41,7 @@ class GroupedRule(AcceptanceRule):
 
     lossless = False
     name = "grouped"
+    geometry_source = "token_embeddings"   # the registry builds it over the target's input embeddings
 
     def __post_init__(self):
         object.__setattr__(self, "geometry", TokenGeometry.coerce(self.geometry, "token_embeddings"))

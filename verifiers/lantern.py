@@ -54,6 +54,7 @@ class LanternRule(NeighbourTable, AcceptanceRule):
 
     lossless = False
     name = "lantern"
+    geometry_source = "codebook"           # the registry builds it over the target's VQ codebook
 
     def __post_init__(self):
         object.__setattr__(self, "geometry", TokenGeometry.coerce(self.geometry, "codebook"))

@@ -48,7 +48,7 @@ import torch
 
 from specdec.bench.generators import BenchConfigError, check_generator, load_scorer
 from specdec.geometry import TokenGeometry
-from specdec.registry import DRAFTERS, GEOMETRY_RULES, RULES, resolve
+from specdec.registry import DRAFTERS, RULES, geometry_source, resolve
 from specdec.sampling import Sampling
 
 __all__ = ["BenchConfig", "BenchConfigError", "config_key", "family", "load_config", "parse_config", "preset_names",
@@ -143,7 +143,7 @@ def _validate_method(label: str, drafter: str | None, dp: dict, rule: str, rp: d
             _check_int(rp[key], f"method {label!r}: rule param {key}" + (" (neighbours)" if key == "k" else ""), 1)
     try:
         cls = resolve("rule", rule)
-        if rule in GEOMETRY_RULES:
+        if geometry_source(cls) is not None:
             # an 8-token stand-in geometry: counts above 7 are clamped with a warning that says nothing here
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -152,7 +152,8 @@ def _validate_method(label: str, drafter: str | None, dp: dict, rule: str, rp: d
         else:
             cls(**rp)
         if drafter is not None:
-            resolve("drafter", drafter)(*([None] if drafter == "model" else []), **dp)
+            d_cls = resolve("drafter", drafter)
+            d_cls(*([None] if getattr(d_cls, "needs_draft_model", False) else []), **dp)
     except (TypeError, ValueError) as e:
         raise BenchConfigError(f"method {label!r}: bad parameters ({e})") from e
 

@@ -1,7 +1,9 @@
 """Results as JSON lines, one per finished configuration, and the plain-text table the demo and the bench print.
 
-Appends are flushed and fsynced line by line, so a kill loses at most the line being written; `repair_tail` drops
-that torn line before the next append. A multi-process run writes `<out stem>.part<rank>.jsonl` per process and
+Each row is appended with one write() on a file opened for appending and then fsynced, so two processes never
+interleave parts of lines and a kill loses at most the line being written. `repair` moves every line that is not
+a row (a torn write, a corrupt edit) into `<results>.rejected` before a run; its configuration then counts as not
+done and is measured again. A multi-process run writes `<out stem>.part<rank>.jsonl` per process and
 `merge_parts` folds them into the results file (rows whose key is already there are not repeated).
 """
 from __future__ import annotations
@@ -27,18 +29,40 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def append_row(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one row as one line, atomically with respect to other appending processes."""
+    data = (json.dumps(row) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def repair_tail(path: Path) -> None:
-    """Drop a torn last line so appends start on a fresh line."""
-    if path.is_file() and path.stat().st_size:
-        text = path.read_text()
-        if not text.endswith("\n"):
-            path.write_text(text[: text.rfind("\n") + 1])
+def _is_row(line: str) -> bool:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(row, dict) and "key" in row
+
+
+def repair(path: Path) -> int:
+    """Move the lines of `path` that are not rows into `<path>.rejected` (appended, kept for inspection) and
+    rewrite `path` with the rest (atomically: a temporary file renamed over it). Returns the lines moved."""
+    if not path.is_file() or not path.stat().st_size:
+        return 0
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    bad = [ln for ln in lines if ln.strip() and not _is_row(ln)]
+    if not bad and text.endswith("\n"):
+        return 0
+    with open(path.with_name(path.name + ".rejected"), "a") as f:
+        f.write("".join(ln + "\n" for ln in bad))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in lines if ln.strip() and _is_row(ln)))
+    os.replace(tmp, path)
+    return len(bad)
 
 
 def part_path(out: Path, process_index: int) -> Path:
@@ -57,9 +81,21 @@ def finished_keys(out: Path) -> set:
     return done
 
 
+def check_results_path(path: Path) -> None:
+    """ValueError, before anything is measured, when results cannot be written at `path`."""
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; give a file such as {path / 'results.jsonl'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write results to {path} ({e.strerror}); pass --out with a writable path") from e
+
+
 def merge_parts(out: Path) -> int:
     """Append rows of the part files whose keys are not in `out` yet; delete the parts. Returns rows added."""
-    repair_tail(out)
+    repair(out)
     done = {r.get("key") for r in read_rows(out)}
     added = 0
     for part in part_files(out):

@@ -32,9 +32,9 @@ from specdec import metrics
 from specdec.bench.config import BenchConfig, BenchConfigError, config_key, family, load_config
 from specdec.bench.generators import load_generator, load_scorer
 from specdec.bench.methods import Method, build_method
+from specdec.bench.results import (append_row, check_results_path, finished_keys, format_table, merge_parts,
+                                   part_files, part_path, read_rows, repair, summary_rows)
 from specdec.bench.timing import Timing, count_bound, interleaved_rounds, reliability, set_threads, step_costs
-from specdec.bench.results import (append_row, finished_keys, format_table, merge_parts, part_files, part_path,
-                                   read_rows, repair_tail, summary_rows)
 from specdec.engine import generate
 from specdec.plots import image_strip
 from specdec.sampling import Sampling
@@ -285,7 +285,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     dist = _dist()
     if dist.is_main:
-        repair_tail(out)
+        repair(out)
     dist.wait()
     done = finished_keys(out)
     # baselines first, so that a rerun of a half-finished sweep always has them early
@@ -293,7 +293,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
     mine = dist.split(todo)
     target = out if dist.num_processes == 1 else part_path(out, dist.process_index)
     if target != out:
-        repair_tail(target)
+        repair(target)
     image_dir = out.parent / f"{out.stem}_images"
     scorers = [load_scorer(s) for s in cfg.scorers]
 
@@ -341,6 +341,11 @@ def bench_command(config: str | None = None, preset: str | None = None, out: str
     if repeats:
         cfg = dataclasses.replace(cfg, repeats=repeats)
     path = Path(out) if out else Path("specdec-bench") / f"{cfg.name}.jsonl"
+    if not dry_run:
+        try:
+            check_results_path(path)
+        except ValueError as e:
+            raise BenchConfigError(str(e)) from e
     if dry_run:
         for r in cfg.runs:
             print(r["key"], r["generator"], r["label"], json.dumps(r["sampling"]), f"batch={r['batch']}",

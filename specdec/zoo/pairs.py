@@ -16,6 +16,10 @@ def zoo_pairs(bundle, n_positions: int, sampling: Sampling, seed: int = 0) -> tu
     uniformly from one AR sample of every class, both models reading the same tokens."""
     g = torch.Generator().manual_seed(seed)
     cond = torch.arange(len(bundle.classes))
+    available = len(cond) * bundle.target.num_tokens
+    if not 1 <= n_positions <= available:
+        raise ValueError(f"the zoo gives {available} (p, q) pairs ({len(cond)} classes x {bundle.target.num_tokens} "
+                         f"tokens); ask for 1 to {available}, got {n_positions}")
     tokens = generate(bundle.target, cond, sampling=sampling, seed=seed, decode=False).tokens      # [C, T]
     null = torch.full_like(cond, len(bundle.classes))                                              # CFG null class
 

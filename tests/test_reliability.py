@@ -1,0 +1,147 @@
+"""Bad or unusual input: a clear error naming the problem and the fix, never silent garbage or a traceback."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import specdec
+from drafters import ModelDrafter
+from specdec import Sampling, cli
+from specdec.bench import parse_config, read_rows, run_bench
+from specdec.registry import make_rule, resolve
+from helpers import perturbed_copy
+
+USER_RULE = '''
+import torch
+from specdec.protocols import AcceptanceRule
+from specdec.types import Verdict
+from verifiers._kit import accept_run, correction_uniform, residual_sample, token_probs
+
+
+class HalfwayRule(AcceptanceRule):
+    """The exact rule, written in a user's own file."""
+    lossless = True
+    name = "halfway"
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def verify(self, draft_tokens, draft_probs, target_probs, rng):
+        k = draft_tokens.shape[1]
+        n = accept_run(rng, token_probs(target_probs, draft_tokens), token_probs(draft_probs, draft_tokens))
+        return Verdict(n, residual_sample(target_probs, draft_probs, n, correction_uniform(rng, n, k)))
+'''
+
+
+# -- silent garbage -----------------------------------------------------------------------------------------------------
+def test_nan_drafter_weights_are_named_even_with_the_exact_rule(target):
+    broken = perturbed_copy(target, 0.1)
+    with torch.no_grad():
+        for p in broken.model.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"the drafter \(ModelDrafter\).*NaN"):
+        specdec.generate(target, torch.tensor([0, 1]), drafter=ModelDrafter(broken, k=4),
+                         sampling=Sampling(cfg_scale=3.0), seed=0)
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(temperature=1e-38), ValueError, "temperature"),
+    (dict(cfg_scale=float("inf")), ValueError, "cfg_scale"),
+    (dict(top_k=2.5), TypeError, "top_k must be an integer"),
+    (dict(top_k=True), TypeError, "top_k must be an integer"),
+    (dict(temperature="1"), TypeError, "temperature must be a number"),
+])
+def test_sampling_refuses_values_without_finite_probabilities(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        Sampling(**kwargs)
+
+
+def test_seeds_and_grids_are_checked_up_front(target):
+    for seed in (-1, 2 ** 70, 1.5, True):
+        with pytest.raises(ValueError, match="seed"):
+            specdec.generate(target, torch.tensor([0]), seed=seed)
+    with pytest.raises(ValueError, match="grid"):
+        specdec.generate(target, torch.tensor([0]), num_tokens=target.num_tokens + 3)
+
+
+# -- the command line -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,message", [
+    (["certify", "exact", "--zoo", "-1"], "--zoo must be in"),
+    (["certify", "exact", "--zoo", "100000"], "--zoo must be in"),
+    (["certify", "lantern", "--params", "delta=0.1"], "--params is not JSON"),
+    (["certify", "lantern", "--params", "[0.1]"], "JSON object"),
+    (["certify", "lantern", "--params", '{"delt": 0.1}'], "does not take these parameters"),
+    (["certify", "exact", "--vocab", "1"], "--vocab must be >= 2"),
+    (["certify", "exact", "--samples", "0"], "--samples must be >= 100"),
+    (["certify", "no_such_rule"], "unknown rule 'no_such_rule'"),
+    (["certify", "no_such_module:Rule"], "cannot import 'no_such_module'"),
+    (["certify", "missing/file.py:Rule"], "not found"),
+    (["demo", "--per-class", "-1"], "--per-class must be >= 0"),
+    (["demo", "--repeats", "-1"], "--repeats must be >= 0"),
+    (["bench", "--preset", "zoo-quick", "--threads", "-1"], "--threads must be >= 0"),
+])
+def test_cli_errors_are_one_line_with_exit_status_2(argv, message, capsys):
+    assert cli.entry(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_bench_out_is_checked_before_anything_is_measured(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli.entry(["bench", "--preset", "zoo-quick", "--out", str(blocker / "res.jsonl")]) == 2
+    assert "cannot write results" in capsys.readouterr().err
+    assert cli.entry(["bench", "--preset", "zoo-quick", "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_report_on_rows_that_are_not_bench_rows(tmp_path, capsys):
+    path = tmp_path / "other.jsonl"
+    path.write_text('{"key": "a", "x": 1}\n')
+    assert cli.entry(["report", str(path), "--out", str(tmp_path / "r")]) == 2
+    assert "not a `specdec bench` row" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_how_to_continue(monkeypatch, capsys):
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "main", interrupted)
+    assert cli.entry(["bench", "--preset", "zoo-quick"]) == 130
+    assert "rerun the same command to continue" in capsys.readouterr().err
+
+
+# -- results files --------------------------------------------------------------------------------------------------
+def test_a_corrupt_line_is_moved_aside_and_its_configuration_rerun(tmp_path):
+    cfg = parse_config({"generator": "tiny-random", "repeats": 1, "images": 2, "n_classes": 2, "fd_real": 4,
+                        "save_images": 0, "warmup": 0, "sweep": {"batch": [2], "cfg": [1.0]},
+                        "method": [{"label": "exact + model", "drafter": "model", "drafter_params": {"k": 2}}]})
+    out = tmp_path / "res.jsonl"
+    run_bench(cfg, out, progress=False)
+    rows = read_rows(out)
+    assert len(rows) == 2
+    lines = out.read_text().splitlines()
+    out.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2] + "\n")     # a half-written row
+    run_bench(cfg, out, progress=False)
+    assert sorted(r["key"] for r in read_rows(out)) == sorted(r["key"] for r in rows)
+    assert all(json.loads(line) for line in out.read_text().splitlines())       # valid JSON lines again
+    assert (tmp_path / "res.jsonl.rejected").read_text() == lines[1][: len(lines[1]) // 2] + "\n"
+
+
+# -- user rules -----------------------------------------------------------------------------------------------------
+def test_a_rule_in_the_users_own_file_works_everywhere(tmp_path, capsys):
+    path = tmp_path / "my_rules.py"
+    path.write_text(USER_RULE)
+    spec = f"{path}:HalfwayRule"
+    assert resolve("rule", spec).__name__ == "HalfwayRule"
+    rule = make_rule(spec, scale=0.5)
+    assert rule.scale == 0.5 and rule.lossless
+    assert make_rule("verifiers.exact:ExactRule").name == "exact"            # module:Class
+    assert cli.entry(["certify", spec, "--samples", "2000"]) == 0
+    assert "lossless" in capsys.readouterr().out
+    cfg = parse_config({"generator": "tiny-random", "method": [{"label": "mine", "drafter": "lookup",
+                                                                   "rule": spec}]})
+    assert any(r["rule"] == spec for r in cfg.runs)
+    with pytest.raises(ValueError, match="has no attribute 'Nope'"):
+        resolve("rule", f"{path}:Nope")
