@@ -68,11 +68,11 @@ def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: lis
     except ValueError as e:
         raise DemoError(str(e)) from e
     bundle = specdec.zoo.load()
-    names = classes or list(bundle.classes[: (3 if quick else 6)])
     try:
-        class_ids = [bundle.class_id(n) for n in names]
+        class_ids = [bundle.class_id(n) for n in classes or bundle.classes[: (3 if quick else 6)]]
     except ValueError as e:
         raise DemoError(str(e)) from e
+    names = [bundle.classes[i] for i in class_ids]
     per_class = per_class or (2 if quick else 4)
     cond = torch.tensor([c for c in class_ids for _ in range(per_class)])
     sampling = Sampling(temperature=temperature, top_k=top_k, cfg_scale=cfg)

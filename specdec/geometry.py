@@ -80,14 +80,18 @@ class TokenGeometry:
             raise ValueError(f"{who}: the token geometry has {self.size} tokens but the distributions have "
                              f"V = {vocab_size}; build the geometry from the target's own codebook/embeddings")
 
-    def clamp_neighbours(self, count: int, who: str = "rule", word: str = "neighbours", stacklevel: int = 2) -> int:
-        """A neighbour count (neighbours per token) validated (>= 1) and clamped to V - 1 with a warning.
+    def clamp_neighbours(self, count: int, who: str = "rule", word: str = "neighbours", stacklevel: int = 2,
+                         quiet: bool = False) -> int:
+        """A neighbour count (neighbours per token) validated (>= 1) and clamped to V - 1 with a warning (none when
+        quiet: a default the user never chose).
 
         word: the parameter name the caller spelled, echoed in the messages; stacklevel: as for `warnings.warn`,
         counted from the caller of this method (a rule's __post_init__ passes the depth of its constructor)."""
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise ValueError(f"{who}: {word} (neighbours per token) must be an integer >= 1, got {count!r}")
         if count > self.size - 1:
+            if quiet:
+                return self.size - 1
             warnings.warn(f"{who}: {word} = {count} asked for, but the geometry has only {self.size} tokens (at most "
                           f"{self.size - 1} neighbours per token); using {word} = {self.size - 1}",
                           stacklevel=stacklevel + 1)

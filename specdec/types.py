@@ -44,7 +44,7 @@ class Verdict:
     next_token: Tensor
 
 
-@dataclass
+@dataclass(repr=False)
 class SpecStats:
     """Counters with vLLM / Spec-Bench definitions. Per-image counters are averaged over rows.
 
@@ -84,6 +84,17 @@ class SpecStats:
     @property
     def target_forwards_per_image(self) -> float:
         return self.target_forwards / self.batch_size if self.batch_size else 0.0
+
+    def __repr__(self) -> str:
+        """One readable line: the figures, with tensors summarised by their shape."""
+        per_pos = self.as_dict()["acceptance_per_position"]
+        per_pos = "[" + ", ".join(f"{x:.2f}" for x in per_pos) + "]" if per_pos is not None else "None"
+        amap = "None" if self.acceptance_map is None else f"<{list(self.acceptance_map.shape)} bool>"
+        return (f"SpecStats(batch={self.batch_size}, tokens={self.num_tokens}, "
+                f"MAL={self.mean_accepted_length:.3f}, acceptance={self.acceptance_rate:.3f}, "
+                f"target_forwards/image={self.target_forwards_per_image:.1f}, draft_forwards={self.draft_forwards}, "
+                f"steps={self.steps}, acceptance_per_position={per_pos}, acceptance_map={amap}, "
+                f"wall={self.wall_s:.3f}s (target {self.target_s:.3f}s, draft {self.draft_s:.3f}s))")
 
     def as_dict(self) -> dict[str, Any]:
         per_pos = None

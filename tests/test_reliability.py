@@ -145,3 +145,33 @@ def test_a_rule_in_the_users_own_file_works_everywhere(tmp_path, capsys):
     assert any(r["rule"] == spec for r in cfg.runs)
     with pytest.raises(ValueError, match="has no attribute 'Nope'"):
         resolve("rule", f"{path}:Nope")
+
+
+def test_a_vacuous_certificate_says_so():
+    from specdec.certify import certify, default_geometry
+    from verifiers import GroupedRule, LanternRule
+
+    report = certify(GroupedRule(default_geometry(8)), V=8, n_pairs=3, n_samples=20_000)
+    assert report.vacuous and report.verdict.startswith("vacuous") and "--zoo" in report.verdict
+    lantern = certify(LanternRule(default_geometry(8), neighbours=4, delta=0.2), V=8, n_pairs=3, n_samples=20_000)
+    assert not lantern.vacuous and lantern.verdict.startswith("lossy")
+
+
+def test_stats_print_as_one_readable_line(target):
+    res = specdec.generate(target, torch.tensor([0, 1]), drafter=ModelDrafter(perturbed_copy(target, 0.3), k=3),
+                           seed=0)
+    text = repr(res.stats)
+    assert text.startswith("SpecStats(batch=2") and "MAL=" in text and "<[2, 16] bool>" in text
+    assert "\n" not in text and "tensor(" not in text
+
+
+def test_default_neighbour_counts_are_clamped_quietly():
+    import warnings
+
+    from verifiers import LanternRule
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert LanternRule(torch.randn(8, 2)).neighbours == 7          # the default 1000, never chosen by the user
+    with pytest.warns(UserWarning, match="neighbours = 50 asked for"):
+        LanternRule(torch.randn(8, 2), neighbours=50)

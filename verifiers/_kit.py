@@ -126,6 +126,8 @@ def neighbours_alias(cls):
                                 f"deprecated alias)")
             kwargs["neighbours"] = kwargs.pop("k")
             object.__setattr__(self, "_neighbours_word", "k")
+        # a count the caller never gave (the default) is clamped to the geometry without a warning
+        object.__setattr__(self, "_neighbours_given", len(args) > 1 or "neighbours" in kwargs)
         init(self, *args, **kwargs)
 
     cls.__init__ = __init__
@@ -145,7 +147,8 @@ class NeighbourTable:
     def _clamp_neighbours(self) -> None:
         """Clamp self.neighbours to V - 1 (with a warning at the line that built the rule); call in __post_init__."""
         object.__setattr__(self, "neighbours", self.geometry.clamp_neighbours(
-            self.neighbours, type(self).__name__, self._neighbours_word, CALLER_OF_RULE + 1))
+            self.neighbours, type(self).__name__, self._neighbours_word, CALLER_OF_RULE + 1,
+            quiet=not self._neighbours_given))
 
     def prepare(self, device) -> None:
         """Build the neighbour table on `device` before the first step."""
