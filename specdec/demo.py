@@ -126,7 +126,8 @@ def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: lis
             "target_step_s": t_step, "fd_real_images": fd_real if real_feats is not None else 0,
             "fd_metric": f"Frechet distance in the zoo feature net's space (from {FD_MIN_IMAGES} images on)"}
     (out / "table.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    image_grid(images, [r["method"] for r in rows], out / "samples.png")
+    image_grid(images, [r["method"] for r in rows], out / "samples.png",
+               columns=[bundle.classes[int(c)] for c in cond])
     acceptance_heatmaps(maps[1:], [r["method"] for r in rows[1:]], out / "acceptance.png")
     print(format_table(rows))
     for r in rows:

@@ -30,11 +30,16 @@ def image_strip(images: Tensor, path: Path) -> Path:
     return Path(path)
 
 
-def image_grid(rows: list[Tensor], labels: list[str], path: Path, scale: float = 1.0) -> Path:
-    """One row of images per method (rows[i]: [B, 3, H, W] in [-1, 1]), labelled on the left."""
+def image_grid(rows: list[Tensor], labels: list[str], path: Path, scale: float = 1.0,
+               columns: list[str] | None = None) -> Path:
+    """One row of images per method (rows[i]: [B, 3, H, W] in [-1, 1]), method names on the left, column names
+    (e.g. the class of each column) on top; margins sized to the labels."""
     plt = _plt()
     n_rows, n_cols = len(rows), max(r.shape[0] for r in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(scale * n_cols * 1.1 + 2.2, scale * n_rows * 1.1),
+    label_w = 0.062 * max((len(s) for s in labels), default=0) + 0.15  # inches the longest name takes at 7 pt
+    cell = 1.0 * scale
+    top = 0.3 if columns else 0.05
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(label_w + n_cols * cell + 0.1, n_rows * cell + top + 0.05),
                              squeeze=False)
     for i, (imgs, label) in enumerate(zip(rows, labels)):
         pix = to_uint8(imgs)
@@ -43,24 +48,34 @@ def image_grid(rows: list[Tensor], labels: list[str], path: Path, scale: float =
             ax.axis("off")
             if j < pix.shape[0]:
                 ax.imshow(pix[j].numpy(), interpolation="nearest")
-        axes[i][0].text(-0.1, 0.5, label, transform=axes[i][0].transAxes, ha="right", va="center", fontsize=7)
-    fig.subplots_adjust(left=0.25, wspace=0.05, hspace=0.05)
+            if i == 0 and columns and j < len(columns):
+                ax.set_title(columns[j], fontsize=6, pad=2)
+        axes[i][0].text(-0.06, 0.5, label, transform=axes[i][0].transAxes, ha="right", va="center", fontsize=7)
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=label_w / width, right=1 - 0.05 / width, bottom=0.05 / height,
+                        top=1 - top / height, wspace=0.04, hspace=0.04)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
 
 
 def acceptance_heatmaps(maps: list[Tensor], labels: list[str], path: Path) -> Path:
-    """Per-position share of tokens committed from drafts, one panel per method (maps[i]: [H, W] in [0, 1])."""
+    """Per-position share of tokens committed from drafts, one panel per method (maps[i]: [H, W] in [0, 1]).
+    Titles are wrapped so that neighbours never collide; a caption says what a cell is."""
+    import textwrap
+
     plt = _plt()
     n = max(1, len(maps))
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n + 0.9, 3.0), squeeze=False)
     for ax, m, label in zip(axes[0], maps, labels):
         im = ax.imshow(m.numpy(), vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(label, fontsize=7)
+        ax.set_title("\n".join(textwrap.wrap(label, 22)), fontsize=7)
         ax.axis("off")
     if maps:
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accepted from draft")
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.75, label="share accepted from a draft")
+    caption = ("cell = one token position of the image grid (raster order); colour = share of the generated images "
+               "whose token there was a draft the rule accepted")
+    fig.text(0.01, 0.02, "\n".join(textwrap.wrap(caption, int(30 * n + 25))), fontsize=6)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -29,7 +29,17 @@ def _group(r: dict) -> str:
 
 
 def _curve_key(r: dict, multi: bool) -> str:
-    return f"{r['family']} | {_group(r)}" if multi else r["family"]
+    """A plotted family: the row's family, with deterministic (argmax) drafts apart from sampled ones (a rule's
+    guarantee and behaviour differ between them)."""
+    fam = r["family"] + (" (argmax drafts)" if (r.get("drafter_params") or {}).get("drafts") == "argmax" else "")
+    return f"{fam} | {_group(r)}" if multi else fam
+
+
+def _point_label(r: dict) -> str:
+    """The parameters that tell a family's points apart (the label without the family's own words)."""
+    params = {**(r.get("rule_params") or {}), **(r.get("drafter_params") or {})}
+    params.pop("drafts", None)
+    return " ".join(f"{k}={v}" for k, v in sorted(params.items()))
 
 
 def _fmt(v, spec: str = ".3f") -> str:
@@ -63,6 +73,8 @@ def pareto_plot(rows: list[dict], metric: str, xlabel: str, path: Path) -> Path:
                 best = y
         sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=22, alpha=0.6)
         ax.plot([p[0] for p in front], [p[1] for p in front], "-o", ms=4, color=sc.get_facecolor()[0], label=name)
+        for x, y, r in pts:
+            ax.annotate(_point_label(r), (x, y), fontsize=5, alpha=0.8, xytext=(3, 2), textcoords="offset points")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("speedup vs AR (wall-clock, median)")
