@@ -37,9 +37,11 @@ def _curve_key(r: dict, multi: bool) -> str:
 
 def _point_label(r: dict) -> str:
     """The parameters that tell a family's points apart (the label without the family's own words)."""
-    params = {**(r.get("rule_params") or {}), **(r.get("drafter_params") or {})}
-    params.pop("drafts", None)
-    return " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+    short = {"neighbours": "n", "k": "n", "delta": "d", "window": "w"}     # rule params; a drafter's k stays k
+    rule = [f"{short.get(k, k)}={v}" for k, v in sorted((r.get("rule_params") or {}).items())]
+    drafter = [f"{'w' if k == 'window' else k}={v}" for k, v in sorted((r.get("drafter_params") or {}).items())
+               if k != "drafts"]
+    return " ".join(rule + drafter)
 
 
 def _fmt(v, spec: str = ".3f") -> str:
