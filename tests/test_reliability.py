@@ -175,3 +175,19 @@ def test_default_neighbour_counts_are_clamped_quietly():
         assert LanternRule(torch.randn(8, 2)).neighbours == 7          # the default 1000, never chosen by the user
     with pytest.warns(UserWarning, match="neighbours = 50 asked for"):
         LanternRule(torch.randn(8, 2), neighbours=50)
+
+
+def test_prompt_ids_outside_the_vocabulary_and_missing_checkpoints():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specdec.adapters.hf_causal import HFCausalAdapter
+    from specdec.adapters.llamagen import from_checkpoint
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    adapter = HFCausalAdapter(model, torch.arange(8, 40), grid=(2, 2))
+    with pytest.raises(ValueError, match=r"prompt ids \[57\] lie outside the model's vocabulary \[0, 40\)"):
+        specdec.generate(adapter, torch.tensor([[1, 57]]))
+    with pytest.raises(FileNotFoundError, match="checkpoint file 'nowhere/c2i_B_256.pt' not found"):
+        from_checkpoint("nowhere/c2i_B_256.pt")

@@ -152,6 +152,11 @@ class HFCausalAdapter(ARModel):
             raise ValueError("cond is empty: pass at least one prompt")
         rows = CFGRows(len(prompts), sampling.uses_cfg)
         ids, mask = left_pad(rows.stack(prompts, self.uncond_prompts), self.pad_id)
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        bad = ids[(mask > 0) & ((ids < 0) | (ids >= vocab))]             # prompts are on the host: no device sync
+        if bad.numel():
+            raise ValueError(f"prompt ids {sorted(set(bad.tolist()))[:8]} lie outside the model's vocabulary "
+                             f"[0, {vocab}); tokenize the prompt with this model's tokenizer")
         check_capacity(self, int(mask.sum(1).max()) + capacity)
         self._place_tables()
         # padding slots are holes from the start: never attended, and they take no logical position

@@ -1,6 +1,8 @@
 """Reading LlamaGen's official checkpoint files and loading them with errors that name what does not fit."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -12,6 +14,9 @@ def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, Tensor]:
     """A checkpoint file -> state dict: safetensors, or a torch .pt/.pth/.bin holding the weights directly or
     under "model" (DDP), "module" (DeepSpeed), "state_dict" or "ema"."""
     path = str(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint file {path!r} not found; check the path (LlamaGen's released files are "
+                                f"e.g. c2i_B_256.pt and vq_ds16_c2i.pt)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path, device="cpu")
