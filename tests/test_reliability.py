@@ -191,3 +191,15 @@ def test_prompt_ids_outside_the_vocabulary_and_missing_checkpoints():
         specdec.generate(adapter, torch.tensor([[1, 57]]))
     with pytest.raises(FileNotFoundError, match="checkpoint file 'nowhere/c2i_B_256.pt' not found"):
         from_checkpoint("nowhere/c2i_B_256.pt")
+
+
+def test_bench_sweep_values_are_checked_not_coerced():
+    from specdec.bench import BenchConfigError
+
+    for sweep, message in (({"top_k": [2.5]}, "top_k must be an integer"), ({"temperature": ["1"]}, "a number")):
+        with pytest.raises(BenchConfigError, match=message):
+            parse_config({"generator": "tiny-random", "sweep": sweep,
+                          "method": [{"label": "a", "drafter": "lookup"}]})
+    run = parse_config({"generator": "tiny-random", "sweep": {"temperature": [1]},
+                        "method": [{"label": "a", "drafter": "lookup"}]}).runs[0]
+    assert run["sampling"]["temperature"] == 1.0 and isinstance(run["sampling"]["temperature"], float)

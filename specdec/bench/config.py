@@ -188,8 +188,8 @@ def _samplings(sweep: dict) -> list[Sampling]:
     out = []
     for t, tk, tp, c in itertools.product(sweep["temperature"], sweep["top_k"], sweep["top_p"], sweep["cfg"]):
         try:
-            out.append(Sampling(temperature=float(t), top_k=int(tk), top_p=float(tp), cfg_scale=float(c)))
-        except ValueError as e:
+            out.append(Sampling(temperature=t, top_k=tk, top_p=tp, cfg_scale=c))       # checked, not coerced
+        except (TypeError, ValueError) as e:
             raise BenchConfigError(f"[sweep]: {e}") from e
     return out
 
@@ -259,8 +259,8 @@ def parse_config(raw: dict) -> BenchConfig:
     for gen, samp, batch, seed in itertools.product(sweep["generator"], samplings, sweep["batch"], sweep["seed"]):
         for label, drafter, dp, rule, rp in methods:
             run = {"label": label, "generator": gen, "drafter": drafter, "drafter_params": dp, "rule": rule,
-                   "rule_params": rp, "sampling": {"temperature": samp.temperature, "top_k": samp.top_k,
-                                                   "top_p": samp.top_p, "cfg_scale": samp.cfg_scale},
+                   "rule_params": rp, "sampling": {"temperature": float(samp.temperature), "top_k": samp.top_k,
+                                                   "top_p": float(samp.top_p), "cfg_scale": float(samp.cfg_scale)},
                    "batch": batch, "images": images or batch, "seed": seed, "classes": classes,
                    "n_classes": n_classes}
             run["key"] = config_key(run)
