@@ -29,6 +29,18 @@ def check_range(name: str, value, lo=None, hi=None, what: str = "") -> None:
         raise UsageError(f"specdec: {name} must be {span}{what}, got {value}")
 
 
+def _json_params(text: str) -> dict:
+    """--params: a JSON object of parameter names -> dict ({} when empty); UsageError otherwise."""
+    try:
+        params = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise UsageError(f"specdec: --params is not JSON ({e.msg}); write e.g. --params '{{\"delta\": 0.1}}'")
+    if not isinstance(params, dict):
+        raise UsageError(f"specdec: --params must be a JSON object of parameter names, e.g. '{{\"delta\": 0.1}}'; "
+                         f"got {text}")
+    return params
+
+
 def demo_cmd(args) -> int:
     check_range("--per-class", args.per_class, 0, what=" (0 = the default)")
     check_range("--repeats", args.repeats, 0, what=" (0 = the default)")
@@ -38,7 +50,8 @@ def demo_cmd(args) -> int:
         classes = [int(c) if c.isdigit() else c for c in (c.strip() for c in args.classes.split(",")) if c]
         return run_demo(args.out, quick=args.quick, classes=classes or None,
                         per_class=args.per_class, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                        cfg=args.cfg, repeats=args.repeats, fd_real=args.fd_real, threads=args.threads)
+                        cfg=args.cfg, repeats=args.repeats, fd_real=args.fd_real, threads=args.threads,
+                        rule=args.rule or None, rule_params=_json_params(args.params))
     except DemoError as e:
         raise UsageError(f"specdec: {e}")
 
@@ -47,13 +60,7 @@ def certify_cmd(args) -> int:
     check_range("--vocab", args.vocab, 2, what=" (tokens of the random pairs)")
     check_range("--samples", args.samples, 100, what=" (Monte Carlo samples per pair)")
     check_range("--zoo", args.zoo, 0, 4096, " (real pairs; 0 = random pairs instead)")
-    try:
-        params = json.loads(args.params) if args.params else {}
-    except json.JSONDecodeError as e:
-        raise UsageError(f"specdec: --params is not JSON ({e.msg}); write e.g. --params '{{\"delta\": 0.1}}'")
-    if not isinstance(params, dict):
-        raise UsageError(f"specdec: --params must be a JSON object of parameter names, e.g. '{{\"delta\": 0.1}}'; "
-                         f"got {args.params}")
+    params = _json_params(args.params)
     try:
         text = certify_command(args.rule, params, vocab=args.vocab, n_samples=args.samples, zoo=args.zoo,
                                cfg=args.cfg)
@@ -96,6 +103,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--cfg", type=float, default=3.0)
     d.add_argument("--repeats", type=int, default=0, help="latency rounds (default 3 quick, 5 full)")
     d.add_argument("--threads", type=int, default=0, help="torch threads (default 0: the physical cores)")
+    d.add_argument("--rule", default="", help="add a row with this rule over the model drafter: a name, "
+                                              "module:Class or path/to/file.py:Class")
+    d.add_argument("--params", default="", help='JSON parameters of --rule, e.g. \'{"delta": 0.1}\'')
     d.add_argument("--fd-real", type=int, default=256, help="held-out real crops for the Frechet distance")
     d.set_defaults(func=demo_cmd)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from specdec import metrics
-from specdec.bench.methods import DEMO_METHODS, QUICK_METHODS, available, build_method
+from specdec.bench.methods import DEMO_METHODS, QUICK_METHODS, Method, available, build_method
 from specdec.bench.results import format_table
 from specdec.bench.timing import count_bound, interleaved_rounds, reliability, set_threads, step_costs
 from specdec.plots import acceptance_heatmaps, image_grid
@@ -54,10 +54,12 @@ FD_MIN_IMAGES = 200     # fewer images: the Frechet distance's seed noise exceed
 
 def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: list[str] | None = None,
              per_class: int = 0, seed: int = 0, temperature: float = 1.0, top_k: int = 0, cfg: float = 3.0,
-             repeats: int = 0, fd_real: int = 256, threads: int = 0) -> int:
+             repeats: int = 0, fd_real: int = 256, threads: int = 0, rule: str | None = None,
+             rule_params: dict | None = None) -> int:
     """Run the demo and print its table. classes: zoo class names (None: the first 3 quick / 6 full); per_class:
-    0 = 2 quick / 4 full; repeats: latency rounds, 0 = 3 quick / 5 full; threads: 0 = the physical cores.
-    Raises DemoError for bad inputs."""
+    0 = 2 quick / 4 full; repeats: latency rounds, 0 = 3 quick / 5 full; threads: 0 = the physical cores;
+    rule: one more row with this rule (a name, `module:Class` or `file.py:Class`) and rule_params over the model
+    drafter. Raises DemoError for bad inputs."""
     import specdec.zoo
     from specdec.engine import generate
 
@@ -78,11 +80,17 @@ def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: lis
     sampling = Sampling(temperature=temperature, top_k=top_k, cfg_scale=cfg)
     rounds = repeats or (3 if quick else 5)
     methods = available(QUICK_METHODS if quick else DEMO_METHODS, bundle)
+    if rule is not None:
+        methods.append(Method(f"{rule} + model k=4", "model", dict(methods[1].drafter_params), rule,
+                              dict(rule_params or {})))
     print(f"specdec demo: {len(methods)} methods, latency of 1 image ({rounds} interleaved rounds) and "
           f"{len(cond)} images ({', '.join(names)}), {sampling}, seed {seed}, {threads} threads", flush=True)
 
     geometries: dict = {}            # rules over the codebook share one geometry and its k-NN tables
-    built = [build_method(m, bundle, geometries) for m in methods]
+    try:
+        built = [build_method(m, bundle, geometries) for m in methods]
+    except (TypeError, ValueError) as e:
+        raise DemoError(f"cannot build {methods[-1].label!r}: {e}") from e
     for _, rule in built:
         rule.prepare(bundle.target.device)
 

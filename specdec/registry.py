@@ -61,6 +61,12 @@ def resolve(kind: str, name: str):
     if ":" not in spec:
         raise ValueError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(table))}, or your own class "
                          f"as 'module:Class' or 'path/to/file.py:Class'")
+    return load_object(kind, spec, name)
+
+
+def load_object(kind: str, spec: str, name: str | None = None):
+    """The object named by `module:attr` or `path/to/file.py:attr`; ValueError saying what is wrong."""
+    name = spec if name is None else name
     where, _, attr = spec.rpartition(":")
     try:
         if where.endswith(".py") or "/" in where or "\\" in where:

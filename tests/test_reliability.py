@@ -203,3 +203,16 @@ def test_bench_sweep_values_are_checked_not_coerced():
     run = parse_config({"generator": "tiny-random", "sweep": {"temperature": [1]},
                         "method": [{"label": "a", "drafter": "lookup"}]}).runs[0]
     assert run["sampling"]["temperature"] == 1.0 and isinstance(run["sampling"]["temperature"], float)
+
+
+def test_the_demo_takes_a_users_rule(tmp_path, capsys):
+    path = tmp_path / "my_rules.py"
+    path.write_text(USER_RULE)
+    out = tmp_path / "demo"
+    assert cli.entry(["demo", "--quick", "--out", str(out), "--per-class", "1", "--repeats", "1",
+                      "--rule", f"{path}:HalfwayRule", "--params", '{"scale": 0.5}']) == 0
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    assert rows[-1]["method"] == f"{path}:HalfwayRule + model k=4" and rows[-1]["mean_accepted_length"] > 1
+    assert cli.entry(["demo", "--quick", "--out", str(out), "--rule", f"{path}:HalfwayRule",
+                      "--params", '{"nope": 1}']) == 2
+    assert "cannot build" in capsys.readouterr().err

@@ -6,11 +6,11 @@ A scorer is a user metric named in a config as "module:callable".
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from specdec.registry import load_object
 from specdec.testing import tiny_random_bundle
 
 
@@ -67,13 +67,14 @@ class MeanBrightness:
 
 
 def load_scorer(spec: str) -> Scorer:
-    """"module:callable" -> the scorer (a class is instantiated); BenchConfigError when it cannot be imported."""
-    if ":" not in spec:
-        raise BenchConfigError(f"scorer {spec!r} must be 'module:callable'")
-    module, attr = spec.split(":", 1)
+    """"module:callable" or "file.py:callable" -> the scorer (a class is instantiated); BenchConfigError when it
+    cannot be loaded."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise BenchConfigError(f"scorer {spec!r} must be 'module:callable' or 'path/to/file.py:callable'")
+    attr = spec.rpartition(":")[2]
     try:
-        obj = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
+        obj = load_object("scorer", spec)
+    except ValueError as e:
         raise BenchConfigError(f"cannot import scorer {spec!r}: {e}") from e
     if isinstance(obj, type):
         obj = obj()
