@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from specdec.bench.config import BenchConfigError, preset_names
@@ -157,6 +158,9 @@ def entry(argv=None) -> int:
         print("specdec: interrupted — rerun the same command to continue (finished results are kept)",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:          # the reader went away (`specdec ... | head`): not an error of ours
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":
