@@ -42,13 +42,30 @@ class StaticKVCache:
         """Logical positions [B, n] of the next n tokens of every row."""
         return self.lengths[:, None] + torch.arange(n, device=self.lengths.device)
 
-    def write(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v [B, heads, n, head_dim] at `positions` [B, n]; return the full buffers of this layer."""
+    def write(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, heads, n, head_dim] in `slots` [B, n] (a chain's slots are its logical positions; a draft
+        tree's nodes take consecutive slots whatever their depth); return the full buffers of this layer."""
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         # advanced indexing on dims (B, S) puts them first: [B, n, heads, head_dim]
-        self.k[layer][rows, :, positions] = k.transpose(1, 2)
-        self.v[layer][rows, :, positions] = v.transpose(1, 2)
+        self.k[layer][rows, :, slots] = k.transpose(1, 2)
+        self.v[layer][rows, :, slots] = v.transpose(1, 2)
         return self.k[layer], self.v[layer]
+
+    def tree_mask(self, slot0: Tensor, allowed: Tensor) -> Tensor:
+        """Boolean mask [B, 1, n, max_len] for n inputs written to slots slot0[b] .. slot0[b] + n - 1: every input
+        sees its row's prefix (slots < slot0) and, among the n new slots, those allowed[b, i, j] ([B, n, n])."""
+        B, n, _ = allowed.shape
+        rel = torch.arange(self.max_len, device=slot0.device)[None] - slot0[:, None]             # [B, S]
+        inside = (rel >= 0) & (rel < n)
+        pick = allowed.gather(2, rel.clamp(0, n - 1)[:, None, :].expand(B, n, self.max_len))    # [B, n, S]
+        return ((rel < 0)[:, None, :] | (inside[:, None, :] & pick))[:, None]
+
+    def move(self, src: Tensor, dst: Tensor) -> None:
+        """Copy the K/V of slots src [B, L] into slots dst [B, L] of every layer (a tree's accepted path moves
+        behind the prefix; dst[b, j] <= src[b, j], and the right side is read whole before it is written)."""
+        rows = torch.arange(src.shape[0], device=src.device)[:, None]
+        self.k[:, rows, :, dst] = self.k[:, rows, :, src]
+        self.v[:, rows, :, dst] = self.v[:, rows, :, src]
 
     def attention_mask(self, positions: Tensor) -> Tensor:
         """Boolean mask [B, 1, n, max_len]: query at logical position t sees slots 0..t of its own row."""

@@ -45,13 +45,15 @@ class GPTConfig:
 
 @dataclass
 class StepInputs:
-    """What every layer of one forward shares: positions [B, n], rotary tables, the cache and its mask."""
+    """What every layer of one forward shares: positions [B, n], rotary tables, the cache, its mask and the cache
+    slots [B, n] the inputs are written to (the positions, but for a draft tree's nodes)."""
 
     positions: Tensor
     cos: Tensor
     sin: Tensor
     cache: StaticKVCache | None
     mask: Tensor | None
+    slots: Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -97,7 +99,7 @@ class Attention(nn.Module):
         if inputs.cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            k_all, v_all = inputs.cache.write(layer, k, v, inputs.positions)
+            k_all, v_all = inputs.cache.write(layer, k, v, inputs.slots)
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=inputs.mask)
         return self.proj(y.transpose(1, 2).reshape(B, n, -1))
 
@@ -145,10 +147,12 @@ class GPT(nn.Module):
         return StaticKVCache(self.cfg.n_layers, batch, self.cfg.n_heads, max_len or self.cfg.max_len,
                              self.cfg.head_dim, device=device or p.device, dtype=dtype or p.dtype)
 
-    def trunk(self, x: Tensor, positions: Tensor, cache: StaticKVCache | None) -> Tensor:
+    def trunk(self, x: Tensor, positions: Tensor, cache: StaticKVCache | None, slots: Tensor | None = None,
+              mask: Tensor | None = None) -> Tensor:
         cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_base, x.dtype)
-        mask = cache.attention_mask(positions) if cache is not None else None
-        inputs = StepInputs(positions, cos, sin, cache, mask)
+        if mask is None and cache is not None:
+            mask = cache.attention_mask(positions)
+        inputs = StepInputs(positions, cos, sin, cache, mask, positions if slots is None else slots)
         for i, block in enumerate(self.blocks):
             x = block(x, inputs, i)
         return self.norm(x)
@@ -167,6 +171,14 @@ class GPT(nn.Module):
         h = self.trunk(self.cls_emb(classes)[:, None], positions, cache)
         cache.advance(1)
         return self.head(h[:, 0])
+
+    def step_tree(self, tokens: Tensor, cache: StaticKVCache, positions: Tensor, slots: Tensor,
+                  allowed: Tensor) -> Tensor:
+        """One verification forward over a draft tree (`specdec.tree.verify_inputs`): tokens, positions, slots
+        [B, n], allowed [B, n, n] -> logits [B, n, V]. Writes K/V to the slots; the cache's lengths do not move
+        (the accepted path is committed with `StaticKVCache.move` and `set_lengths`)."""
+        h = self.trunk(self.tok_emb(tokens), positions, cache, slots, cache.tree_mask(slots[:, 0], allowed))
+        return self.head(h)
 
     def step(self, tokens: Tensor, cache: StaticKVCache) -> Tensor:
         """Append image tokens [B, n] at each row's own write pointer; returns logits [B, n, V]."""

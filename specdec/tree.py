@@ -1,0 +1,127 @@
+"""Draft trees: many candidate continuations verified in one target forward (SpecInfer, Miao et al. arXiv
+2305.09781; Medusa arXiv 2401.10774; EAGLE-2 arXiv 2406.16858).
+
+A batch of trees in one padded layout, N node slots per row:
+
+    tokens  LongTensor [B, N]  the drafted token of each node
+    parents LongTensor [B, N]  the parent node, -1 for a child of the root (the root is the last committed token)
+    count   LongTensor [B]     real nodes of the row; slots >= count[b] are padding (parent -1, never accepted)
+
+Nodes are topologically ordered (parents[b, i] < i), so one pass over the nodes in index order sees every parent
+before its children. depth[b, i] = 1 for a root child. The verification forward feeds [root, node_0 .. node_{N-1}]:
+the root sits at logical position n - 1 (n = committed tokens) and node i at n - 1 + depth[i]; each node attends the
+committed prefix, the root and its own ancestors (`attention`). Its output is the target's law of the token AFTER the
+node, i.e. of the node's children. After a verdict the accepted root-to-node path (`path`) is committed: its K/V rows
+are moved behind the prefix in a static cache, which is then as if the path had been fed as a chain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DraftTree:
+    """A batch of draft trees (see the module doc). q: FloatTensor [B, N, V], the law node i was drawn from given
+    its parent's context and its earlier siblings (sequential q), or None for deterministic (one-hot) drafts."""
+
+    tokens: Tensor
+    parents: Tensor
+    count: Tensor
+    q: Tensor | None = None
+
+    def __post_init__(self):
+        if self.tokens.dim() != 2 or self.parents.shape != self.tokens.shape:
+            raise ValueError(f"tree tokens and parents must both be [B, N], got {tuple(self.tokens.shape)} and "
+                             f"{tuple(self.parents.shape)}")
+        if self.count.shape != self.tokens.shape[:1]:
+            raise ValueError(f"tree count must be [B] = [{self.tokens.shape[0]}], got {tuple(self.count.shape)}")
+
+    @property
+    def size(self) -> int:
+        """N, node slots per row."""
+        return self.tokens.shape[1]
+
+    def check(self) -> None:
+        """ValueError unless every parent precedes its child (topological order) and lies in [-1, node). One host
+        sync: call it when a tree is built by code you do not trust, not per step."""
+        idx = torch.arange(self.size, device=self.parents.device)
+        bad = (self.parents >= idx) | (self.parents < -1)
+        if bool(bad.any()):
+            b, i = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"draft tree row {b}: node {i} has parent {int(self.parents[b, i])}; parents must be "
+                             f"-1 (the root) or an earlier node (topological order)")
+        if bool(((self.count < 0) | (self.count > self.size)).any()):
+            raise ValueError(f"draft tree counts must lie in [0, {self.size}]")
+
+    def ancestors(self) -> Tensor:
+        """BoolTensor [B, N, N]: [b, i, j] is True when node j is node i or one of its ancestors. Built by pointer
+        doubling: log2(N) rounds of `reach |= reach[reach's parents]`, no Python loop over nodes."""
+        B, N = self.parents.shape
+        dev = self.parents.device
+        eye = torch.eye(N, dtype=torch.bool, device=dev).expand(B, N, N)
+        parent = torch.zeros(B, N, N + 1, dtype=torch.bool, device=dev)           # column N stands for the root
+        parent.scatter_(2, torch.where(self.parents < 0, N, self.parents)[..., None], True)
+        reach = eye | parent[..., :N]                                             # self and parent
+        jump = self.parents.clone()                                               # 2^r-th ancestor (-1: none)
+        for _ in range(max(1, (N - 1).bit_length())):
+            up = jump.clamp_min(0)
+            rows = torch.arange(B, device=dev)[:, None]
+            inherited = reach[rows, up] & (jump >= 0)[..., None]                  # what the 2^r-th ancestor reaches
+            reach = reach | inherited
+            jump = torch.where(jump >= 0, jump.gather(1, up), jump)
+        return reach
+
+    def depth(self) -> Tensor:
+        """LongTensor [B, N]: 1 for a root child, parent's depth + 1 below it."""
+        return self.ancestors().sum(-1)
+
+    def valid(self) -> Tensor:
+        """BoolTensor [B, N]: real nodes (not padding)."""
+        return torch.arange(self.size, device=self.count.device)[None] < self.count[:, None]
+
+    def path(self, node: Tensor, max_depth: int) -> Tensor:
+        """The root-to-node path of node [B] (-1: the root itself, an empty path) as node indices LongTensor
+        [B, max_depth], shallowest first, padded with -1 after the path's end."""
+        B = node.shape[0]
+        anc = self.ancestors()                                                    # [B, N, N]
+        on_path = anc.gather(1, node.clamp_min(0)[:, None, None].expand(B, 1, self.size))[:, 0]
+        on_path = on_path & (node >= 0)[:, None]                                  # [B, N]
+        depth = self.depth()
+        slot = torch.where(on_path, depth - 1, max_depth)                         # depth d sits in column d - 1
+        out = torch.full((B, max_depth + 1), -1, dtype=torch.long, device=node.device)
+        idx = torch.arange(self.size, device=node.device).expand(B, -1)
+        out.scatter_(1, slot.clamp_max(max_depth), torch.where(on_path, idx, -1))
+        return out[:, :max_depth]
+
+
+def chain(tokens: Tensor, q: Tensor | None = None) -> DraftTree:
+    """A chain of k drafts [B, k] as a tree: node i is the child of node i - 1."""
+    B, k = tokens.shape
+    parents = (torch.arange(k, device=tokens.device) - 1).expand(B, k).clone()
+    return DraftTree(tokens, parents, torch.full((B,), k, dtype=torch.long, device=tokens.device), q)
+
+
+def verify_inputs(tree: DraftTree, n_done: Tensor, last: Tensor, slot0: Tensor) -> tuple[Tensor, Tensor, Tensor,
+                                                                                             Tensor]:
+    """What one verification forward over [root, nodes] needs, for a cache whose row b holds its committed prefix
+    in slots [0, slot0[b]) (slot0 = the root's slot):
+
+      tokens    [B, 1 + N]   the root (last committed token, last [B]) then the nodes
+      positions [B, 1 + N]   logical positions: n - 1 for the root, n - 1 + depth for a node
+      slots     [B, 1 + N]   cache slots the inputs are written to: slot0 + 0 .. N (one per input)
+      allowed   [B, 1 + N, 1 + N]  which of this forward's inputs each input attends (root: itself; node: the root,
+                                   its ancestors and itself); every input also attends its row's prefix
+    """
+    B, N = tree.tokens.shape
+    dev = tree.tokens.device
+    depth = tree.depth()
+    tokens = torch.cat([last[:, None], tree.tokens], 1)
+    positions = (n_done - 1)[:, None] + torch.cat([torch.zeros(B, 1, dtype=torch.long, device=dev), depth], 1)
+    slots = slot0[:, None] + torch.arange(1 + N, device=dev)
+    allowed = torch.zeros(B, 1 + N, 1 + N, dtype=torch.bool, device=dev)
+    allowed[:, :, 0] = True                                                       # everyone sees the root
+    allowed[:, 1:, 1:] = tree.ancestors()
+    return tokens, positions, slots, allowed
