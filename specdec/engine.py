@@ -21,6 +21,7 @@ from specdec.adapters.base import check_capacity
 from specdec.protocols import AcceptanceRule, ARModel, DecodeContext, Drafter, require
 from specdec.random import RowStreams, fresh_seed, sample_categorical
 from specdec.sampling import Sampling, nonfinite, to_probs
+from specdec.tree import DraftTree
 from specdec.types import Draft, GenerationResult, SpecStats, Verdict
 
 
@@ -34,6 +35,11 @@ def _check_inputs(target: ARModel, drafter, rule, num_tokens: int) -> int:
             raise ValueError(f"the drafter's k (draft tokens per step) must be an integer >= 1, got {k!r}")
     if rule is not None:
         require(rule, AcceptanceRule, "the rule")
+    if drafter is not None and drafter.tree_size:
+        if rule is not None and not rule.supports_trees:
+            rule.verify_tree(None, None, None)            # raises, naming the rule
+        if not target.supports_trees:
+            target.forward_tree(None, None, None, None)   # raises, naming the adapter
     if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 1:
         raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
     return k
@@ -65,7 +71,7 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         rule = ExactRule()      # nothing to judge without drafts: plain sampling from p, whatever rule was given
     # cache room: an active row holds at most T-2 generated tokens and appends k+1; a finished row is parked at
     # T-1 (see the rollback below) and still rides along, appending k+1
-    capacity = T + k
+    capacity = T + max(k, drafter.tree_size if drafter is not None else 0)
     check_capacity(target, capacity)
     if T > math.prod(target.grid):
         raise ValueError(f"num_tokens={T} does not fit the target's grid {tuple(target.grid)} "
@@ -118,11 +124,18 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         draft = drafter.propose(k) if drafter is not None else Draft(tokens[:, :0])
         t1 = time.perf_counter()
         last = tokens.gather(1, (n_done - 1)[:, None])
-        logits = target.forward(state, torch.cat([last, draft.tokens], 1))
-        p = to_probs(logits.cond, logits.uncond, sampling, token_mask)                 # [B, k+1, V]
-        bad = bad | torch.stack([nonfinite(logits.cond, logits.uncond), _invalid_probs(draft.probs, no),
-                                 torch.isnan(p).any()])
-        if k:
+        is_tree = isinstance(draft, DraftTree)
+        logits = target.forward_tree(state, draft, last[:, 0], n_done) if is_tree else \
+            target.forward(state, torch.cat([last, draft.tokens], 1))
+        p = to_probs(logits.cond, logits.uncond, sampling, token_mask)                 # [B, k+1 (1+N), V]
+        bad = bad | torch.stack([nonfinite(logits.cond, logits.uncond),
+                                 _invalid_probs(draft.q if is_tree else draft.probs, no), torch.isnan(p).any()])
+        if is_tree:     # the accepted root-to-node path becomes the step's drafts, as if it had been a chain
+            verdict = rule.verify_tree(draft, p, streams.at(n_done))
+            path = draft.path(verdict.node, k)                                          # [B, k] nodes
+            target.commit_tree(state, draft, path)
+            draft = Draft(draft.tokens.gather(1, path.clamp_min(0)))
+        elif k:
             verdict = rule.verify(draft.tokens, draft.q(V), p, streams.at(n_done))
         else:   # plain AR: what the exact rule does with no drafts (the bonus draw from p), without its bookkeeping
             u = streams.uniform_at("sample", n_done[:, None])[:, 0]

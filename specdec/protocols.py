@@ -23,7 +23,7 @@ from torch import Tensor
 
 from specdec.random import RowStreams
 from specdec.sampling import Sampling, to_probs
-from specdec.types import Draft, Logits, Verdict
+from specdec.types import Draft, Logits, TreeVerdict, Verdict
 
 
 @runtime_checkable
@@ -73,6 +73,18 @@ class ARModel(Protocol):
         """tokens [B, T] -> pixels [B, 3, H, W] in [-1, 1], or None when the adapter cannot decode."""
         ...
 
+    supports_trees: bool = False    # forward_tree / commit_tree are implemented
+
+    def forward_tree(self, state: Any, tree, last: Tensor, n_done: Tensor) -> Logits:
+        """Verify a draft tree (specdec.tree.DraftTree, N nodes) in one forward: feeds [last, nodes] after each
+        row's committed prefix (n_done [B] committed tokens, last [B] the newest) -> Logits [B, 1 + N, V]."""
+        raise ValueError(f"{type(self).__name__} cannot verify draft trees; use a chain drafter")
+
+    def commit_tree(self, state: Any, tree, path: Tensor) -> None:
+        """After forward_tree: keep the accepted root-to-node path (node indices [B, D], -1 padded) as if it had been
+        fed as a chain after `last`; `rollback` then sets the lengths."""
+        raise ValueError(f"{type(self).__name__} cannot verify draft trees; use a chain drafter")
+
 
 @dataclass
 class DecodeContext:
@@ -115,6 +127,8 @@ class Drafter(Protocol):
                                     # the emitted law only then, so reports read it to state a rule's bound
     forwards: int = 0               # drafter model calls made in the current generation (0: training-free)
     needs_draft_model: bool = False  # the registry builds it as cls(draft_model, **params)
+    tree_size: int = 0              # > 0: propose() returns a specdec.tree.DraftTree of this many nodes (k: its
+                                    # depth); 0: a chain of k tokens
 
     def start(self, ctx: DecodeContext) -> None:
         """Called once per generate() after the prefill; keep ctx, it is updated in place."""
@@ -143,6 +157,14 @@ class AcceptanceRule(Protocol):
         """draft_tokens [B, k], draft_probs [B, k, V], target_probs [B, k+1, V] -> Verdict(n_accepted [B],
         next_token [B])."""
         ...
+
+    supports_trees: bool = False    # verify_tree is implemented (a chain-only rule refuses a draft tree)
+
+    def verify_tree(self, tree, target_probs: Tensor, rng: Randomness) -> "TreeVerdict":
+        """tree: specdec.tree.DraftTree of N nodes; target_probs [B, 1 + N, V] (row 0: the root's output) ->
+        TreeVerdict(n_accepted [B], node [B], next_token [B]). Default: refuse, naming the rule."""
+        raise ValueError(f"rule {self.name!r} ({type(self).__name__}) verifies chains of drafts only; use a chain "
+                         f"drafter, or a rule that verifies trees (exact)")
 
     def prepare(self, device) -> None:
         """Precompute what verify() needs that does not depend on the step (e.g. neighbour tables), so that the

@@ -25,12 +25,16 @@ from torch import Tensor
 @dataclass
 class DraftTree:
     """A batch of draft trees (see the module doc). q: FloatTensor [B, N, V], the law node i was drawn from given
-    its parent's context and its earlier siblings (sequential q), or None for deterministic (one-hot) drafts."""
+    its parent's context and its earlier siblings (sequential q), or None for deterministic (one-hot) drafts.
+    max_depth, max_children: static bounds of the tree's shape (default N), so verification loops a known number
+    of times without reading the tree on the host."""
 
     tokens: Tensor
     parents: Tensor
     count: Tensor
     q: Tensor | None = None
+    max_depth: int = 0
+    max_children: int = 0
 
     def __post_init__(self):
         if self.tokens.dim() != 2 or self.parents.shape != self.tokens.shape:
@@ -38,6 +42,8 @@ class DraftTree:
                              f"{tuple(self.parents.shape)}")
         if self.count.shape != self.tokens.shape[:1]:
             raise ValueError(f"tree count must be [B] = [{self.tokens.shape[0]}], got {tuple(self.count.shape)}")
+        self.max_depth = self.max_depth or self.size
+        self.max_children = self.max_children or self.size
 
     @property
     def size(self) -> int:
@@ -101,7 +107,7 @@ def chain(tokens: Tensor, q: Tensor | None = None) -> DraftTree:
     """A chain of k drafts [B, k] as a tree: node i is the child of node i - 1."""
     B, k = tokens.shape
     parents = (torch.arange(k, device=tokens.device) - 1).expand(B, k).clone()
-    return DraftTree(tokens, parents, torch.full((B,), k, dtype=torch.long, device=tokens.device), q)
+    return DraftTree(tokens, parents, torch.full((B,), k, dtype=torch.long, device=tokens.device), q, k, 1)
 
 
 def verify_inputs(tree: DraftTree, n_done: Tensor, last: Tensor, slot0: Tensor) -> tuple[Tensor, Tensor, Tensor,

@@ -44,6 +44,20 @@ class Verdict:
     next_token: Tensor
 
 
+@dataclass
+class TreeVerdict:
+    """A rule's decision on a draft tree.
+
+    n_accepted: LongTensor [B] accepted depth (length of the accepted root-to-node path, 0..max depth)
+    node:       LongTensor [B] the deepest accepted node (-1: none, the root)
+    next_token: LongTensor [B] the correction (after a rejection) or bonus token committed after the path
+    """
+
+    n_accepted: Tensor
+    node: Tensor
+    next_token: Tensor
+
+
 @dataclass(repr=False)
 class SpecStats:
     """Counters with vLLM / Spec-Bench definitions. Per-image counters are averaged over rows.

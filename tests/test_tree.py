@@ -100,3 +100,110 @@ def test_tree_forward_equals_path_forwards_and_a_committed_path_equals_a_chain()
                          torch.zeros(1, dtype=torch.long)])
         fresh = model.forward_train(seq[None], classes[b:b + 1])[0, len(seq) - 1]
         assert torch.allclose(cached[b], fresh, atol=1e-4), b
+
+
+def test_a_chain_verified_as_a_tree_equals_the_chain_rule():
+    from specdec.random import RowStreams
+    from verifiers import ExactRule
+
+    g = torch.Generator().manual_seed(0)
+    B, k, V = 64, 4, 6
+    p = torch.softmax(torch.randn(B, k + 1, V, generator=g) * 2, -1)
+    q = torch.softmax(torch.randn(B, k, V, generator=g) * 2, -1)
+    x = torch.multinomial(q.reshape(-1, V), 1, generator=g).reshape(B, k)
+    streams = RowStreams(7, torch.arange(B))
+    start = torch.randint(1, 20, (B,), generator=g)
+    rule = ExactRule()
+    want = rule.verify(x, q, p, streams.at(start))
+    got = rule.verify_tree(chain(x, q), p, streams.at(start))
+    assert torch.equal(got.n_accepted, want.n_accepted) and torch.equal(got.next_token, want.next_token)
+    assert torch.equal(got.node, want.n_accepted - 1)
+    assert 0 < float(want.n_accepted.float().mean()) < k
+
+
+class FixedShapeTreeDrafter:
+    """A training-free tree drafter for tests: a fixed tree shape; at every node the children are drawn from a fixed
+    law q0 without replacement (sequential q: q0 with the earlier siblings removed), or are q0's top tokens in order
+    (deterministic, one-hot q)."""
+
+    def __init__(self, parents: list[int], q0: torch.Tensor, deterministic: bool = False):
+        from specdec.protocols import Drafter
+        from specdec.tree import DraftTree
+
+        self.__class__ = type("FixedShapeTree", (FixedShapeTreeDrafter, Drafter), {})
+        self.parents, self.q0, self.deterministic = torch.tensor(parents), q0, deterministic
+        self.tree_size = len(parents)
+        anc = brute_ancestors(self.parents[None])[0]
+        self.k = int(anc.sum(-1).max())
+        self.K = int(max((self.parents == p).sum() for p in set(parents)))
+        self.rank = torch.tensor([int((self.parents[:i] == self.parents[i]).sum()) for i in range(len(parents))])
+        self.one_hot_drafts = deterministic
+        self.forwards = 0
+        self._tree = DraftTree
+
+    def start(self, ctx):
+        self.ctx = ctx
+
+    def propose(self, k):
+        n = self.ctx.n_done
+        B, N, V = n.shape[0], self.tree_size, self.q0.shape[0]
+        tokens = torch.zeros(B, N, dtype=torch.long)
+        q = torch.zeros(B, N, V)
+        u = self.ctx.streams.uniform_at("tree_draft", n[:, None] * 0 + torch.arange(N)[None] + 1000 * n[:, None])
+        order = self.q0.argsort(descending=True)
+        for i in range(N):
+            earlier = [j for j in range(i) if self.parents[j] == self.parents[i]]
+            law = self.q0.clone().expand(B, V).clone()
+            for j in earlier:
+                law[torch.arange(B), tokens[:, j]] = 0
+            law = law / law.sum(-1, keepdim=True)
+            if self.deterministic:
+                tokens[:, i] = order[int(self.rank[i])]
+                q[:, i] = torch.nn.functional.one_hot(tokens[:, i], V).float()
+            else:
+                tokens[:, i] = torch.searchsorted(law.cumsum(-1), (u[:, i] * law.sum(-1))[:, None])[:, 0].clamp_max(V - 1)
+                q[:, i] = law
+        return self._tree(tokens, self.parents.expand(B, N).clone(), torch.full((B,), N), q, self.k, self.K)
+
+    def observe(self, verdict, target_probs):
+        pass
+
+
+SHAPES = {"binary": [-1, -1, 0, 0, 1, 2], "wide": [-1, -1, -1, 0, 0, 3], "chain-ish": [-1, 0, 1, -1]}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_tree_decoding_is_exact(shape, deterministic):
+    """Sequence-level chi-square against the enumerated joint law (V = 5, T = 4), with CFG and top-k."""
+    from specdec import Sampling
+    from helpers import fit_of
+
+    target = tiny_gpt(vocab=5, grid=(2, 2), dim=32, heads=2, classes=2, sharpen=15.0)
+    q0 = torch.tensor([0.05, 0.6, 0.2, 0.1, 0.05])          # peaked: removing a sibling changes q a lot
+    drafter = FixedShapeTreeDrafter(SHAPES[shape], q0, deterministic)
+    fit, res = fit_of(target, drafter, Sampling(cfg_scale=2.0, top_k=4), n=20000)
+    assert fit.p_value > 1e-3, str(fit)
+    assert fit.tvd < 2 * fit.tvd_noise + 1e-3, str(fit)
+    assert res.stats.mean_accepted_length > 1.05
+
+
+def test_greedy_tree_decoding_equals_greedy_ar(target):
+    import specdec
+    from helpers import GREEDY
+
+    cond = torch.tensor([0, 1, 2, 1])
+    ar = specdec.generate(target, cond, sampling=GREEDY, seed=0)
+    q0 = torch.softmax(torch.randn(64, generator=torch.Generator().manual_seed(0)), 0)
+    tree = specdec.generate(target, cond, drafter=FixedShapeTreeDrafter(SHAPES["binary"], q0, True),
+                            sampling=GREEDY, seed=0)
+    assert torch.equal(ar.tokens, tree.tokens)
+
+
+def test_chain_only_rules_and_adapters_refuse_trees(target):
+    import specdec
+    from verifiers import TypicalRule
+
+    drafter = FixedShapeTreeDrafter(SHAPES["binary"], torch.full((64,), 1 / 64))
+    with pytest.raises(ValueError, match="'typical' .* verifies chains of drafts only"):
+        specdec.generate(target, torch.tensor([0]), drafter=drafter, rule=TypicalRule())

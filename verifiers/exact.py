@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from specdec.protocols import AcceptanceRule, Randomness
-from specdec.types import Verdict
+from specdec.types import TreeVerdict, Verdict
+from verifiers._tree import recursive_rejection
 from verifiers._kit import accept_run, correction_uniform, residual_sample, token_probs
 
 
@@ -27,6 +28,14 @@ class ExactRule(AcceptanceRule):
 
     lossless = True
     name = "exact"
+
+    supports_trees = True
+
+    def verify_tree(self, tree, target_probs: Tensor, rng: Randomness) -> TreeVerdict:
+        """Recursive rejection over the tree's siblings (verifiers._tree): lossless for i.i.d., without-replacement
+        and deterministic siblings, given each node's sequential q."""
+        return recursive_rejection(tree.tokens, tree.parents, tree.valid(), tree.q, target_probs, rng,
+                                   tree.max_depth, tree.max_children)
 
     @staticmethod
     def single_step_law(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,7 @@ class GPTAdapter(StaticCacheAdapter):
     """ARModel over `GPT`. grid: token layout (H, W); decode: tokens [B, T] -> pixels, optional."""
 
     prefix_len = 1
+    supports_trees = True           # GPT.step_tree verifies a draft tree in one forward
 
     def __init__(self, model: GPT, grid: tuple[int, ...], codebook: Tensor | None = None,
                  decode: Callable[[Tensor], Tensor] | None = None):

@@ -14,6 +14,7 @@ from torch import Tensor
 from specdec.adapters.cfg import CFGRows
 from specdec.cache import StaticKVCache
 from specdec.protocols import ARModel
+from specdec.tree import verify_inputs
 from specdec.types import Logits
 
 
@@ -34,3 +35,20 @@ class StaticCacheAdapter(ARModel):
 
     def rollback(self, state: StaticCacheState, keep: Tensor) -> None:
         state.cache.set_lengths(state.double(keep) + state.prefix)
+
+    @torch.no_grad()
+    def forward_tree(self, state: StaticCacheState, tree, last: Tensor, n_done: Tensor) -> Logits:
+        """One forward over [last, tree nodes]: nodes take the slots after the root, attend their ancestors only
+        (`specdec.tree.verify_inputs`), and sit at logical positions root + depth. The model needs `step_tree`."""
+        slot0 = state.cache.lengths[: state.batch]
+        tokens, positions, slots, allowed = verify_inputs(tree, n_done, last, slot0)
+        logits = self.model.step_tree(state.double(tokens), state.cache, state.double(positions + state.prefix),
+                                      state.double(slots), state.double(allowed))
+        return state.split(logits)
+
+    def commit_tree(self, state: StaticCacheState, tree, path: Tensor) -> None:
+        """Move the K/V of the accepted path's nodes (path [B, D], -1 padded) right behind the root."""
+        slot0 = state.cache.lengths[: state.batch, None] + 1
+        dst = slot0 + torch.arange(path.shape[1], device=path.device)
+        src = torch.where(path >= 0, slot0 + path, dst)                            # padding copies onto itself
+        state.cache.move(state.double(src), state.double(dst))
