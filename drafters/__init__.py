@@ -2,5 +2,6 @@
 from drafters.jacobi import JacobiDrafter
 from drafters.lookup import LookupDrafter
 from drafters.model import ModelDrafter
+from drafters.model_tree import TreeModelDrafter
 
-__all__ = ["ModelDrafter", "JacobiDrafter", "LookupDrafter"]
+__all__ = ["ModelDrafter", "TreeModelDrafter", "JacobiDrafter", "LookupDrafter"]

@@ -52,12 +52,13 @@ class StaticKVCache:
         return self.k[layer], self.v[layer]
 
     def tree_mask(self, slot0: Tensor, allowed: Tensor) -> Tensor:
-        """Boolean mask [B, 1, n, max_len] for n inputs written to slots slot0[b] .. slot0[b] + n - 1: every input
-        sees its row's prefix (slots < slot0) and, among the n new slots, those allowed[b, i, j] ([B, n, n])."""
-        B, n, _ = allowed.shape
+        """Boolean mask [B, 1, n, max_len] for n inputs of a tree whose m slots start at slot0[b]: every input sees
+        its row's prefix (slots < slot0) and, among slots slot0 .. slot0 + m - 1, those allowed[b, i, j]
+        ([B, n, m]; n = m when the whole tree is fed at once, n < m when a drafter feeds it level by level)."""
+        B, n, m = allowed.shape
         rel = torch.arange(self.max_len, device=slot0.device)[None] - slot0[:, None]             # [B, S]
-        inside = (rel >= 0) & (rel < n)
-        pick = allowed.gather(2, rel.clamp(0, n - 1)[:, None, :].expand(B, n, self.max_len))    # [B, n, S]
+        inside = (rel >= 0) & (rel < m)
+        pick = allowed.gather(2, rel.clamp(0, m - 1)[:, None, :].expand(B, n, self.max_len))    # [B, n, S]
         return ((rel < 0)[:, None, :] | (inside[:, None, :] & pick))[:, None]
 
     def move(self, src: Tensor, dst: Tensor) -> None:

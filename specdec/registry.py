@@ -30,6 +30,7 @@ RULES = {
 
 DRAFTERS = {
     "model": "drafters.model:ModelDrafter",
+    "model_tree": "drafters.model_tree:TreeModelDrafter",
     "jacobi": "drafters.jacobi:JacobiDrafter",
     "lookup": "drafters.lookup:LookupDrafter",
 }

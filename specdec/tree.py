@@ -131,3 +131,40 @@ def verify_inputs(tree: DraftTree, n_done: Tensor, last: Tensor, slot0: Tensor) 
     allowed[:, :, 0] = True                                                       # everyone sees the root
     allowed[:, 1:, 1:] = tree.ancestors()
     return tokens, positions, slots, allowed
+
+
+def static_shape(spec) -> list[tuple[int, ...]]:
+    """A static tree shape as child-rank paths, shallowest first (path (0, 1): the second child of the first child
+    of the root). spec: a list of paths, or a preset name: "chain-K" (K nodes in a line), "binary-D" (every node
+    has 2 children, depth D), "spine-D" (the best path to depth D plus the runner-up at every level: 2D nodes)."""
+    if isinstance(spec, str):
+        kind, _, n = spec.partition("-")
+        if kind not in ("chain", "binary", "spine") or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"unknown tree shape {spec!r}; use chain-K, binary-D, spine-D or a list of child-rank "
+                             f"paths such as [[0], [1], [0, 0]]")
+        n = int(n)
+        if kind == "chain":
+            paths = [(0,) * d for d in range(1, n + 1)]
+        elif kind == "spine":
+            paths = [(0,) * (d - 1) + (r,) for d in range(1, n + 1) for r in (0, 1)]
+        else:
+            paths = [tuple((i >> j) & 1 for j in range(d)) for d in range(1, n + 1) for i in range(2 ** d)]
+    else:
+        paths = [tuple(int(r) for r in path) for path in spec]
+    paths = sorted(set(paths), key=lambda path: (len(path), path))
+    known = set(paths)
+    for path in paths:
+        if not path or min(path) < 0:
+            raise ValueError(f"tree path {list(path)} must be a non-empty list of child ranks >= 0")
+        if len(path) > 1 and path[:-1] not in known:
+            raise ValueError(f"tree path {list(path)} has no parent {list(path[:-1])} in the shape")
+        if path[-1] > 0 and path[:-1] + (path[-1] - 1,) not in known:
+            raise ValueError(f"tree path {list(path)}: its elder sibling {list(path[:-1] + (path[-1] - 1,))} is "
+                             f"missing (siblings are drawn in rank order)")
+    return paths
+
+
+def shape_parents(paths: list[tuple[int, ...]]) -> tuple[list[int], list[int], list[int]]:
+    """(parent index, child rank, depth) of every node of a shape from `static_shape`."""
+    index = {path: i for i, path in enumerate(paths)}
+    return ([index[p[:-1]] if len(p) > 1 else -1 for p in paths], [p[-1] for p in paths], [len(p) for p in paths])

@@ -13,7 +13,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import specdec
-from drafters import JacobiDrafter, LookupDrafter, ModelDrafter
+from drafters import JacobiDrafter, LookupDrafter, ModelDrafter, TreeModelDrafter
 from specdec import Sampling
 from verifiers import BoundedLanternRule, ExactRule, LanternRule
 from helpers import perturbed_copy, tiny_gpt
@@ -200,8 +200,9 @@ def _count_per_step(target, run, compact_owner=None):
     """Run `run()` with the target's forward (one per decode step) and the cache compaction marked; return
     (syncs in each step between two target forwards, syncs inside compactions, number of compactions)."""
     counter = SyncCounter()
-    forward = target.forward
+    forward, forward_tree = target.forward, target.forward_tree
     target.forward = lambda state, tokens: (counter.mark("step"), forward(state, tokens))[1]
+    target.forward_tree = lambda state, *a: (counter.mark("step"), forward_tree(state, *a))[1]
     if compact_owner is not None:
         compact = compact_owner.compact
 
@@ -214,7 +215,7 @@ def _count_per_step(target, run, compact_owner=None):
         with counter:
             run()
     finally:
-        del target.forward
+        del target.forward, target.forward_tree
         if compact_owner is not None:
             del compact_owner.compact
     steps, in_compact, compactions, inside = [], 0, 0, False
@@ -246,7 +247,9 @@ def _assert_one_sync_per_step(steps):
     lambda t: (JacobiDrafter(window=6, init="random"), ExactRule()),
     lambda t: (JacobiDrafter(window=6, init="repeat_vertical"), ExactRule()),
     lambda t: (LookupDrafter(k=3), ExactRule()),
-], ids=["ar", "model-exact", "argmax-lantern", "model-bounded", "jacobi-random", "jacobi-vertical", "lookup"])
+    lambda t: (TreeModelDrafter(perturbed_copy(t, 0.3), "spine-3"), ExactRule()),
+], ids=["ar", "model-exact", "argmax-lantern", "model-bounded", "jacobi-random", "jacobi-vertical", "lookup",
+        "model-tree"])
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 def test_own_model_paths_sync_once_per_step(target, make, cfg):
     drafter, rule = make(target)

@@ -207,3 +207,36 @@ def test_chain_only_rules_and_adapters_refuse_trees(target):
     drafter = FixedShapeTreeDrafter(SHAPES["binary"], torch.full((64,), 1 / 64))
     with pytest.raises(ValueError, match="'typical' .* verifies chains of drafts only"):
         specdec.generate(target, torch.tensor([0]), drafter=drafter, rule=TypicalRule())
+
+
+@pytest.mark.parametrize("shape", ["spine-2", "binary-2", [[0], [1], [2], [0, 0]]])
+@pytest.mark.parametrize("drafts", ["sample", "argmax"])
+def test_a_draft_model_tree_is_exact(shape, drafts):
+    from drafters.model_tree import TreeModelDrafter
+    from specdec import Sampling
+    from helpers import fit_of, perturbed_copy
+
+    target = tiny_gpt(vocab=5, grid=(2, 2), dim=32, heads=2, classes=2, sharpen=15.0)
+    drafter = TreeModelDrafter(perturbed_copy(target, 0.8), shape=shape, drafts=drafts)
+    fit, res = fit_of(target, drafter, Sampling(cfg_scale=2.0), n=20000)
+    assert fit.p_value > 1e-3, str(fit)
+    assert fit.tvd < 2 * fit.tvd_noise + 1e-3, str(fit)
+    assert res.stats.mean_accepted_length > 1.2
+
+
+def test_model_tree_greedy_equals_ar_and_beats_its_chain(target):
+    import specdec
+    from drafters import ModelDrafter
+    from drafters.model_tree import TreeModelDrafter
+    from specdec import Sampling
+    from helpers import GREEDY, perturbed_copy
+
+    cond = torch.tensor([0, 1, 2, 1])
+    draft = perturbed_copy(target, 0.6)
+    ar = specdec.generate(target, cond, sampling=GREEDY, seed=0)
+    tree = specdec.generate(target, cond, drafter=TreeModelDrafter(draft, "spine-3", "argmax"), sampling=GREEDY)
+    assert torch.equal(ar.tokens, tree.tokens)
+    s = Sampling(cfg_scale=3.0)
+    chain = specdec.generate(target, cond, drafter=ModelDrafter(draft, k=3), sampling=s, seed=1)
+    tree = specdec.generate(target, cond, drafter=TreeModelDrafter(draft, "binary-3"), sampling=s, seed=1)
+    assert tree.stats.mean_accepted_length > chain.stats.mean_accepted_length

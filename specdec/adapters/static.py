@@ -42,8 +42,16 @@ class StaticCacheAdapter(ARModel):
         (`specdec.tree.verify_inputs`), and sit at logical positions root + depth. The model needs `step_tree`."""
         slot0 = state.cache.lengths[: state.batch]
         tokens, positions, slots, allowed = verify_inputs(tree, n_done, last, slot0)
+        return self.forward_tree_part(state, tokens, positions, slots, allowed, slot0)
+
+    @torch.no_grad()
+    def forward_tree_part(self, state: StaticCacheState, tokens: Tensor, positions: Tensor, slots: Tensor,
+                          allowed: Tensor, base: Tensor) -> Logits:
+        """Feed some nodes of a tree whose slots start at base [B]: tokens, positions (engine token positions),
+        slots [B, n], allowed [B, n, m] over the tree's m slots -> Logits [B, n, V]. Drafters expand trees this
+        way, level by level."""
         logits = self.model.step_tree(state.double(tokens), state.cache, state.double(positions + state.prefix),
-                                      state.double(slots), state.double(allowed))
+                                      state.double(slots), state.double(allowed), state.double(base))
         return state.split(logits)
 
     def commit_tree(self, state: StaticCacheState, tree, path: Tensor) -> None:

@@ -173,11 +173,13 @@ class GPT(nn.Module):
         return self.head(h[:, 0])
 
     def step_tree(self, tokens: Tensor, cache: StaticKVCache, positions: Tensor, slots: Tensor,
-                  allowed: Tensor) -> Tensor:
-        """One verification forward over a draft tree (`specdec.tree.verify_inputs`): tokens, positions, slots
-        [B, n], allowed [B, n, n] -> logits [B, n, V]. Writes K/V to the slots; the cache's lengths do not move
-        (the accepted path is committed with `StaticKVCache.move` and `set_lengths`)."""
-        h = self.trunk(self.tok_emb(tokens), positions, cache, slots, cache.tree_mask(slots[:, 0], allowed))
+                  allowed: Tensor, base: Tensor | None = None) -> Tensor:
+        """A forward over (part of) a draft tree whose slots start at base [B] (default slots[:, 0]; see
+        `specdec.tree.verify_inputs`): tokens, positions, slots [B, n], allowed [B, n, m] over the tree's m slots ->
+        logits [B, n, V]. Writes K/V to the slots; the cache's lengths do not move (an accepted path is committed
+        with `StaticKVCache.move` and `set_lengths`)."""
+        base = slots[:, 0] if base is None else base
+        h = self.trunk(self.tok_emb(tokens), positions, cache, slots, cache.tree_mask(base, allowed))
         return self.head(h)
 
     def step(self, tokens: Tensor, cache: StaticKVCache) -> Tensor:

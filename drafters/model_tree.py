@@ -1,0 +1,112 @@
+"""A draft model that proposes a static tree of drafts instead of a chain (SpecInfer, Miao et al. arXiv
+2305.09781; static trees as in Medusa arXiv 2401.10774 and LANTERN++ arXiv 2502.06352).
+
+Notation: p = target distribution, q = draft distribution (both after specdec.sampling), x = draft token, B batch,
+V vocabulary, N tree nodes, D tree depth (the most tokens a step can accept).
+
+The shape is fixed (`specdec.tree.static_shape`: "chain-K", "spine-D", "binary-D" or child-rank paths). Each step
+the drafter feeds its committed tail as a chain (q at the root), then expands the tree level by level: the nodes of
+a level that have children are fed in one forward (tree attention over their ancestors, `forward_tree_part`), and
+each of them draws its children from its q in rank order:
+  drafts="sample": without replacement; child r's law is q with the r earlier siblings removed and renormalised
+                   (the sequential q the tree rule tests it against);
+  drafts="argmax": the r-th most likely token, q one-hot (deterministic drafts).
+D draft forwards per step whatever N. Guarantee: LOSSLESS with the exact rule's recursive rejection
+(verifiers/_tree.py), for either kind of siblings.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from drafters.model import ModelDrafter
+from specdec.protocols import ARModel
+from specdec.random import sample_categorical
+from specdec.sampling import to_probs
+from specdec.tree import DraftTree, shape_parents, static_shape
+
+
+class TreeModelDrafter(ModelDrafter):
+    """ModelDrafter whose proposal is a static tree. shape: see the module doc; drafts: "sample" | "argmax";
+    draft_cfg: the drafter's own guidance scale (None: the target's). The draft model needs a static cache with
+    tree attention (the project's GPT)."""
+
+    def __init__(self, model: ARModel, shape="spine-4", drafts: str = "sample", draft_cfg: float | None = None):
+        paths = static_shape(shape)
+        parents, ranks, depths = shape_parents(paths)
+        super().__init__(model, k=max(depths), drafts=drafts, draft_cfg=draft_cfg)
+        if not getattr(model, "supports_trees", False):
+            raise ValueError(f"a tree drafter needs a draft model that verifies trees (GPTAdapter); "
+                             f"{type(model).__name__} does not")
+        self.shape = paths
+        self.tree_size = len(paths)
+        self.max_children = max(ranks) + 1
+        # the shape is static: which nodes each level draws (in rank order) and feeds is known here, once
+        self.drawn = {d: sorted((i for i in range(len(paths)) if depths[i] == d), key=lambda i: ranks[i])
+                      for d in range(1, self.k + 1)}
+        self.fed = {d: [i for i in range(len(paths)) if depths[i] == d and i in set(parents)]
+                    for d in range(1, self.k + 1)}
+        self.parent_list = parents
+        self.parents = torch.tensor(parents)
+        self.depths = torch.tensor(depths)
+        anc = torch.eye(len(paths), dtype=torch.bool)
+        for i, par in enumerate(parents):                # parents precede children: one pass builds every row
+            if par >= 0:
+                anc[i] |= anc[par]
+        self.ancestors = anc                             # [N, N]: node j is node i or one of its ancestors
+
+    def start(self, ctx) -> None:
+        super().start(ctx)
+        dev = ctx.n_done.device
+        for name in ("parents", "depths", "ancestors"):
+            setattr(self, name, getattr(self, name).to(dev))
+        self.fed_index = {d: torch.tensor(nodes, dtype=torch.long, device=dev) for d, nodes in self.fed.items()}
+
+    def _children(self, parent_q: Tensor, level: int, tokens: Tensor, q: Tensor, u: Tensor) -> None:
+        """Draw the nodes of depth `level` from their parents' q (parent_q [B, N + 1, V], row 0: the root) in rank
+        order, writing tokens [B, N] and their sequential q [B, N, V] in place."""
+        remaining = parent_q.clone()
+        for i in self.drawn[level]:                                       # rank order: elder siblings first
+            row = self.parent_list[i] + 1
+            law = remaining[:, row]
+            if self.drafts == "argmax":
+                tok = law.argmax(-1)
+                q[:, i] = torch.nn.functional.one_hot(tok, law.shape[-1]).to(law.dtype)
+            else:
+                tok = sample_categorical(law, u[:, i])
+                q[:, i] = law / law.sum(-1, keepdim=True)
+            tokens[:, i] = tok
+            rest = law.scatter(1, tok[:, None], 0.0)                      # the next sibling's law
+            remaining[:, row] = rest / rest.sum(-1, keepdim=True).clamp_min(1e-30)
+
+    @torch.no_grad()
+    def propose(self, k: int) -> DraftTree:
+        ctx = self.ctx
+        n = ctx.n_done
+        B, N = n.shape[0], self.tree_size
+        n_feed = 1 if self.first else 2
+        self.first = False
+        self.model.rollback(self.state, ctx.park(n - n_feed))
+        feed = ctx.tokens.gather(1, n[:, None] - n_feed + self.offsets[:n_feed])
+        logits = self.model.forward(self.state, feed)
+        self.forwards += 1
+        V = logits.cond.shape[-1]
+        parent_q = torch.zeros(B, N + 1, V, device=n.device)
+        parent_q[:, 0] = to_probs(logits.cond[:, -1], None if logits.uncond is None else logits.uncond[:, -1],
+                                  self.sampling, ctx.token_mask)
+        tokens = torch.zeros(B, N, dtype=torch.long, device=n.device)
+        q = torch.zeros(B, N, V, device=n.device)
+        u = ctx.streams.uniform_at("tree_draft", n[:, None], slots=N)[:, 0]           # [B, N]
+        base = self.state.cache.lengths[:B]                  # the first node's slot: right after the root
+        for level in range(1, self.k + 1):
+            self._children(parent_q, level, tokens, q, u)
+            if not self.fed[level]:
+                break
+            feed_nodes = self.fed_index[level]
+            out = self.model.forward_tree_part(
+                self.state, tokens[:, feed_nodes], (n - 1)[:, None] + self.depths[feed_nodes][None],
+                base[:, None] + feed_nodes[None], self.ancestors[feed_nodes][None].expand(B, -1, -1), base)
+            self.forwards += 1
+            parent_q[:, feed_nodes + 1] = to_probs(out.cond, out.uncond, self.sampling, ctx.token_mask)
+        return DraftTree(tokens, self.parents.expand(B, N).clone(), torch.full((B,), N, device=n.device), q,
+                         self.k, self.max_children)
