@@ -10,6 +10,7 @@ a level that have children are fed in one forward (tree attention over their anc
 each of them draws its children from its q in rank order:
   drafts="sample": without replacement; child r's law is q with the r earlier siblings removed and renormalised
                    (the sequential q the tree rule tests it against);
+  drafts="iid":    independently from q (i.i.d. siblings, each tested against q; what SpecTr's k-SEQ needs);
   drafts="argmax": the r-th most likely token, q one-hot (deterministic drafts).
 D draft forwards per step whatever N. Guarantee: LOSSLESS with the exact rule's recursive rejection
 (verifiers/_tree.py), for either kind of siblings.
@@ -34,7 +35,12 @@ class TreeModelDrafter(ModelDrafter):
     def __init__(self, model: ARModel, shape="spine-4", drafts: str = "sample", draft_cfg: float | None = None):
         paths = static_shape(shape)
         parents, ranks, depths = shape_parents(paths)
-        super().__init__(model, k=max(depths), drafts=drafts, draft_cfg=draft_cfg)
+        if drafts not in ("sample", "iid", "argmax"):
+            raise ValueError(f"drafts must be 'sample' (siblings without replacement), 'iid' or 'argmax', "
+                             f"got {drafts!r}")
+        self.siblings = drafts
+        super().__init__(model, k=max(depths), drafts="argmax" if drafts == "argmax" else "sample",
+                         draft_cfg=draft_cfg)
         if not getattr(model, "supports_trees", False):
             raise ValueError(f"a tree drafter needs a draft model that verifies trees (GPTAdapter); "
                              f"{type(model).__name__} does not")
@@ -76,8 +82,9 @@ class TreeModelDrafter(ModelDrafter):
                 tok = sample_categorical(law, u[:, i])
                 q[:, i] = law / law.sum(-1, keepdim=True)
             tokens[:, i] = tok
-            rest = law.scatter(1, tok[:, None], 0.0)                      # the next sibling's law
-            remaining[:, row] = rest / rest.sum(-1, keepdim=True).clamp_min(1e-30)
+            if self.siblings != "iid":
+                rest = law.scatter(1, tok[:, None], 0.0)                  # the next sibling's law
+                remaining[:, row] = rest / rest.sum(-1, keepdim=True).clamp_min(1e-30)
 
     @torch.no_grad()
     def propose(self, k: int) -> DraftTree:

@@ -26,6 +26,7 @@ RULES = {
     "bounded_lantern": "verifiers.bounded_lantern:BoundedLanternRule",
     "grouped": "verifiers.grouped:GroupedRule",
     "typical": "verifiers.typical:TypicalRule",
+    "spectr": "verifiers.spectr:SpecTrRule",
 }
 
 DRAFTERS = {

@@ -240,3 +240,45 @@ def test_model_tree_greedy_equals_ar_and_beats_its_chain(target):
     chain = specdec.generate(target, cond, drafter=ModelDrafter(draft, k=3), sampling=s, seed=1)
     tree = specdec.generate(target, cond, drafter=TreeModelDrafter(draft, "binary-3"), sampling=s, seed=1)
     assert tree.stats.mean_accepted_length > chain.stats.mean_accepted_length
+
+
+@pytest.mark.parametrize("rule_name", ["exact", "spectr"])
+def test_iid_sibling_trees_are_exact_under_recursive_rejection_and_spectr(rule_name):
+    from drafters.model_tree import TreeModelDrafter
+    from specdec import Sampling
+    from specdec.registry import make_rule
+    from helpers import fit_of, perturbed_copy
+
+    target = tiny_gpt(vocab=5, grid=(2, 2), dim=32, heads=2, classes=2, sharpen=15.0)
+    drafter = TreeModelDrafter(perturbed_copy(target, 0.8), shape=[[0], [1], [2], [0, 0], [0, 1]], drafts="iid")
+    fit, res = fit_of(target, drafter, Sampling(cfg_scale=2.0), n=20000, rule=make_rule(rule_name))
+    assert fit.p_value > 1e-3, str(fit)
+    assert fit.tvd < 2 * fit.tvd_noise + 1e-3, str(fit)
+    assert res.stats.mean_accepted_length > 1.2
+
+
+def test_spectr_accepts_at_least_as_often_as_recursive_rejection_with_k_iid_drafts():
+    from specdec.random import RowStreams
+    from specdec.tree import DraftTree
+    from verifiers import ExactRule, SpecTrRule
+    from verifiers.spectr import rho_star
+
+    g = torch.Generator().manual_seed(0)
+    B, V = 20000, 6
+    p = torch.softmax(torch.randn(V, generator=g) * 1.5, 0)
+    q = torch.softmax(torch.randn(V, generator=g) * 1.5, 0)
+    for k in (1, 2, 4):
+        x = torch.multinomial(q, B * k, replacement=True, generator=g).reshape(B, k)
+        tree = DraftTree(x, torch.full((B, k), -1), torch.full((B,), k), q.expand(B, k, V).clone(), 1, k)
+        probs = p.expand(B, 1 + k, V)
+        streams = RowStreams(1, torch.arange(B))
+        exact = ExactRule().verify_tree(tree, probs, streams.at(torch.zeros(B, dtype=torch.long)))
+        spectr = SpecTrRule().verify_tree(tree, probs, streams.at(torch.zeros(B, dtype=torch.long)))
+        rho = float(rho_star(p[None], q[None], torch.tensor([k]))[0])
+        beta = float(torch.minimum(q, p / rho).sum())
+        predicted = 1 - (1 - beta) ** k                                # SpecTr's acceptance probability
+        got = float((spectr.n_accepted > 0).float().mean())
+        assert abs(got - predicted) < 4 * (predicted * (1 - predicted) / B) ** 0.5 + 1e-3, (k, got, predicted)
+        if k >= 2:
+            assert got >= float((exact.n_accepted > 0).float().mean()) - 0.01, k
+    assert SpecTrRule().lossless and SpecTrRule().distortion_bound(False) == 0.0

@@ -3,6 +3,7 @@ from verifiers.bounded_lantern import BoundedLanternRule
 from verifiers.exact import ExactRule
 from verifiers.grouped import GroupedRule
 from verifiers.lantern import LanternRule
+from verifiers.spectr import SpecTrRule
 from verifiers.typical import TypicalRule
 
-__all__ = ["ExactRule", "LanternRule", "BoundedLanternRule", "GroupedRule", "TypicalRule"]
+__all__ = ["ExactRule", "LanternRule", "BoundedLanternRule", "GroupedRule", "TypicalRule", "SpecTrRule"]

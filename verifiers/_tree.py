@@ -42,9 +42,31 @@ def children_table(parents: Tensor, valid: Tensor, K: int) -> Tensor:
     return table[:, :, :K]
 
 
-def recursive_rejection(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, target_probs: Tensor,
-                        rng: Randomness, max_depth: int, max_children: int) -> TreeVerdict:
-    """tokens, parents [B, N], valid [B, N], q [B, N, V] (the sequential law of each node; None = one-hot),
+def recursive_select(x: Tensor, q_kids: Tensor, has: Tensor, p: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """Recursive rejection over one node's children in sibling order: x [B, K] their tokens, q_kids [B, K, V] their
+    (sequential) laws, has [B, K] real children, p [B, V] the node's target law, u [B, K] accept uniforms ->
+    (the accepted child's slot, -1 if none [B]; the residual r [B, V] left after the rejected ones)."""
+    B, K = x.shape
+    rows = torch.arange(B, device=x.device)
+    residual = p
+    pick = torch.full((B,), -1, dtype=torch.long, device=x.device)
+    for r in range(K):
+        test = has[:, r] & (pick < 0)
+        q_i = q_kids[:, r]
+        ok = test & (u[:, r] * q_i[rows, x[:, r]] < residual[rows, x[:, r]])
+        res = (residual - q_i).clamp_min(0)                     # rejected: r loses this sibling's law
+        empty = res.sum(-1, keepdim=True) <= 1e-9               # (where nothing is left, r itself stays)
+        res = torch.where(empty, residual, res / res.sum(-1, keepdim=True).clamp_min(1e-30))
+        residual = torch.where((test & ~ok)[:, None], res, residual)
+        pick = torch.where(ok, r, pick)
+    return pick, residual
+
+
+def tree_walk(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, target_probs: Tensor,
+              rng: Randomness, max_depth: int, max_children: int, select=recursive_select) -> TreeVerdict:
+    """Walk down a batch of trees from the root: at each node `select` accepts one child (descend into it) or none
+    (commit a token from the residual it returns and stop); a node with no children commits a bonus from its
+    target law. tokens, parents [B, N], valid [B, N], q [B, N, V] (each node's law; None = one-hot),
     target_probs [B, 1 + N, V] (row 0: the root's output, row 1 + i: node i's); max_depth, max_children: static
     bounds of the tree's shape -> TreeVerdict."""
     B, N = tokens.shape
@@ -55,33 +77,32 @@ def recursive_rejection(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tenso
     table = children_table(parents, valid, K)                                # [B, N + 1, K]
     u_accept = torch.stack([rng.uniform("accept" if r == 0 else f"accept{r}", max_depth) for r in range(K)], -1)
     cur = torch.full((B,), -1, dtype=torch.long, device=dev)                 # the node the walk stands on
-    residual = target_probs[:, 0].clone()                                    # r at the current node
-    rejected_here = torch.zeros(B, dtype=torch.bool, device=dev)             # a sibling was rejected at cur
+    law = target_probs[:, 0]                                                 # what a stop at cur commits from
+    rejected = torch.zeros(B, dtype=torch.bool, device=dev)                  # the walk stopped on a rejection
     walking = torch.ones(B, dtype=torch.bool, device=dev)
     depth = torch.zeros(B, dtype=torch.long, device=dev)
     for d in range(max_depth):
-        moved = torch.zeros(B, dtype=torch.bool, device=dev)
-        for r in range(K):
-            child = table[rows, cur + 1, r]                                  # [B]
-            test = walking & ~moved & (child >= 0)
-            c = child.clamp_min(0)
-            x = tokens[rows, c]
-            q_i = torch.nn.functional.one_hot(x, V).to(residual.dtype) if q is None else q[rows, c]
-            ok = test & (u_accept[:, d, r] * q_i[rows, x] < residual[rows, x])
-            # rejected: the residual loses this sibling's law (where it has no mass left, r itself stays)
-            res = (residual - q_i).clamp_min(0)
-            empty = res.sum(-1, keepdim=True) <= 1e-9
-            res = torch.where(empty, residual, res / res.sum(-1, keepdim=True).clamp_min(1e-30))
-            residual = torch.where((test & ~ok)[:, None], res, residual)
-            rejected_here = rejected_here | (test & ~ok)
-            # accepted: descend; the next depth starts from the child's target law
-            residual = torch.where(ok[:, None], target_probs[rows, c + 1], residual)
-            rejected_here = rejected_here & ~ok
-            cur = torch.where(ok, child, cur)
-            moved = moved | ok
+        kids = table[rows, cur + 1]                                          # [B, K]
+        has = walking[:, None] & (kids >= 0)
+        c = kids.clamp_min(0)
+        x = tokens.gather(1, c)
+        q_kids = torch.nn.functional.one_hot(x, V).to(law.dtype) if q is None else q[rows[:, None], c]
+        pick, residual = select(x, q_kids, has, target_probs[rows, cur + 1], u_accept[:, d])
+        moved = pick >= 0
+        stop_here = walking & ~moved
+        law = torch.where(stop_here[:, None], residual, law)
+        rejected = rejected | (stop_here & has.any(1))
+        cur = torch.where(moved, kids.gather(1, pick.clamp_min(0)[:, None])[:, 0], cur)
         depth = depth + moved.long()
         walking = walking & moved
+    law = torch.where(walking[:, None], target_probs[rows, cur + 1], law)    # walked to the bottom: a bonus
     u_sample, u_residual = rng.uniform("sample", max_depth + 1), rng.uniform("residual", max_depth + 1)
     at = depth[:, None]
-    u = torch.where(rejected_here, u_residual.gather(1, at)[:, 0], u_sample.gather(1, at)[:, 0])
-    return TreeVerdict(depth, cur, sample_categorical(residual, u))
+    u = torch.where(rejected, u_residual.gather(1, at)[:, 0], u_sample.gather(1, at)[:, 0])
+    return TreeVerdict(depth, cur, sample_categorical(law, u))
+
+
+def recursive_rejection(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, target_probs: Tensor,
+                        rng: Randomness, max_depth: int, max_children: int) -> TreeVerdict:
+    """`tree_walk` with recursive rejection over siblings (the module doc): lossless given sequential q."""
+    return tree_walk(tokens, parents, valid, q, target_probs, rng, max_depth, max_children, recursive_select)
