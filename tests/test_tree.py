@@ -282,3 +282,17 @@ def test_spectr_accepts_at_least_as_often_as_recursive_rejection_with_k_iid_draf
         if k >= 2:
             assert got >= float((exact.n_accepted > 0).float().mean()) - 0.01, k
     assert SpecTrRule().lossless and SpecTrRule().distortion_bound(False) == 0.0
+
+
+def test_a_tree_larger_than_the_cache_room_is_refused(target):
+    import specdec
+    from drafters.model_tree import TreeModelDrafter
+    from helpers import perturbed_copy
+
+    big = TreeModelDrafter(perturbed_copy(target, 0.3), shape="binary-5")          # 62 nodes
+    with pytest.raises(ValueError, match="needs room for"):
+        specdec.generate(target, torch.tensor([0]), drafter=big)
+    with pytest.raises(ValueError, match="unknown tree shape"):
+        TreeModelDrafter(target, shape="bushy-3")
+    with pytest.raises(ValueError, match="elder sibling"):
+        TreeModelDrafter(target, shape=[[0], [2]])
