@@ -351,7 +351,10 @@ def certify_command(rule_name: str, params: dict, vocab: int = 8, n_samples: int
         import specdec.zoo
         from specdec.zoo.pairs import zoo_pairs
 
-        bundle = specdec.zoo.load()
+        try:
+            bundle = specdec.zoo.load()
+        except specdec.zoo.ZooError as e:
+            raise ValueError(str(e)) from e
         rule = _build(lambda: make_rule(rule_name, bundle.target, **params), rule_name)
         p, q = zoo_pairs(bundle, zoo, Sampling(cfg_scale=cfg))
         lines = [str(certify_on(rule, p, q, n_samples=n_samples, name=f"zoo cfg={cfg}"))]

@@ -69,7 +69,10 @@ def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: lis
         threads = set_threads(threads)
     except ValueError as e:
         raise DemoError(str(e)) from e
-    bundle = specdec.zoo.load()
+    try:
+        bundle = specdec.zoo.load()
+    except specdec.zoo.ZooError as e:
+        raise DemoError(str(e)) from e
     try:
         class_ids = [bundle.class_id(n) for n in classes or bundle.classes[: (3 if quick else 6)]]
     except ValueError as e:
