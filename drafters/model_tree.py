@@ -12,10 +12,13 @@ each of them draws its children from its q in rank order:
                    (the sequential q the tree rule tests it against);
   drafts="iid":    independently from q (i.i.d. siblings, each tested against q; what SpecTr's k-SEQ needs);
   drafts="argmax": the r-th most likely token, q one-hot (deterministic drafts).
-D draft forwards per step whatever N. Guarantee: LOSSLESS with the exact rule's recursive rejection
+Under greedy sampling (temperature 0) every q is one-hot, so siblings are always the top-ranked tokens (ranked by
+the drafter's temperature-1 law). D draft forwards per step whatever N. Guarantee: LOSSLESS with the exact rule's recursive rejection
 (verifiers/_tree.py), for either kind of siblings.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor
@@ -63,6 +66,10 @@ class TreeModelDrafter(ModelDrafter):
 
     def start(self, ctx) -> None:
         super().start(ctx)
+        # greedy decoding makes every q one-hot: rank siblings by the temperature-1 law and draft them as top-k
+        self.deterministic = self.siblings == "argmax" or self.sampling.greedy
+        self.rank_sampling = dataclasses.replace(self.sampling, temperature=1.0) if self.sampling.greedy \
+            else self.sampling
         dev = ctx.n_done.device
         for name in ("parents", "depths", "ancestors"):
             setattr(self, name, getattr(self, name).to(dev))
@@ -75,14 +82,14 @@ class TreeModelDrafter(ModelDrafter):
         for i in self.drawn[level]:                                       # rank order: elder siblings first
             row = self.parent_list[i] + 1
             law = remaining[:, row]
-            if self.drafts == "argmax":
+            if self.deterministic:
                 tok = law.argmax(-1)
                 q[:, i] = torch.nn.functional.one_hot(tok, law.shape[-1]).to(law.dtype)
             else:
                 tok = sample_categorical(law, u[:, i])
                 q[:, i] = law / law.sum(-1, keepdim=True)
             tokens[:, i] = tok
-            if self.siblings != "iid":
+            if self.deterministic or self.siblings != "iid":
                 rest = law.scatter(1, tok[:, None], 0.0)                  # the next sibling's law
                 remaining[:, row] = rest / rest.sum(-1, keepdim=True).clamp_min(1e-30)
 
@@ -100,7 +107,7 @@ class TreeModelDrafter(ModelDrafter):
         V = logits.cond.shape[-1]
         parent_q = torch.zeros(B, N + 1, V, device=n.device)
         parent_q[:, 0] = to_probs(logits.cond[:, -1], None if logits.uncond is None else logits.uncond[:, -1],
-                                  self.sampling, ctx.token_mask)
+                                  self.rank_sampling, ctx.token_mask)
         tokens = torch.zeros(B, N, dtype=torch.long, device=n.device)
         q = torch.zeros(B, N, V, device=n.device)
         u = ctx.streams.uniform_at("tree_draft", n[:, None], slots=N)[:, 0]           # [B, N]
@@ -114,6 +121,6 @@ class TreeModelDrafter(ModelDrafter):
                 self.state, tokens[:, feed_nodes], (n - 1)[:, None] + self.depths[feed_nodes][None],
                 base[:, None] + feed_nodes[None], self.ancestors[feed_nodes][None].expand(B, -1, -1), base)
             self.forwards += 1
-            parent_q[:, feed_nodes + 1] = to_probs(out.cond, out.uncond, self.sampling, ctx.token_mask)
+            parent_q[:, feed_nodes + 1] = to_probs(out.cond, out.uncond, self.rank_sampling, ctx.token_mask)
         return DraftTree(tokens, self.parents.expand(B, N).clone(), torch.full((B,), N, device=n.device), q,
                          self.k, self.max_children)

@@ -119,6 +119,25 @@ class HoleMask:
         self.next_pos = self.next_pos + n
         return positions, allowed
 
+    def extend_tree(self, offsets: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+        """Append n slots holding a draft tree's [root, nodes]: offsets [B, n] (0 for the root, a node's depth)
+        give position_ids next_pos + offset; allowed [B, n, n] says which of the block each slot attends (its
+        ancestors and itself), besides every valid slot before the block. -> (position_ids [B, n], boolean allowed
+        [B, 1, n, S + n]). next_pos is left at the root's position; `keep_tree` settles it."""
+        B, S = self.valid.shape
+        n = offsets.shape[1]
+        positions = self.next_pos[:, None] + offsets
+        self.valid = torch.cat([self.valid, torch.ones(B, n, dtype=torch.bool, device=self.valid.device)], 1)
+        allowed = torch.cat([self.valid[:, None, :S].expand(B, n, S), allowed], 2)[:, None]
+        return positions, allowed
+
+    def keep_tree(self, keep: Tensor, accepted: Tensor) -> None:
+        """After `extend_tree` of n slots: keep [B, n] says which block slots stay (the root and the accepted
+        path), the others become holes; accepted [B] path lengths move next_pos past the root and the path."""
+        n = keep.shape[1]
+        self.valid[:, -n:] = keep
+        self.next_pos = self.next_pos + 1 + accepted
+
     def rollback(self, drop: Tensor) -> None:
         """Mark the last drop[b] slots of row b (all appended since the last commit) as holes."""
         B, S = self.valid.shape

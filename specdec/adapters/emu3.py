@@ -56,6 +56,8 @@ class Emu3Adapter(HFCausalAdapter):
         # the stream holds W + 1 slots per W engine tokens; keep the prompt's room out of it as well
         self.max_new_tokens = self.max_new_tokens * W // (W + 1)
 
+    supports_trees = False         # a tree would need end-of-line slots inside its block
+
     def _slots(self, k: Tensor) -> Tensor:
         """Stream slots taken by the first k engine tokens: k tokens + one EOL per completed row (rollback drops
         whole groups)."""

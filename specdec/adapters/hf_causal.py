@@ -22,6 +22,7 @@ from specdec.adapters.base import check_capacity, check_cfg
 from specdec.adapters.cfg import CFGRows
 from specdec.cache import HoleMask
 from specdec.protocols import ARModel
+from specdec.tree import verify_inputs
 from specdec.sampling import Sampling
 from specdec.types import Logits
 
@@ -178,6 +179,28 @@ class HFCausalAdapter(ARModel):
         positions, allowed = state.holes.extend(tokens.shape[1])
         state.generated = state.generated + tokens.shape[1]
         return state.split(self._run_image_tokens(tokens, positions, allowed, state.cache))
+
+    supports_trees = True          # tree nodes are slots of the growing cache; rejected ones become holes
+
+    @torch.no_grad()
+    def forward_tree(self, state: HFState, tree, last: Tensor, n_done: Tensor) -> Logits:
+        """[last, nodes] appended as one block: each node attends the valid prefix, the root and its ancestors
+        (4-D mask), at position_ids root + depth (`specdec.tree.verify_inputs`)."""
+        tokens, positions, _, allowed = verify_inputs(tree, n_done, last, torch.zeros_like(n_done))
+        offsets = positions - (n_done - 1)[:, None]
+        pos, mask = state.holes.extend_tree(state.double(offsets), state.double(allowed))
+        state.generated = state.generated + tokens.shape[1]
+        return state.split(self._run_image_tokens(state.double(tokens), pos, mask, state.cache))
+
+    def commit_tree(self, state: HFState, tree, path: Tensor) -> None:
+        """Keep the root and the accepted path's nodes of the last block; the other nodes become holes."""
+        N = tree.size
+        keep = torch.zeros(path.shape[0], 1 + N, dtype=torch.bool, device=path.device)
+        keep[:, 0] = True
+        keep.scatter_(1, path.clamp_min(-1) + 1, True)                     # -1 (padding) lands on the root
+        accepted = (path >= 0).sum(1)
+        state.holes.keep_tree(state.double(keep), state.double(accepted))
+        state.generated = state.generated - (1 + N) + 1 + state.double(accepted)
 
     def _slots(self, k: Tensor) -> Tensor:
         """Cache slots [rows] taken by the first k [rows] generated tokens (one each here)."""
