@@ -344,3 +344,53 @@ def test_greedy_trees_on_a_transformers_target_equal_its_own_generate():
     out = target.model.generate(torch.tensor([[1, 2]]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
                                 bad_words_ids=[[i] for i in range(7)])
     assert torch.equal(out[0, 2:], ar.tokens[0] + 7)
+
+
+def test_trees_on_llamagen_are_exact():
+    """LlamaGen's 2-D RoPE at root + depth, nodes in tree slots of its static cache."""
+    from drafters.model_tree import TreeModelDrafter
+    from specdec import Sampling
+    from specdec.adapters.llamagen import LlamaGenAdapter
+    from specdec.models.llamagen import LlamaGenConfig, LlamaGenGPT
+    from helpers import fit_of
+
+    torch.manual_seed(2)
+    model = LlamaGenGPT(LlamaGenConfig(vocab_size=4, block_size=4, n_layer=1, n_head=2, dim=32, num_classes=3))
+    with torch.no_grad():
+        model.output.weight.normal_(0.0, 3.0)
+    target = LlamaGenAdapter(model)
+    draft = tiny_gpt(vocab=4, grid=(2, 2), dim=32, heads=2, classes=3, sharpen=6.0, seed=4)
+    fit, res = fit_of(target, TreeModelDrafter(draft, "binary-2"), Sampling(cfg_scale=2.0), n=12000)
+    assert fit.p_value > 1e-3, str(fit)
+    assert fit.tvd < 2 * fit.tvd_noise + 1e-3, str(fit)
+    assert res.stats.mean_accepted_length > 1.1
+
+
+@torch.no_grad()
+def test_llamagen_tree_forward_equals_path_forwards():
+    from specdec.models.llamagen import LlamaGenConfig, LlamaGenGPT
+
+    torch.manual_seed(0)
+    model = LlamaGenGPT(LlamaGenConfig(vocab_size=9, block_size=36, n_layer=2, n_head=2, dim=32, num_classes=3))
+    with torch.no_grad():
+        model.output.weight.normal_(0.0, 1.0)
+    B, N, V = 3, 8, 9
+    g = torch.Generator().manual_seed(1)
+    classes, n_done = torch.tensor([0, 2, 1]), torch.tensor([5, 9, 2])
+    committed = torch.randint(V, (B, 12), generator=g)
+    cache = model.new_cache(B, 64)
+    model.prefill(classes, cache)
+    model.step(committed[:, :11], cache)
+    cache.set_lengths(1 + n_done - 1)
+    last = committed.gather(1, (n_done - 1)[:, None])[:, 0]
+    tree = random_tree(B, N, V, seed=5)
+    slot0 = cache.lengths.clone()
+    tokens, positions, slots, allowed = verify_inputs(tree, n_done, last, slot0)
+    logits = model.step_tree(tokens, cache, positions + 1, slots, allowed)       # +1: the class token
+    anc = brute_ancestors(tree.parents)
+    for b in range(B):
+        for i in range(-1, N):
+            path = [] if i < 0 else [int(tree.tokens[b, j]) for j in range(N) if anc[b, i, j]]
+            seq = torch.cat([committed[b, : int(n_done[b])], torch.tensor(path, dtype=torch.long)])
+            fresh = model(seq[None], classes[b:b + 1])[0, len(seq)]
+            assert torch.allclose(logits[b, 1 + i], fresh, atol=1e-4), (b, i)

@@ -30,6 +30,8 @@ IMAGE_SIZES = (256, 384, 512)
 class LlamaGenAdapter(StaticCacheAdapter):
     """ARModel over a `LlamaGenGPT`, with its `LlamaGenVQ` for decoding (optional)."""
 
+    supports_trees = True           # LlamaGenGPT.step_tree verifies a draft tree in one forward
+
     def __init__(self, model: LlamaGenGPT, vq: LlamaGenVQ | None = None):
         self.model = model.eval()
         self.vq = None if vq is None else vq.eval()

@@ -176,8 +176,10 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, rot: Tensor, positions: Tensor, allowed: Tensor,
+    def forward(self, x: Tensor, rot: Tensor, slots: Tensor, allowed: Tensor,
                 cache: StaticKVCache | None, layer: int) -> Tensor:
+        """x [B, n, dim], rot: the rotation of each input's position, slots [B, n]: where its K/V are cached (its
+        position, but for a draft tree's nodes)."""
         cfg = self.cfg
         B, n, _ = x.shape
         kv = cfg.kv_heads * cfg.head_dim
@@ -186,7 +188,7 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, n, cfg.kv_heads, cfg.head_dim), rot).transpose(1, 2)
         v = v.view(B, n, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
         if cache is not None:
-            k, v = cache.write(layer, k, v, positions)
+            k, v = cache.write(layer, k, v, slots)
         if cfg.kv_heads != cfg.n_head:      # grouped-query attention: each K/V head serves n_head/kv_heads queries
             k, v = _repeat_heads(k, cfg.n_head // cfg.kv_heads), _repeat_heads(v, cfg.n_head // cfg.kv_heads)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
@@ -267,12 +269,14 @@ class LlamaGenGPT(nn.Module):
             return torch.full_like(cond, self.cfg.num_classes)
         return torch.zeros_like(cond) + self.cls_embedding.uncond_embedding.to(cond.dtype)
 
-    def _trunk(self, h: Tensor, positions: Tensor, allowed: Tensor, cache: StaticKVCache | None) -> Tensor:
+    def _trunk(self, h: Tensor, positions: Tensor, allowed: Tensor, cache: StaticKVCache | None,
+               slots: Tensor | None = None) -> Tensor:
         # table length from shapes (the cache size, or the sequence itself), not positions.max(): no host sync
         length = cache.max_len if cache is not None else positions.shape[1]
         rot = self.rope(length, h.device)[positions]
+        slots = positions if slots is None else slots
         for i, layer in enumerate(self.layers):
-            h = layer(h, rot, positions, allowed, cache, i)
+            h = layer(h, rot, slots, allowed, cache, i)
         return self.output(self.norm(h)).float()
 
     @staticmethod
@@ -314,6 +318,18 @@ class LlamaGenGPT(nn.Module):
         logits = self._trunk(h, positions, self._allowed(positions, cache.max_len, prefix_mask), cache)
         cache.advance(P)
         return logits[:, -1]
+
+    def step_tree(self, tokens: Tensor, cache: StaticKVCache, positions: Tensor, slots: Tensor, allowed: Tensor,
+                  base: Tensor | None = None) -> Tensor:
+        """A forward over (part of) a draft tree whose slots start at base [B] (see `specdec.tree.verify_inputs`):
+        tokens, positions (sequence positions: the 2-D RoPE of root + depth), slots [B, n], allowed [B, n, m] ->
+        logits [B, n, V]. The cache's lengths do not move; padded caption slots stay hidden."""
+        base = slots[:, 0] if base is None else base
+        mask = cache.tree_mask(base, allowed)
+        if cache.prefix_valid is not None:
+            P = cache.prefix_valid.shape[1]
+            mask[:, :, :, :P] &= cache.prefix_valid[:, None, None, :]
+        return self._trunk(self.tok_embeddings(tokens), positions, mask, cache, slots)
 
     def step(self, tokens: Tensor, cache: StaticKVCache) -> Tensor:
         """Append image tokens [B, n] at each row's write pointer; returns logits [B, n, V]."""
