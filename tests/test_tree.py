@@ -394,3 +394,31 @@ def test_llamagen_tree_forward_equals_path_forwards():
             seq = torch.cat([committed[b, : int(n_done[b])], torch.tensor(path, dtype=torch.long)])
             fresh = model(seq[None], classes[b:b + 1])[0, len(seq)]
             assert torch.allclose(logits[b, 1 + i], fresh, atol=1e-4), (b, i)
+
+
+@torch.no_grad()
+def test_transformers_tree_forward_equals_path_forwards():
+    from specdec import Sampling
+
+    target = _tiny_hf_target(scale=1.0)
+    target.grid, target.num_tokens = (6, 6), 36
+    B, N, V = 3, 8, 5
+    g = torch.Generator().manual_seed(1)
+    cond, n_done = torch.tensor([0, 1, 1]), torch.tensor([5, 9, 2])
+    committed = torch.randint(V, (B, 12), generator=g)
+    sampling = Sampling(cfg_scale=2.0)
+    state, _ = target.start(cond, sampling, 40)
+    target.forward(state, committed[:, :11])
+    target.rollback(state, n_done - 1)                                          # ragged prefixes as holes
+    last = committed.gather(1, (n_done - 1)[:, None])[:, 0]
+    tree = random_tree(B, N, V, seed=6)
+    logits = target.forward_tree(state, tree, last, n_done)
+    anc = brute_ancestors(tree.parents)
+    for b in range(B):
+        for i in range(-1, N):
+            path = [] if i < 0 else [int(tree.tokens[b, j]) for j in range(N) if anc[b, i, j]]
+            seq = torch.cat([committed[b, : int(n_done[b])], torch.tensor(path, dtype=torch.long)])
+            fresh_state, _ = target.start(cond[b:b + 1], sampling, 40)
+            fresh = target.forward(fresh_state, seq[None])
+            for got, want in ((logits.cond, fresh.cond), (logits.uncond, fresh.uncond)):
+                assert torch.allclose(got[b, 1 + i], want[0, -1], atol=1e-4), (b, i)
