@@ -38,7 +38,8 @@ from torch import Tensor
 
 from specdec.geometry import TokenGeometry
 from specdec.protocols import AcceptanceRule, Randomness
-from specdec.types import Verdict
+from specdec.types import TreeVerdict, Verdict
+from verifiers._tree import recursive_select, tree_walk
 from verifiers._kit import (NeighbourTable, accept_run, correction_uniform, neighbours_alias, residual_sample,
                             token_probs)
 
@@ -111,6 +112,19 @@ class BoundedLanternRule(NeighbourTable, AcceptanceRule):
     def distortion_bound(self, one_hot_drafts: bool) -> float | None:
         """delta, for any drafter: the emitted law is the relaxed target p~, within delta of p."""
         return float(self.delta)
+
+    supports_trees = True
+
+    def verify_tree(self, tree, target_probs: Tensor, rng: Randomness) -> TreeVerdict:
+        """Draft trees: at every node one relaxed target p~ is built from the node's p and the law its first child
+        was drawn from (fixed before any sibling is drawn), and the siblings are tested against it by recursive
+        rejection (verifiers/_tree.py). The committed token's law is p~ at every node: TV <= delta per token, for
+        any siblings (i.i.d., without replacement or deterministic). A node without children commits from p."""
+        def select(x, q_kids, has, p, u):
+            p_tilde = torch.where(has.any(1, keepdim=True), self.relaxed_target(p[:, None], q_kids[:, :1])[:, 0], p)
+            return recursive_select(x, q_kids, has, p_tilde, u)
+        return tree_walk(tree.tokens, tree.parents, tree.valid(), tree.q, target_probs, rng, tree.max_depth,
+                         tree.max_children, select)
 
     def relaxed_target(self, target_probs: Tensor, draft_probs: Tensor) -> Tensor:
         """target_probs [B, k(+1), V], draft_probs [B, k, V] -> p~ [B, k, V] for the k draft positions."""

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from specdec.geometry import TokenGeometry
 from specdec.protocols import AcceptanceRule, Randomness
-from specdec.types import Verdict
+from specdec.types import TreeVerdict, Verdict
+from verifiers._tree import tree_walk
 from verifiers._kit import (NeighbourTable, accept_run, correction_uniform, neighbours_alias, relax,
                             relaxed_residual_sample, residual, token_probs)
 
@@ -73,6 +74,30 @@ class LanternRule(NeighbourTable, AcceptanceRule):
     def distortion_bound(self, one_hot_drafts: bool) -> float | None:
         """delta for deterministic (one-hot) drafts in delta mode; no bound for sampled drafts or lambda mode."""
         return float(self.delta) if self.lam is None and one_hot_drafts else None
+
+    supports_trees = True
+
+    def verify_tree(self, tree, target_probs: Tensor, rng: Randomness) -> TreeVerdict:
+        """Draft trees, as LANTERN++ verifies static trees: the siblings are tested in order, each against its own
+        relaxed target p'_x of the current residual r (accept iff U q_i(x) < p~(x)); a rejection continues with
+        norm((p'_x - q_i)+). Guarantee as for chains: with deterministic siblings each tested candidate moves at
+        most delta (delta mode), so at most m delta over m siblings tried in turn; none for sampled siblings."""
+        def select(x, q_kids, has, p, u):
+            B, K = x.shape
+            rows = torch.arange(B, device=x.device)
+            res_law, pick = p, torch.full((B,), -1, dtype=torch.long, device=x.device)
+            for r in range(K):
+                test = has[:, r] & (pick < 0)
+                p_tilde, nbr, aggregated = self.relaxed(x[:, r:r + 1], res_law[:, None])
+                q_i = q_kids[:, r]
+                ok = test & (u[:, r] * q_i[rows, x[:, r]] < p_tilde[:, 0])
+                p_rel = relax(res_law, nbr[:, 0], aggregated[:, 0], x[:, r], p_tilde[:, 0])
+                left = residual(p_rel, q_i)
+                res_law = torch.where((test & ~ok)[:, None], left / left.sum(-1, keepdim=True), res_law)
+                pick = torch.where(ok, r, pick)
+            return pick, res_law
+        return tree_walk(tree.tokens, tree.parents, tree.valid(), tree.q, target_probs, rng, tree.max_depth,
+                         tree.max_children, select)
 
     def relaxed(self, draft_tokens: Tensor, target_probs: Tensor):
         """draft_tokens [B, k], target_probs [B, >=k, V] -> (p_tilde [B, k], nbr [B, k, K], aggregated [B, k, K])."""
