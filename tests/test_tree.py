@@ -462,3 +462,25 @@ def test_bounded_lantern_on_trees_emits_its_relaxed_target_within_delta():
     exact = ExactRule().verify_tree(tree, probs, at)
     lantern = LanternRule(default_geometry(V), neighbours=3, lam=3.0).verify_tree(tree, probs, at)
     assert float((lantern.n_accepted > 0).float().mean()) > float((exact.n_accepted > 0).float().mean())
+
+
+def test_dynamic_trees_are_exact_and_greedy_equals_ar(target):
+    import specdec
+    from drafters import DynamicTreeDrafter
+    from specdec import Sampling
+    from helpers import GREEDY, fit_of, perturbed_copy
+
+    small = tiny_gpt(vocab=5, grid=(2, 2), dim=32, heads=2, classes=2, sharpen=15.0)
+    drafter = DynamicTreeDrafter(perturbed_copy(small, 0.8), top_k=2, depth=3, total_tokens=5)
+    fit, res = fit_of(small, drafter, Sampling(cfg_scale=2.0), n=12000)
+    assert fit.p_value > 1e-3, str(fit)
+    assert fit.tvd < 2 * fit.tvd_noise + 1e-3, str(fit)
+    assert res.stats.mean_accepted_length > 1.2
+    cond = torch.tensor([0, 1, 2, 1])
+    draft = perturbed_copy(target, 0.6)
+    ar = specdec.generate(target, cond, sampling=GREEDY, seed=0)
+    dyn = specdec.generate(target, cond, drafter=DynamicTreeDrafter(draft, top_k=4, depth=4, total_tokens=20),
+                           sampling=GREEDY)
+    assert torch.equal(ar.tokens, dyn.tokens) and dyn.stats.target_forwards < ar.stats.target_forwards
+    with pytest.raises(ValueError, match="cache room"):
+        specdec.generate(target, cond, drafter=DynamicTreeDrafter(draft, top_k=4, depth=4, total_tokens=8))
