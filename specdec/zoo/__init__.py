@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import dataclasses
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -27,6 +28,7 @@ from specdec.zoo.features import FeatureConfig, FeatureNet
 from specdec.zoo.vq import VQConfig, VQTokenizer
 
 MODEL_NAMES = ("vq", "features", "target", "drafter")
+DRAFT_ROOM = 64      # cache slots added to the trained max_len (rotary positions: no weight depends on it) for trees
 __all__ = ["load", "ZooBundle", "ZooError", "heldout_images", "weights_dir", "MODEL_NAMES"]
 
 
@@ -122,7 +124,11 @@ def load_model(name: str, directory: Path | None = None, device: str | torch.dev
         raise ValueError(f"unknown zoo model {name!r}; valid: {list(factories)}")
     state, card = load_state(name, directory)
     config_cls, model_cls = factories[name]
-    module = model_cls(_config(config_cls, card["config"]))
+    config = _config(config_cls, card["config"])
+    if config_cls is GPTConfig:
+        # rotary positions: no weight depends on max_len, which only sizes the cache; leave room for draft trees
+        config = dataclasses.replace(config, max_len=config.max_len + DRAFT_ROOM)
+    module = model_cls(config)
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
