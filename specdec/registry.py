@@ -32,7 +32,7 @@ RULES = {
 DRAFTERS = {
     "model": "drafters.model:ModelDrafter",
     "model_tree": "drafters.model_tree:TreeModelDrafter",
-    "dynamic_tree": "drafters.dynamic_tree:DynamicTreeDrafter",
+    "model_tree_dynamic": "drafters.dynamic_tree:DynamicTreeDrafter",
     "jacobi": "drafters.jacobi:JacobiDrafter",
     "lookup": "drafters.lookup:LookupDrafter",
 }
