@@ -1,0 +1,50 @@
+"""One draft token through `ModelDrafter`'s step, eager against compiled (`torch.compile` of the model call, q and
+the draw), on the zoo's drafter at batch 1, with a cache half full. Median of interleaved rounds.
+
+    python experiments/bench_drafter_step.py --threads 1 --cfg 3
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+import specdec
+from drafters.model import draft_token
+from specdec import Sampling
+from specdec.bench.timing import interleaved_rounds, set_threads
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--rounds", type=int, default=300)
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    threads = set_threads(args.threads)
+    bundle = specdec.zoo.load()
+    model, sampling = bundle.drafter_model, Sampling(cfg_scale=args.cfg)
+    state, _ = model.start(torch.tensor([1]), sampling, 150)
+    model.forward(state, torch.zeros(1, 60, dtype=torch.long))
+    base = state.cache.lengths.clone()
+    feed, u = torch.zeros(1, 1, dtype=torch.long), torch.full((1,), 0.5)
+    compiled = torch.compile(draft_token, fullgraph=True, dynamic=False)
+
+    def step(fn):
+        def run():
+            state.cache.set_lengths(base)
+            fn(model, state, feed, u, sampling, None)
+        return run
+    for _ in range(20):                                  # warm-up (and compilation)
+        step(draft_token)()
+        step(compiled)()
+    timings, _ = interleaved_rounds([step(draft_token), step(compiled)], args.rounds)
+    eager, fast = (1e3 * statistics.median(t.seconds) for t in timings)
+    print(f"zoo drafter, batch 1, cfg {args.cfg:g}, {threads} threads: draft token step {eager:.3f} ms eager, "
+          f"{fast:.3f} ms compiled ({eager / fast:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
