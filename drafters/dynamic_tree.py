@@ -59,12 +59,7 @@ class DynamicTreeDrafter(ModelDrafter):
         ctx = self.ctx
         n = ctx.n_done
         B, K, C, dev = n.shape[0], self.top_k, self.candidates, n.device
-        n_feed = 1 if self.first else 2
-        self.first = False
-        self.model.rollback(self.state, ctx.park(n - n_feed))
-        out = self.model.forward(self.state, ctx.tokens.gather(1, n[:, None] - n_feed + self.offsets[:n_feed]))
-        self.forwards += 1
-        q = self._probs(out)[:, -1]                                      # [B, V] at the root
+        q = self._probs(self.feed_root())[:, -1]                                      # [B, V] at the root
         # all candidates, grown level by level: token, parent (-1 root), depth, score (path log q). Only the fed
         # nodes take slots of the drafter's cache: (level - 1) * top_k + j for the j-th fed node of a level
         S = (self.depth - 1) * K

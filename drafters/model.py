@@ -34,7 +34,7 @@ from specdec.adapters.base import check_capacity
 from specdec.protocols import ARModel, Drafter
 from specdec.random import sample_categorical
 from specdec.sampling import Sampling, to_probs
-from specdec.types import Draft, Verdict
+from specdec.types import Draft, Logits, Verdict
 
 
 class ModelDrafter(Drafter):
@@ -91,26 +91,37 @@ class ModelDrafter(Drafter):
         self.first = True
         self.forwards = 0
 
-    @torch.no_grad()
-    def propose(self, k: int) -> Draft:
+    def feed_root(self) -> Logits:
+        """Bring the draft model's cache up to the committed tokens; Logits [B, 1, V] of the first draft position.
+
+        Before each proposal the cache is rolled back to n_done - 2 and the last two committed tokens are fed (see
+        the module doc). Drafters whose cache entries depend on more than the tokens (EAGLE's features) override
+        this."""
         ctx = self.ctx
         n_feed = 1 if self.first else 2
         self.first = False
         self.model.rollback(self.state, ctx.park(ctx.n_done - n_feed))
         feed = ctx.tokens.gather(1, ctx.n_done[:, None] - n_feed + self.offsets[:n_feed])
+        logits = self.model.forward(self.state, feed)
+        self.forwards += 1
+        return Logits(logits.cond[:, -1:], None if logits.uncond is None else logits.uncond[:, -1:])
+
+    @torch.no_grad()
+    def propose(self, k: int) -> Draft:
+        ctx = self.ctx
         # the "sample" stream at each drafted position: the draw plain AR would make there (the bonus uniform of
         # verifiers._kit.correction_uniform); all k at once, a step's per-token work is the model call
         u = ctx.streams.uniform_at("sample", ctx.n_done[:, None] + self.offsets[:k]) if self.drafts == "sample" \
             else None
-        drafts, probs = [], []
-        argmax = self.drafts == "argmax"
-        for j in range(k):
-            token, q = self._token_step(self.model, self.state, feed, None if argmax else u[:, j], self.sampling,
+        u = [None] * k if u is None else u.unbind(1)
+        token, q = draw_token(self.feed_root(), u[0], self.sampling, ctx.token_mask)
+        drafts, probs = [token], [q]
+        for j in range(1, k):
+            token, q = self._token_step(self.model, self.state, token[:, None], u[j], self.sampling,
                                         ctx.token_mask)
             self.forwards += 1
             drafts.append(token)
             probs.append(q)
-            feed = token[:, None]
         return Draft(torch.stack(drafts, 1), torch.stack(probs, 1))
 
     def observe(self, verdict: Verdict, target_probs: Tensor) -> None:
@@ -119,9 +130,15 @@ class ModelDrafter(Drafter):
 
 def draft_token(model: ARModel, state, feed: Tensor, u: Tensor | None, sampling: Sampling,
                 token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """One draft token: feed [B, n] into the draft model, q [B, V] of the position after it, and the token [B]
+    """One draft token: feed [B, 1] into the draft model, q [B, V] of the position after it, and the token [B]
     drawn from q with uniforms u [B] (u None: the argmax, with q reported one-hot)."""
-    logits = model.forward(state, feed)
+    return draw_token(model.forward(state, feed), u, sampling, token_mask)
+
+
+def draw_token(logits: Logits, u: Tensor | None, sampling: Sampling,
+               token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Logits [B, n, V] -> (token [B], q [B, V]) at the last position: drawn with uniforms u [B], or the argmax
+    with q reported one-hot when u is None."""
     q = to_probs(logits.cond[:, -1], None if logits.uncond is None else logits.uncond[:, -1], sampling, token_mask)
     if u is None:
         token = q.argmax(-1)

@@ -98,12 +98,7 @@ class TreeModelDrafter(ModelDrafter):
         ctx = self.ctx
         n = ctx.n_done
         B, N = n.shape[0], self.tree_size
-        n_feed = 1 if self.first else 2
-        self.first = False
-        self.model.rollback(self.state, ctx.park(n - n_feed))
-        feed = ctx.tokens.gather(1, n[:, None] - n_feed + self.offsets[:n_feed])
-        logits = self.model.forward(self.state, feed)
-        self.forwards += 1
+        logits = self.feed_root()
         V = logits.cond.shape[-1]
         parent_q = torch.zeros(B, N + 1, V, device=n.device)
         parent_q[:, 0] = to_probs(logits.cond[:, -1], None if logits.uncond is None else logits.uncond[:, -1],

@@ -33,6 +33,10 @@ class StaticKVCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.max_len = max_len
         self.prefix_valid: Tensor | None = None
+        # keep_hidden: the model stores its last forward's final hidden states [B, n, dim] in `hidden` (for
+        # drafters that read the target's features); the cache is the per-generation state both already share
+        self.keep_hidden = False
+        self.hidden: Tensor | None = None
 
     @property
     def batch(self) -> int:

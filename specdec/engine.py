@@ -82,9 +82,15 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
                          f"tokens) but num_tokens={T}; pass decode=False to get the tokens only")
     seed = _check_seed(seed)
     token_mask = target.token_mask
+    hidden = drafter is not None and drafter.needs_hidden
+    if hidden and not target.hidden_size:
+        raise ValueError(f"the drafter ({type(drafter).__name__}) reads the target's hidden states, which "
+                         f"{type(target).__name__} does not expose (hidden_size 0); use a drafter that needs only "
+                         f"tokens (model, jacobi, lookup)")
 
     t_wall = time.perf_counter()
-    state, first = target.start(cond, sampling, capacity)
+    state, first = target.start(cond, sampling, capacity, hidden=True) if hidden else \
+        target.start(cond, sampling, capacity)
     p0 = to_probs(first.cond[:, -1], None if first.uncond is None else first.uncond[:, -1], sampling, token_mask)
     B, V = p0.shape
     device = p0.device
@@ -99,7 +105,8 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
     no = torch.zeros((), dtype=torch.bool, device=device)
     bad = torch.stack([nonfinite(first.cond, first.uncond), no, torch.isnan(p0).any()])
 
-    ctx = DecodeContext(target, cond, sampling, tokens, n_done, T, tuple(target.grid), streams, token_mask, capacity)
+    ctx = DecodeContext(target, cond, sampling, tokens, n_done, T, tuple(target.grid), streams, token_mask, capacity,
+                        first.hidden)
     if drafter is not None:
         drafter.start(ctx)
     counters = torch.zeros(5, dtype=torch.long, device=device)   # forwards, drafted, accepted, committed, steps
@@ -135,6 +142,9 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
             path = draft.path(verdict.node, k)                                          # [B, k] nodes
             target.commit_tree(state, draft, path)
             draft = Draft(draft.tokens.gather(1, path.clamp_min(0)))
+            if hidden:      # the root and the accepted path's nodes, a chain's [last, d_1..d_k]
+                index = torch.cat([zero, path.clamp_min(-1) + 1], 1)
+                logits.hidden = logits.hidden.gather(1, index[..., None].expand(-1, -1, logits.hidden.shape[-1]))
         elif k:
             verdict = rule.verify(draft.tokens, draft.q(V), p, streams.at(n_done))
         else:   # plain AR: what the exact rule does with no drafts (the bonus draw from p), without its bookkeeping
@@ -161,6 +171,7 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         target.rollback(state, ctx.park(n_done - 1))
         t3 = time.perf_counter()
         if drafter is not None:
+            ctx.hidden = logits.hidden
             drafter.observe(verdict, p)
         t4 = time.perf_counter()
         draft_s += (t1 - t0) + (t4 - t3)

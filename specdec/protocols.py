@@ -54,11 +54,14 @@ class ARModel(Protocol):
     token_embeddings: Tensor | None = None   # [V, D] LM input embeddings of the image tokens (GSD geometry)
     token_mask: Tensor | None = None         # BoolTensor [V] on the model's device: tokens that may be sampled
     can_decode: bool = True                  # decode() returns pixels (False: generate() returns tokens only)
+    hidden_size: int = 0                     # > 0: start(..., hidden=True) makes every Logits carry the last
+                                             # hidden states [B, n, hidden_size] (feature drafters read them)
 
     def start(self, cond: Any, sampling: Sampling, capacity: int) -> tuple[Any, Logits]:
         """Prefill the condition (doubling rows for CFG when sampling.cfg_scale != 1).
         cond [B, ...]; capacity = generated tokens the cache must hold. Returns (state, logits [B, 1, V] for
-        image token 0)."""
+        image token 0). An adapter with hidden_size > 0 also takes hidden=True (keyword): every Logits it returns
+        for this state then carries `hidden`; the engine asks for it only when the drafter needs_hidden."""
         ...
 
     def forward(self, state: Any, tokens: Tensor) -> Logits:
@@ -96,6 +99,9 @@ class DecodeContext:
     streams:  counter-based per-row random streams (drafters use their own tags)
     token_mask: BoolTensor [V] of samplable tokens (the target's), or None
     capacity: generated tokens a drafter's own cache must hold (finished rows parked at T-1)
+    hidden:   FloatTensor [B, k+1, H] or None: the target's last hidden states at the last verification's inputs
+              [last, d_1..d_k] (a tree's accepted path, as a chain), [B, 1, H] after the prefill; set only for a
+              drafter that needs_hidden. Row b's first n_accepted[b] + 1 are states of committed tokens.
     """
 
     target: ARModel
@@ -108,6 +114,7 @@ class DecodeContext:
     streams: RowStreams
     token_mask: Tensor | None = None
     capacity: int = 0
+    hidden: Tensor | None = None
 
     def park(self, keep: Tensor) -> Tensor:
         """Clamp per-row cache lengths [B] so finished rows stay parked at T-1 (their outputs are ignored)."""
@@ -129,6 +136,8 @@ class Drafter(Protocol):
     needs_draft_model: bool = False  # the registry builds it as cls(draft_model, **params)
     tree_size: int = 0              # > 0: propose() returns a specdec.tree.DraftTree of this many nodes (k: its
                                     # depth); 0: a chain of k tokens
+    needs_hidden: bool = False      # reads the target's last hidden states (ctx.hidden; the target must have
+                                    # hidden_size > 0)
 
     def start(self, ctx: DecodeContext) -> None:
         """Called once per generate() after the prefill; keep ctx, it is updated in place."""

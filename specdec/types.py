@@ -138,7 +138,10 @@ class GenerationResult:
 
 @dataclass
 class Logits:
-    """Raw target or drafter logits for n positions: cond [B, n, V]; uncond [B, n, V] when CFG is on."""
+    """Raw target or drafter logits for n positions: cond [B, n, V]; uncond [B, n, V] when CFG is on.
+    hidden [B, n, H]: the conditional rows' last hidden state (what the output head reads), when the adapter was
+    started with hidden=True (learned feature drafters such as EAGLE read it); None otherwise."""
 
     cond: Tensor
     uncond: Tensor | None = None
+    hidden: Tensor | None = None

@@ -41,8 +41,10 @@ class CFGRows:
         """A per-row input [B, ...] (tokens, keep-lengths, masks) -> [rows, ...]: the twins get the same values."""
         return torch.cat([x, x]) if self.cfg else x
 
-    def split(self, logits: Tensor) -> Logits:
-        """Model logits [rows, n, V] -> Logits(cond [B, n, V], uncond [B, n, V] or None)."""
+    def split(self, logits: Tensor, hidden: Tensor | None = None) -> Logits:
+        """Model logits [rows, n, V] (and last hidden states [rows, n, H]) -> Logits(cond [B, n, V], uncond
+        [B, n, V] or None, hidden [B, n, H] of the conditional rows or None)."""
+        hidden = None if hidden is None else hidden[: self.batch]
         if not self.cfg:
-            return Logits(logits)
-        return Logits(logits[: self.batch], logits[self.batch:])
+            return Logits(logits, None, hidden)
+        return Logits(logits[: self.batch], logits[self.batch:], hidden)

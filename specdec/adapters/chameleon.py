@@ -46,6 +46,7 @@ class ChameleonAdapter(HFCausalAdapter):
         head = self.model.lm_head.weight
         out = self.model.model(input_ids=ids, attention_mask=additive_mask(allowed, head.dtype),
                                position_ids=positions, past_key_values=cache, use_cache=True)
+        self._last_hidden = out.last_hidden_state if self._keep_hidden else None
         logits = out.last_hidden_state @ head[self.image_token_ids].T              # rows [V, hidden]
         bias = self.model.lm_head.bias
         if bias is not None:

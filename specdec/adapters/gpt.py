@@ -36,6 +36,7 @@ class GPTAdapter(StaticCacheAdapter):
         self.codebook = codebook
         self.token_embeddings = model.tok_emb.weight.detach()
         self.supports_cfg = True
+        self.hidden_size = model.cfg.dim            # start(..., hidden=True) returns the last hidden states
         self.max_new_tokens = model.cfg.max_len - self.prefix_len
         self._decode = decode
         self.can_decode = decode is not None     # without a decoder generate() returns tokens only
@@ -45,15 +46,18 @@ class GPTAdapter(StaticCacheAdapter):
         return self.model.head.weight.device
 
     @torch.no_grad()
-    def start(self, cond: Tensor, sampling: Sampling, capacity: int) -> tuple[StaticCacheState, Logits]:
+    def start(self, cond: Tensor, sampling: Sampling, capacity: int,
+              hidden: bool = False) -> tuple[StaticCacheState, Logits]:
         cond = check_class_ids(cond, self.num_classes).to(self.device)
         check_cfg(self, sampling)
         check_capacity(self, capacity)
         rows = CFGRows(cond.shape[0], sampling.uses_cfg)
         classes = rows.stack(cond, lambda c: torch.full_like(c, self.model.null_class))
         cache = self.model.new_cache(classes.shape[0], max_len=self.prefix_len + capacity)
+        cache.keep_hidden = hidden
         state = StaticCacheState(rows.batch, rows.cfg, cache, self.prefix_len)
-        return state, state.split(self.model.prefill(classes, cache)[:, None])
+        logits = self.model.prefill(classes, cache)[:, None]
+        return state, state.split(logits, cache.hidden)
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor | None:

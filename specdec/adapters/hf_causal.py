@@ -36,6 +36,7 @@ class HFState(CFGRows):
     holes: HoleMask
     generated: Tensor
     steps: int = 0
+    hidden: bool = False
 
 
 def left_pad(prompts: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -136,7 +137,10 @@ class HFCausalAdapter(ARModel):
     def _run(self, ids: Tensor, positions: Tensor, allowed: Tensor, cache) -> Tensor:
         """Model ids [rows, n] -> logits [rows, n, V] restricted to the image tokens."""
         out = self.model(input_ids=ids, attention_mask=additive_mask(allowed, self._head.dtype),
-                         position_ids=positions, past_key_values=cache, use_cache=True)
+                         position_ids=positions, past_key_values=cache, use_cache=True,
+                         output_hidden_states=self._keep_hidden)
+        if self._keep_hidden:
+            self._last_hidden = out.hidden_states[-1]
         return out.logits[..., self.image_token_ids].float()
 
     def uncond_prompts(self, prompts: list[Tensor]) -> list[Tensor]:
@@ -144,7 +148,7 @@ class HFCausalAdapter(ARModel):
         return [self.uncond_prompt] * len(prompts)
 
     @torch.no_grad()
-    def start(self, cond, sampling: Sampling, capacity: int) -> tuple[HFState, Logits]:
+    def start(self, cond, sampling: Sampling, capacity: int, hidden: bool = False) -> tuple[HFState, Logits]:
         from transformers import DynamicCache
 
         check_cfg(self, sampling)
@@ -164,10 +168,26 @@ class HFCausalAdapter(ARModel):
         holes = HoleMask.from_prefix(mask.to(self.device))
         positions, allowed = holes.prefill_inputs()
         cache = DynamicCache(config=self.model.config.get_text_config())
+        self._keep_hidden = hidden
         logits = self._run(ids.to(self.device), positions, allowed, cache)[:, -1:]
         generated = torch.zeros(ids.shape[0], dtype=torch.long, device=self.device)
-        state = HFState(rows.batch, rows.cfg, cache, holes, generated)
-        return state, state.split(logits)
+        state = HFState(rows.batch, rows.cfg, cache, holes, generated, hidden=hidden)
+        return state, state.split(logits, self._hidden(-1))
+
+    # hidden states on request (start(..., hidden=True)): `_run` implementations store the final hidden states
+    # [rows, n, H] of their forward in _last_hidden while _keep_hidden is set (from the state, per forward)
+    _keep_hidden = False
+    _last_hidden: Tensor | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    def _hidden(self, last: int = 0) -> Tensor | None:
+        """The last forward's final hidden states [rows, n, H] from position `last` on, when kept."""
+        if not self._keep_hidden or self._last_hidden is None:
+            return None
+        return self._last_hidden[:, last:]
 
     def _run_image_tokens(self, tokens: Tensor, positions: Tensor, allowed: Tensor, cache) -> Tensor:
         """Image tokens [rows, n] (engine ids) -> logits [rows, n, V]; a subclass may feed embeddings instead."""
@@ -178,7 +198,8 @@ class HFCausalAdapter(ARModel):
         tokens = state.double(tokens)
         positions, allowed = state.holes.extend(tokens.shape[1])
         state.generated = state.generated + tokens.shape[1]
-        return state.split(self._run_image_tokens(tokens, positions, allowed, state.cache))
+        self._keep_hidden = state.hidden
+        return state.split(self._run_image_tokens(tokens, positions, allowed, state.cache), self._hidden())
 
     supports_trees = True          # tree nodes are slots of the growing cache; rejected ones become holes
 
@@ -190,7 +211,8 @@ class HFCausalAdapter(ARModel):
         offsets = positions - (n_done - 1)[:, None]
         pos, mask = state.holes.extend_tree(state.double(offsets), state.double(allowed))
         state.generated = state.generated + tokens.shape[1]
-        return state.split(self._run_image_tokens(state.double(tokens), pos, mask, state.cache))
+        self._keep_hidden = state.hidden
+        return state.split(self._run_image_tokens(state.double(tokens), pos, mask, state.cache), self._hidden())
 
     def commit_tree(self, state: HFState, tree, path: Tensor) -> None:
         """Keep the root and the accepted path's nodes of the last block; the other nodes become holes."""

@@ -69,6 +69,7 @@ class JanusAdapter(HFCausalAdapter):
         out = self.model.model.language_model(attention_mask=additive_mask(allowed, self._head.dtype),
                                               position_ids=positions, past_key_values=cache, use_cache=True,
                                               **inputs)
+        self._last_hidden = out.last_hidden_state if self._keep_hidden else None
         return self.model.model.generation_head(out.last_hidden_state).float()
 
     def _run(self, ids: Tensor, positions: Tensor, allowed: Tensor, cache) -> Tensor:

@@ -42,6 +42,7 @@ class LlamaGenAdapter(StaticCacheAdapter):
         self.num_tokens = cfg.block_size
         self.vocab_size = cfg.vocab_size
         self.supports_cfg = model.has_null
+        self.hidden_size = model.cfg.dim            # start(..., hidden=True) returns the last hidden states
         # past the image only overshooting draft slots are fed; their outputs are never committed
         self.max_new_tokens = cfg.block_size + max(cfg.block_size, 64)
         self.token_embeddings = model.tok_embeddings.weight.detach()
@@ -75,7 +76,8 @@ class LlamaGenAdapter(StaticCacheAdapter):
         return cond.to(self.device, self.model.output.weight.dtype), mask
 
     @torch.no_grad()
-    def start(self, cond: Any, sampling: Sampling, capacity: int) -> tuple[StaticCacheState, Logits]:
+    def start(self, cond: Any, sampling: Sampling, capacity: int,
+              hidden: bool = False) -> tuple[StaticCacheState, Logits]:
         cond, mask = self._condition(cond)
         check_cfg(self, sampling)
         check_capacity(self, capacity)
@@ -83,8 +85,10 @@ class LlamaGenAdapter(StaticCacheAdapter):
         cond = rows.stack(cond, self.model.null_condition)
         mask = None if mask is None else rows.double(mask)     # the null caption keeps the prompt's padding
         cache = self.model.new_cache(cond.shape[0], capacity)
+        cache.keep_hidden = hidden
         state = StaticCacheState(rows.batch, rows.cfg, cache, self.model.cfg.prefix_len)
-        return state, state.split(self.model.prefill(cond, cache, mask)[:, None])
+        logits = self.model.prefill(cond, cache, mask)[:, None]
+        return state, state.split(logits, None if cache.hidden is None else cache.hidden[:, -1:])
 
     @torch.no_grad()
     def decode(self, tokens: Tensor) -> Tensor | None:

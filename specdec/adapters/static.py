@@ -31,7 +31,8 @@ class StaticCacheAdapter(ARModel):
 
     @torch.no_grad()
     def forward(self, state: StaticCacheState, tokens: Tensor) -> Logits:
-        return state.split(self.model.step(state.double(tokens), state.cache))
+        logits = self.model.step(state.double(tokens), state.cache)
+        return state.split(logits, state.cache.hidden)
 
     def rollback(self, state: StaticCacheState, keep: Tensor) -> None:
         state.cache.set_lengths(state.double(keep) + state.prefix)
@@ -52,7 +53,7 @@ class StaticCacheAdapter(ARModel):
         way, level by level."""
         logits = self.model.step_tree(state.double(tokens), state.cache, state.double(positions + state.prefix),
                                       state.double(slots), state.double(allowed), state.double(base))
-        return state.split(logits)
+        return state.split(logits, state.cache.hidden)
 
     def commit_tree(self, state: StaticCacheState, tree, path: Tensor) -> None:
         """Move the K/V of the accepted path's nodes (path [B, D], -1 padded) right behind the root."""

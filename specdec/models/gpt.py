@@ -119,6 +119,19 @@ class Block(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
 
+def run_blocks(blocks: nn.ModuleList, norm: RMSNorm, cfg: GPTConfig, x: Tensor, positions: Tensor,
+               cache: StaticKVCache | None, slots: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    """x [B, n, dim] at logical positions [B, n] through `blocks` and the final norm (cache None: causal over x;
+    else written to `slots`, default the positions, attending what `mask` allows, default the causal prefix)."""
+    cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_base, x.dtype)
+    if mask is None and cache is not None:
+        mask = cache.attention_mask(positions)
+    inputs = StepInputs(positions, cos, sin, cache, mask, positions if slots is None else slots)
+    for i, block in enumerate(blocks):
+        x = block(x, inputs, i)
+    return norm(x)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -149,13 +162,10 @@ class GPT(nn.Module):
 
     def trunk(self, x: Tensor, positions: Tensor, cache: StaticKVCache | None, slots: Tensor | None = None,
               mask: Tensor | None = None) -> Tensor:
-        cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_base, x.dtype)
-        if mask is None and cache is not None:
-            mask = cache.attention_mask(positions)
-        inputs = StepInputs(positions, cos, sin, cache, mask, positions if slots is None else slots)
-        for i, block in enumerate(self.blocks):
-            x = block(x, inputs, i)
-        return self.norm(x)
+        x = run_blocks(self.blocks, self.norm, self.cfg, x, positions, cache, slots, mask)
+        if cache is not None and cache.keep_hidden:
+            cache.hidden = x
+        return x
 
     def forward_train(self, tokens: Tensor, classes: Tensor) -> Tensor:
         """Teacher forcing. tokens [B, T] image ids, classes [B] -> logits [B, T, V] (logits[:, t] predicts t)."""

@@ -277,7 +277,10 @@ class LlamaGenGPT(nn.Module):
         slots = positions if slots is None else slots
         for i, layer in enumerate(self.layers):
             h = layer(h, rot, slots, allowed, cache, i)
-        return self.output(self.norm(h)).float()
+        h = self.norm(h)
+        if cache is not None and cache.keep_hidden:
+            cache.hidden = h
+        return self.output(h).float()
 
     @staticmethod
     def _allowed(q_pos: Tensor, n_slots: int, prefix_valid: Tensor | None) -> Tensor:
