@@ -34,7 +34,7 @@ class DynamicTreeDrafter(ModelDrafter):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         super().__init__(model, k=depth, drafts="argmax", draft_cfg=draft_cfg)
-        if not getattr(model, "supports_trees", False):
+        if model is not None and not model.supports_trees:    # None: parameters checked alone
             raise ValueError(f"a tree drafter needs a draft model that verifies trees (GPTAdapter); "
                              f"{type(model).__name__} does not")
         self.top_k, self.depth = top_k, depth

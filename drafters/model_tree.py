@@ -44,7 +44,7 @@ class TreeModelDrafter(ModelDrafter):
         self.siblings = drafts
         super().__init__(model, k=max(depths), drafts="argmax" if drafts == "argmax" else "sample",
                          draft_cfg=draft_cfg)
-        if not getattr(model, "supports_trees", False):
+        if model is not None and not model.supports_trees:    # None: parameters checked alone
             raise ValueError(f"a tree drafter needs a draft model that verifies trees (GPTAdapter); "
                              f"{type(model).__name__} does not")
         self.shape = paths

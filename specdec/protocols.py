@@ -52,6 +52,7 @@ class ARModel(Protocol):
     supports_cfg: bool = False               # has an unconditional path
     codebook: Tensor | None = None           # [V, D] VQ code vectors (LANTERN geometry), if known
     token_embeddings: Tensor | None = None   # [V, D] LM input embeddings of the image tokens (GSD geometry)
+    output_embeddings: Tensor | None = None  # [V, hidden] rows of a bias-free output head: logits = hidden @ it.T
     token_mask: Tensor | None = None         # BoolTensor [V] on the model's device: tokens that may be sampled
     can_decode: bool = True                  # decode() returns pixels (False: generate() returns tokens only)
     hidden_size: int = 0                     # > 0: start(..., hidden=True) makes every Logits carry the last
@@ -134,6 +135,7 @@ class Drafter(Protocol):
                                     # the emitted law only then, so reports read it to state a rule's bound
     forwards: int = 0               # drafter model calls made in the current generation (0: training-free)
     needs_draft_model: bool = False  # the registry builds it as cls(draft_model, **params)
+    draft_model_source: str = "drafter_model"   # with needs_draft_model: the Bundle attribute it is built on
     tree_size: int = 0              # > 0: propose() returns a specdec.tree.DraftTree of this many nodes (k: its
                                     # depth); 0: a chain of k tokens
     needs_hidden: bool = False      # reads the target's last hidden states (ctx.hidden; the target must have
@@ -195,6 +197,7 @@ class Bundle(Protocol):
     features: Any                   # .features(images [N, 3, H, W]) -> [N, D] (feature-space Frechet distance)
     classes: list                   # class names, index = class id
     target_gpt: Any                 # the target's raw model: forward_train(tokens [B, T], cond [B]) -> logits
+    eagle_head: Any = None          # a specdec.models.eagle.EagleHead trained on this target (for the eagle drafter)
 
     def class_id(self, name: Any) -> int:
         """A class name (or id, or its decimal string) -> class id; ValueError listing the valid names."""

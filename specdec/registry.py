@@ -33,6 +33,7 @@ DRAFTERS = {
     "model": "drafters.model:ModelDrafter",
     "model_tree": "drafters.model_tree:TreeModelDrafter",
     "model_tree_dynamic": "drafters.dynamic_tree:DynamicTreeDrafter",
+    "eagle": "drafters.eagle:eagle",
     "jacobi": "drafters.jacobi:JacobiDrafter",
     "lookup": "drafters.lookup:LookupDrafter",
 }
@@ -119,9 +120,18 @@ def make_rule(name: str, target=None, geometries: dict | None = None, **params):
 
 
 def make_drafter(name: str, draft_model=None, **params):
-    """Build a drafter by name; one that declares `needs_draft_model` gets the draft model first."""
+    """Build a drafter by name; one that declares `needs_draft_model` gets the draft model first. draft_model: the
+    model itself, or a bundle (`specdec.protocols.Bundle`) whose attribute named by the drafter's
+    `draft_model_source` (default "drafter_model") is passed."""
     cls = resolve("drafter", name)
     if getattr(cls, "needs_draft_model", False):
+        source = getattr(cls, "draft_model_source", "drafter_model")
+        if draft_model is not None and hasattr(draft_model, "drafter_model"):       # a bundle
+            bundle = draft_model
+            draft_model = getattr(bundle, source, None)
+            if draft_model is None:
+                raise ValueError(f"drafter {name!r} needs the bundle's {source}, which {type(bundle).__name__} "
+                                 f"does not have")
         if draft_model is None:
             raise ValueError(f"drafter {name!r} needs a draft model")
         return cls(draft_model, **params)

@@ -70,6 +70,7 @@ class TinyBundle:
     classes: list
     target_gpt: Any
     pixels: int = 8
+    eagle_head: Any = None
 
     def class_id(self, name) -> int:
         if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
@@ -106,5 +107,8 @@ def tiny_random_bundle(vocab: int = 64, grid=(4, 4), classes: int = 3, seed: int
 
     target = GPTAdapter(target_model, grid=tuple(grid), codebook=codebook, decode=decode)
     drafter = GPTAdapter(draft_model, grid=tuple(grid), codebook=codebook, decode=decode)
+    from specdec.models.eagle import EagleConfig, EagleHead
+    torch.manual_seed(seed)
+    eagle = EagleHead(EagleConfig(dim=target_model.cfg.dim, n_heads=target_model.cfg.n_heads)).eval()
     return TinyBundle(target, drafter, None, FakeFeatureNet(), [f"c{i}" for i in range(classes)], target_model,
-                      pixels)
+                      pixels, eagle)

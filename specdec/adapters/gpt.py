@@ -35,6 +35,7 @@ class GPTAdapter(StaticCacheAdapter):
         self.num_classes = model.cfg.num_classes
         self.codebook = codebook
         self.token_embeddings = model.tok_emb.weight.detach()
+        self.output_embeddings = model.head.weight.detach()
         self.supports_cfg = True
         self.hidden_size = model.cfg.dim            # start(..., hidden=True) returns the last hidden states
         self.max_new_tokens = model.cfg.max_len - self.prefix_len

@@ -183,6 +183,14 @@ class HFCausalAdapter(ARModel):
     def hidden_size(self) -> int:
         return self.model.config.get_text_config().hidden_size
 
+    @property
+    def output_embeddings(self) -> Tensor | None:
+        """[V, hidden]: the output layer's rows of the image tokens (None when the layer has a bias)."""
+        head = self.model.get_output_embeddings()
+        if head is None or getattr(head, "bias", None) is not None:
+            return None
+        return head.weight.detach()[self.image_token_ids]
+
     def _hidden(self, last: int = 0) -> Tensor | None:
         """The last forward's final hidden states [rows, n, H] from position `last` on, when kept."""
         if not self._keep_hidden or self._last_hidden is None:

@@ -55,6 +55,8 @@ class JanusAdapter(HFCausalAdapter):
         """Image logits come from the generation head, not `lm_head`."""
         return self.model.model.generation_head.vision_head.weight
 
+    output_embeddings = None        # image logits come from an MLP generation head, not a linear layer
+
     def prompts(self, cond) -> list[Tensor]:
         prompts = super().prompts(cond)
         return [p if p.numel() and int(p[-1]) == self.boi_id else torch.cat([p, p.new_tensor([self.boi_id])])

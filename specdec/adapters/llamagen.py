@@ -43,6 +43,7 @@ class LlamaGenAdapter(StaticCacheAdapter):
         self.vocab_size = cfg.vocab_size
         self.supports_cfg = model.has_null
         self.hidden_size = model.cfg.dim            # start(..., hidden=True) returns the last hidden states
+        self.output_embeddings = model.output.weight.detach()
         # past the image only overshooting draft slots are fed; their outputs are never committed
         self.max_new_tokens = cfg.block_size + max(cfg.block_size, 64)
         self.token_embeddings = model.tok_embeddings.weight.detach()

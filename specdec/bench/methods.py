@@ -43,7 +43,7 @@ def build_method(method: Method, bundle, geometries: dict | None = None):
     share one TokenGeometry and its k-NN tables (see `specdec.registry.make_rule`)."""
     drafter = None
     if method.drafter is not None:
-        drafter = make_drafter(method.drafter, bundle.drafter_model, **method.drafter_params)
+        drafter = make_drafter(method.drafter, bundle, **method.drafter_params)
     return drafter, make_rule(method.rule, bundle.target, geometries, **method.rule_params)
 
 
