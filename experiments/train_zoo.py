@@ -41,7 +41,7 @@ from specdec.models.gpt import GPT, GPTConfig  # noqa: E402
 from specdec.zoo import data  # noqa: E402
 from specdec.zoo.features import FeatureConfig, FeatureNet  # noqa: E402
 from specdec.zoo.vq import VQConfig, VQTokenizer, psnr  # noqa: E402
-from zoo_distill import guided_probs, overlap, realism, speed, target_samples  # noqa: E402
+from zoo_distill import guided_probs, overlap, realism, speed, target_samples, teacher_set  # noqa: E402
 
 STAGES = ("vq", "features", "target", "drafter", "figures")
 # Zoo v2. The target is sized so that, at batch 1 on 2 CPU cores, a step is dominated by compute rather than
@@ -50,7 +50,7 @@ STAGES = ("vq", "features", "target", "drafter", "figures")
 # near-synonymous tokens that make real visual AR models flat.
 GPT_CONFIGS = {
     "target": dict(dim=384, n_layers=8, n_heads=6, max_len=160),
-    "drafter": dict(dim=96, n_layers=2, n_heads=4, max_len=160),
+    "drafter": dict(dim=128, n_layers=3, n_heads=4, max_len=160),
 }
 LOG: Path | None = None
 
@@ -225,6 +225,7 @@ def distill_set(args, out: Path, work: Path, cfg: float, n: int, seed: int):
 
 
 def stage_gpt(name: str, args, out: Path, work: Path) -> None:
+    soft = None
     if name == "target":
         tokens, classes = token_pool(args, out, work)
         source = f"{args.pool} pre-tokenised training crops"
@@ -232,6 +233,11 @@ def stage_gpt(name: str, args, out: Path, work: Path) -> None:
         tokens, classes = distill_set(args, out, work, args.distill_cfg, args.distill_samples, args.seed + 21)
         source = (f"{args.distill_samples} samples of the target at cfg {args.distill_cfg:g} (distillation; draft "
                   f"with draft_cfg=1.0)")
+        if args.drafter_labels == "soft":   # the target's guided law at every position, top-k renormalised
+            _, top_p, top_i = teacher_set(zoo_adapter("target", out).model, tokens, classes, args.distill_cfg,
+                                          args.distill_topk, args.distill_batch, work, log)
+            soft = (top_p, top_i)
+            source += f", soft labels: the target's guided law, top {args.distill_topk}"
     torch.manual_seed(args.seed + (7 if name == "target" else 8))
     vocab = zoo.read_card("vq", out)["config"]["codebook_size"]
     cfg = GPTConfig(vocab_size=vocab, num_classes=len(data.CLASS_NAMES), **GPT_CONFIGS[name])
@@ -247,11 +253,17 @@ def stage_gpt(name: str, args, out: Path, work: Path) -> None:
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + 17 + step)
         idx = torch.randint(len(tokens), (bsz,), generator=g)
         t, c = tokens[idx].long(), classes[idx].clone()
-        c[torch.rand(bsz, generator=g) < args.class_dropout] = model.null_class   # for CFG at sampling time
+        if name == "target" or soft is None:        # soft labels are the guided law: no unconditional rows
+            c[torch.rand(bsz, generator=g) < args.class_dropout] = model.null_class   # for CFG at sampling time
         # bfloat16 autocast: 2-2.5x faster on CPUs with AVX-512 BF16, master weights and the loss stay float32
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             logits = model.forward_train(t, c)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), t.flatten())
+        if name == "drafter" and soft is not None:
+            labels = soft[0][idx].float()
+            labels = labels / labels.sum(-1, keepdim=True)
+            loss = -(labels * logits.float().log_softmax(-1).gather(-1, soft[1][idx].long())).sum(-1).mean()
+        else:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), t.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -357,6 +369,9 @@ def main(argv=None) -> None:
     p.add_argument("--drafter-steps", default="auto")
     p.add_argument("--drafter-minutes", type=float, default=10)
     p.add_argument("--drafter-lr", type=float, default=2e-3)
+    p.add_argument("--drafter-labels", choices=("soft", "samples"), default="soft",
+                   help="soft: the target's guided law at every position (top --distill-topk); samples: its tokens")
+    p.add_argument("--distill-topk", type=int, default=128)
     args = p.parse_args(argv)
     LOG = args.log
     torch.set_num_threads(args.threads)

@@ -3,6 +3,8 @@
 * `target_samples`: the target's own samples at the CFG scale the demo decodes with, generated through
   `specdec.generate` in resumable chunks. The drafter is trained on them (sequence-level distillation: the drafter
   learns the guided law p_cfg itself), so at decode time it drafts unguided (`ModelDrafter(..., draft_cfg=1.0)`).
+* `teacher`: per sample, the target's conditional features h_t and its guided law p_t (top-k probabilities and
+  ids: soft labels), teacher-forced; the drafter (soft-label distillation) and the EAGLE head train on them.
 * `realism`: how flat the target is where it samples: the share of positions whose top-1 probability is below 5 %,
   the mean entropy, at CFG 1 and at the demo's scale; GSD measured 50-95 % of such positions on Lumina-mGPT.
 * `overlap`: sum_v min(p, q), the exact rule's acceptance probability per drafted token.
@@ -51,6 +53,39 @@ def guided_probs(model, tokens: torch.Tensor, classes: torch.Tensor, cfg: float)
     cond = model.forward_train(tokens, classes)
     uncond = model.forward_train(tokens, torch.full_like(classes, model.null_class)) if cfg != 1 else None
     return to_probs(cond, uncond, Sampling(cfg_scale=cfg))
+
+
+@torch.no_grad()
+def teacher(model, tokens: torch.Tensor, classes: torch.Tensor, cfg: float, topk: int):
+    """tokens [N, T] -> (features h [N, T, H] float16, top-k probabilities [N, T, K] float16, ids [N, T, K] int16)
+    of the zoo GPT `model` at guidance cfg. h_t is the conditional last hidden state that predicts token t."""
+    x = torch.cat([model.cls_emb(classes)[:, None], model.tok_emb(tokens[:, :-1])], 1)
+    positions = torch.arange(x.shape[1]).expand(x.shape[0], -1)
+    h = model.trunk(x, positions, None)
+    uncond = model.forward_train(tokens, torch.full_like(classes, model.null_class)) if cfg != 1 else None
+    p = to_probs(model.head(h), uncond, Sampling(cfg_scale=cfg))
+    top = p.topk(topk, -1)
+    return h.half(), top.values.half(), top.indices.short()
+
+
+def teacher_set(model, tokens: torch.Tensor, classes: torch.Tensor, cfg: float, topk: int, chunk: int, work: Path,
+                log=print, tag: str = "train"):
+    """`teacher` for every sample, computed in chunks of `chunk` samples saved in `work` (a killed run continues
+    where it stopped; the drafter and EAGLE stages share the chunks)."""
+    parts = []
+    n_chunks = math.ceil(len(tokens) / chunk)
+    for i in range(n_chunks):
+        path = work / f"teacher_{tag}_cfg{cfg:g}_top{topk}_{i}.pt"
+        if not path.is_file():
+            sl = slice(i * chunk, (i + 1) * chunk)
+            t0 = time.time()
+            out = teacher(model, tokens[sl].long(), classes[sl], cfg, topk)
+            tmp = path.with_suffix(".tmp")
+            torch.save(out, tmp)
+            tmp.rename(path)
+            log(f"teacher {tag}: chunk {i + 1}/{n_chunks} ({time.time() - t0:.1f} s)")
+        parts.append(torch.load(path))
+    return [torch.cat(x) for x in zip(*parts)]
 
 
 def realism(p: torch.Tensor) -> dict[str, float]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from specdec import metrics
-from specdec.bench.methods import DEMO_METHODS, QUICK_METHODS, Method, available, build_method
+from specdec.bench.methods import DEMO_METHODS, MODEL_DRAFTER, QUICK_METHODS, Method, available, build_method
 from specdec.bench.results import format_table
 from specdec.bench.timing import count_bound, interleaved_rounds, reliability, set_threads, step_costs
 from specdec.plots import acceptance_heatmaps, image_grid
@@ -84,7 +84,7 @@ def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: lis
     rounds = repeats or (3 if quick else 5)
     methods = available(QUICK_METHODS if quick else DEMO_METHODS, bundle)
     if rule is not None:
-        methods.append(Method(f"{rule} + model k=4", "model", dict(methods[1].drafter_params), rule,
+        methods.append(Method(f"{rule} + model k=4", "model", dict(MODEL_DRAFTER), rule,
                               dict(rule_params or {})))
     print(f"specdec demo: {len(methods)} methods, latency of 1 image ({rounds} interleaved rounds) and "
           f"{len(cond)} images ({', '.join(names)}), {sampling}, seed {seed}, {threads} threads", flush=True)

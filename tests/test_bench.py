@@ -227,11 +227,15 @@ def test_bad_configs_give_clear_errors(tmp_path):
 def test_presets_parse_and_cover_the_readme_table():
     for name in bench.preset_names():
         cfg = load_config(preset=name)
-        timing = name != "zoo-quality"                   # the quality preset times one pass only
+        timing = name not in ("zoo-quality", "zoo-throughput")     # one pass: quality, and batch 64
         assert cfg.runs and (cfg.repeats >= 3 or not timing) and any(r["drafter"] is None for r in cfg.runs), name
         assert len({r["key"] for r in cfg.runs}) == len(cfg.runs)
-    assert set(bench.preset_names()) == {"zoo-quick", "zoo-exact", "zoo-full", "zoo-quality", "paper-lantern",
-                                         "paper-gsd", "paper-sjd"}
+    assert set(bench.preset_names()) == {"zoo-quick", "zoo-exact", "zoo-full", "zoo-quality", "zoo-speed",
+                                         "zoo-throughput", "paper-lantern", "paper-gsd", "paper-sjd"}
+    speed = load_config(preset="zoo-speed").runs
+    assert {r["batch"] for r in speed} == {1, 8} and {r["sampling"]["cfg_scale"] for r in speed} == {1.0, 3.0}
+    assert {r["drafter_params"].get("tree", "chain") for r in speed if r["drafter"] == "eagle"} == \
+        {"chain", "static:binary-3", "dynamic"}
     full = load_config(preset="zoo-full").runs
     fams = {bench.family(r) for r in full}
     quality = load_config(preset="zoo-quality")

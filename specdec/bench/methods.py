@@ -23,14 +23,18 @@ class Method:
     rule_params: dict = field(default_factory=dict)
 
 
-# `specdec demo`: plain AR, the lossless rule, LANTERN and its bounded variant, SJD, and a training-free lookup
+# the zoo drafter is distilled on the target's guided samples: it drafts unguided (see drafters/model.py)
+MODEL_DRAFTER = {"k": 4, "draft_cfg": 1.0}
+# `specdec demo`: plain AR, the lossless rule with the EAGLE head and the draft model, SJD, LANTERN and its bounded
+# variant, and a training-free lookup
 DEMO_METHODS = (
     Method("AR"),
-    Method("exact + model k=4", "model", {"k": 4}),
-    Method("lantern d=0.1 + model k=4", "model", {"k": 4}, "lantern", {"neighbours": 100, "delta": 0.1}),
-    Method("bounded_lantern d=0.1 + model k=4", "model", {"k": 4}, "bounded_lantern",
-           {"neighbours": 100, "delta": 0.1}),
+    Method("exact + eagle k=4", "eagle", {"k": 4}),
+    Method("exact + model k=4", "model", MODEL_DRAFTER),
     Method("exact + jacobi w=16", "jacobi", {"window": 16, "init": "random"}),
+    Method("lantern d=0.1 + model k=4", "model", MODEL_DRAFTER, "lantern", {"neighbours": 100, "delta": 0.1}),
+    Method("bounded_lantern d=0.1 + model k=4", "model", MODEL_DRAFTER, "bounded_lantern",
+           {"neighbours": 100, "delta": 0.1}),
     Method("exact + lookup k=4", "lookup", {"k": 4}),
 )
 QUICK_METHODS = DEMO_METHODS[:3]

@@ -28,8 +28,9 @@ from specdec.zoo.features import FeatureConfig, FeatureNet
 from specdec.zoo.vq import VQConfig, VQTokenizer
 
 MODEL_NAMES = ("vq", "features", "target", "drafter")
+OPTIONAL_MODELS = ("eagle",)      # loaded when the weights folder has them
 DRAFT_ROOM = 64      # cache slots added to the trained max_len (rotary positions: no weight depends on it) for trees
-__all__ = ["load", "ZooBundle", "ZooError", "heldout_images", "weights_dir", "MODEL_NAMES"]
+__all__ = ["load", "ZooBundle", "ZooError", "heldout_images", "weights_dir", "MODEL_NAMES", "OPTIONAL_MODELS"]
 
 
 class ZooError(RuntimeError):
@@ -115,10 +116,11 @@ def _config(cls, raw: dict[str, Any]):
 
 def load_model(name: str, directory: Path | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """One zoo model in eval mode, weights verified and loaded -> (module, card)."""
+    from specdec.models.eagle import EagleConfig, EagleHead
     from specdec.models.gpt import GPT, GPTConfig
     factories: dict[str, tuple[type, Callable]] = {
         "vq": (VQConfig, VQTokenizer), "features": (FeatureConfig, FeatureNet),
-        "target": (GPTConfig, GPT), "drafter": (GPTConfig, GPT),
+        "target": (GPTConfig, GPT), "drafter": (GPTConfig, GPT), "eagle": (EagleConfig, EagleHead),
     }
     if name not in factories:
         raise ValueError(f"unknown zoo model {name!r}; valid: {list(factories)}")
@@ -148,6 +150,7 @@ class ZooBundle:
     target_gpt: nn.Module
     drafter_gpt: nn.Module
     cards: dict[str, dict[str, Any]]
+    eagle_head: Any = None          # EagleHead trained on the target (drafter "eagle"), when the zoo ships one
 
     def class_id(self, name_or_id: str | int) -> int:
         """'coffee' or 1 -> 1; anything else raises ValueError listing the valid names."""
@@ -169,7 +172,10 @@ def load(device: str | torch.device = "cpu", directory: str | Path | None = None
     from specdec.adapters.gpt import GPTAdapter
     directory = Path(directory) if directory is not None else None
     models, cards = {}, {}
-    for name in MODEL_NAMES:
+    for name in MODEL_NAMES + OPTIONAL_MODELS:
+        if name in OPTIONAL_MODELS and not ((directory or weights_dir()) / f"{name}.json").is_file():
+            models[name] = None
+            continue
         models[name], cards[name] = load_model(name, directory, device)
     classes = tuple(cards["target"].get("data", {}).get("classes", CLASS_NAMES))
     tok: VQTokenizer = models["vq"]
@@ -182,7 +188,7 @@ def load(device: str | torch.device = "cpu", directory: str | Path | None = None
                 for name in ("target", "drafter")}
     return ZooBundle(target=adapters["target"], drafter_model=adapters["drafter"], tokenizer=tok,
                      features=models["features"], classes=classes, target_gpt=models["target"],
-                     drafter_gpt=models["drafter"], cards=cards)
+                     drafter_gpt=models["drafter"], cards=cards, eagle_head=models["eagle"])
 
 
 def heldout_images(n: int, seed: int = 0, classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
