@@ -100,6 +100,11 @@ def main(argv=None) -> None:
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log", type=Path, default=None)
+    ap.add_argument("--init", action="store_true",
+                    help="a further stage: start from the zoo's eagle weights (checkpoints under --stage-name)")
+    ap.add_argument("--stage-name", default="eagle")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                    help="bfloat16 autocast for the forward (float32 master weights and loss)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -121,27 +126,35 @@ def main(argv=None) -> None:
     cfg = EagleConfig(dim=gpt.cfg.dim, n_heads=gpt.cfg.n_heads, n_layers=args.layers, max_len=gpt.cfg.max_len)
     torch.manual_seed(args.seed + 41)
     head = EagleHead(cfg)
+    stages = []
+    if args.init:
+        previous, old_card = zoo.load_model("eagle", args.zoo_dir)
+        head.load_state_dict(previous.state_dict())
+        stages = old_card.get("stages", []) + [{k: old_card.get(k) for k in ("steps", "wall_s", "lr", "metrics")}]
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
     def step_fn(step: int) -> dict[str, float]:
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + 53 + step)
         idx = torch.randint(len(tokens), (args.batch,), generator=g)
-        loss, ce, feat = eagle_loss(head, embed, out_head, h[idx], tokens[idx].long(), top_p[idx], top_i[idx],
-                                    args.noise, args.feat_weight, g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss, ce, feat = eagle_loss(head, embed, out_head, h[idx], tokens[idx].long(), top_p[idx], top_i[idx],
+                                        args.noise, args.feat_weight, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         opt.step()
         return dict(ce=ce.item(), feat=feat.item())
 
-    run = train_loop("eagle", head, opt, None if args.steps == "auto" else int(args.steps), args.minutes, args.lr,
+    run = train_loop(args.stage_name, head, opt, None if args.steps == "auto" else int(args.steps), args.minutes, args.lr,
                      50, step_fn, args.work_dir, args.ckpt_every)
     card = dict(config=asdict(cfg), seed=args.seed, batch=args.batch, lr=args.lr,
                 data=dict(samples=f"{args.samples} samples of the target at cfg {args.cfg:g} (self-distillation)",
                           labels=f"the target's guided law at cfg {args.cfg:g}, top {args.topk} renormalised",
                           input_noise=f"uniform +-{args.noise}", feature_loss_weight=args.feat_weight),
                 target_sha256=zoo.read_card("target", args.zoo_dir)["sha256"],
-                optimizer="AdamW(0.9, 0.95), warm-up 50 + cosine to 10%, grad clip 1.0", **run)
+                optimizer="AdamW(0.9, 0.95), warm-up 50 + cosine to 10%, grad clip 1.0",
+                precision="bfloat16 autocast, float32 master weights" if args.bf16 else "float32",
+                stages=stages, **run)
     zoo.save_model(head, args.zoo_dir, "eagle", card, half=True)
     head, _ = zoo.load_model("eagle", args.zoo_dir)
     metrics = dict(heldout_sum_min_p_q=acceptance(head, embed, out_head, gpt, ev_tokens.long(), ev_classes,
