@@ -49,7 +49,7 @@ def check_out_dir(path: str | Path) -> Path:
     return out
 
 
-FD_MIN_IMAGES = 200     # fewer images: the Frechet distance's seed noise exceeds the differences between methods
+FD_MIN_IMAGES = metrics.FD_MIN_IMAGES
 
 
 def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: list[str] | None = None,

@@ -2,6 +2,7 @@
 
 Writes into DIR:
   pareto_fd.png        speedup vs feature-space Frechet distance, one curve (Pareto front) per method family
+                       (only when rows have an FD: from 200 images on)
   pareto_nll.png       speedup vs NLL under the target, same layout
   mal_vs_k.png         mean accepted length vs draft tokens per step k, one line per family
   acceptance.png       per-position acceptance heatmaps over the token grid for chosen configurations
@@ -52,8 +53,11 @@ def _fmt(v, spec: str = ".3f") -> str:
     return str(v)
 
 
-def pareto_plot(rows: list[dict], metric: str, xlabel: str, path: Path) -> Path:
-    """Speedup (y) vs a quality cost (x, lower is better); per family its points and its Pareto front."""
+def pareto_plot(rows: list[dict], metric: str, xlabel: str, path: Path) -> Path | None:
+    """Speedup (y) vs a quality cost (x, lower is better); per family its points and its Pareto front. None (no
+    file) when no row has the metric (e.g. FD, reported only from metrics.FD_MIN_IMAGES images on)."""
+    if not any(r.get(metric) is not None for r in rows):
+        return None
     plt = _plt()
     multi = len({_group(r) for r in rows}) > 1
     curves = defaultdict(list)
@@ -199,7 +203,7 @@ def make_report(results: str | Path, out: str | Path, heatmaps: list[str] | None
                          f"`specdec bench`")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = [
+    plots = [
         pareto_plot(rows, "feature_fd", "feature-space Frechet distance vs held-out images (lower is better)",
                     out / "pareto_fd.png"),
         pareto_plot(rows, "nll", "NLL under the target, nats/token (lower is better)", out / "pareto_nll.png"),
@@ -207,6 +211,7 @@ def make_report(results: str | Path, out: str | Path, heatmaps: list[str] | None
         heatmap_plot(choose_heatmaps(rows, heatmaps), out / "acceptance.png"),
         samples_plot(rows, results.parent, out / "samples.png"),
     ]
+    files = [f for f in plots if f is not None]
     (out / "table.md").write_text(markdown_table(rows))
     (out / "rows.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "acceptance_map"}
                                                for r in rows], indent=1))

@@ -179,3 +179,20 @@ def test_certify_cli_reports_the_exact_emitted_tv_on_zoo_pairs(capsys):
     line = next(l for l in out.splitlines() if "exact single-step law" in l)
     max_tvd = float(line.split("max=")[1].split()[0])
     assert 0.05 < max_tvd <= 0.1 + 1e-4, line
+
+
+# Deterministic figures of zoo v2 (4 images of classes 0-3, CFG 3, seed 0): target forwards per image and MAL. They
+# change only when the weights or the decoding arithmetic change; the realism and overlap figures are on the cards.
+ZOO_FIGURES = {"eagle": (69.5, 2.0576), "model": (74.25, 1.9259)}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_FIGURES))
+def test_zoo_v2_forwards_and_mal_for_a_seed(bundle, name):
+    from specdec.registry import make_drafter
+
+    params = {"k": 4} if name == "eagle" else {"k": 4, "draft_cfg": 1.0}
+    res = specdec.generate(bundle.target, torch.arange(4), drafter=make_drafter(name, bundle, **params),
+                           sampling=Sampling(cfg_scale=3.0), seed=0, decode=False)
+    fwd, mal = ZOO_FIGURES[name]
+    assert res.stats.target_forwards_per_image == pytest.approx(fwd, abs=0.01)
+    assert res.stats.mean_accepted_length == pytest.approx(mal, abs=0.005)

@@ -174,8 +174,9 @@ def _per_position(stats: list) -> list[float]:
 
 def _feature_fd(gen: _PerGenerator, m: _Measured, fd_real: int) -> float | None:
     """Frechet distance in the bundle's feature space against real crops of the generated classes, in the same
-    proportions as the generated images (their features are computed once per class set)."""
-    if m.images is None:
+    proportions as the generated images (their features are computed once per class set). None below
+    metrics.FD_MIN_IMAGES images, where its seed noise exceeds the differences between methods."""
+    if m.images is None or len(m.images) < metrics.FD_MIN_IMAGES:
         return None
     ids = tuple(sorted(set(m.cond.tolist())))
     if ids not in gen.real_feats:
