@@ -18,7 +18,6 @@ cfg scale (experiments/train_eagle.py), its q approximates the guided p. Guarant
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 from torch import Tensor
@@ -44,7 +43,6 @@ class EagleFeatures:
         if ctx.hidden is None:
             raise ValueError("the EAGLE drafter needs the target's hidden states: run it through specdec.generate, "
                              "which asks the target for them")
-        self.draft_cfg = 1.0                       # the head drafts without guidance (see the module doc)
         super().start(ctx)
         self.window = torch.arange(self.k + 1, device=ctx.n_done.device)
         self.state.true[:, 0] = ctx.hidden[:, 0]
@@ -106,11 +104,9 @@ def eagle(head: EagleHead | EagleAdapter, tree: str = "chain", k: int = 4, draft
           top_k: int = 10, total_tokens: int = 59):
     """The registry's `eagle` drafter. tree: "chain" (k drafts), "static:<shape>" (e.g. "static:binary-3";
     drafts as TreeModelDrafter) or "dynamic" (EAGLE-2: top_k, depth k, total_tokens)."""
-    if not isinstance(tree, str):
-        raise ValueError(f"tree must be 'chain', 'static:<shape>' or 'dynamic', got {tree!r}")
     if tree == "chain":
         return EagleDrafter(head, k=k, drafts=drafts)
-    if tree.startswith("static:"):
+    if isinstance(tree, str) and tree.startswith("static:"):
         return EagleTreeDrafter(head, shape=tree.split(":", 1)[1], drafts=drafts)
     if tree == "dynamic":
         return EagleDynamicTreeDrafter(head, top_k=top_k, depth=k, total_tokens=total_tokens)

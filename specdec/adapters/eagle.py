@@ -28,16 +28,14 @@ from specdec.types import Logits
 @dataclass
 class EagleState:
     """cache: the head's K/V [rows = B]; true [B, S, H]: the target's features by position; out [B, S, H]: the
-    head's predicted next feature by slot; n_true [B]: positions 0..n_true-1 have true features."""
+    head's predicted next feature by slot; n_true [B]: positions 0..n_true-1 have true features; rows [B, 1]: row
+    indices for per-row gathers and writes (made once, not per call)."""
 
     cache: StaticKVCache
     true: Tensor
     out: Tensor
     n_true: Tensor
-
-    @property
-    def rows(self) -> Tensor:
-        return torch.arange(self.true.shape[0], device=self.true.device)[:, None]
+    rows: Tensor
 
 
 class EagleAdapter(ARModel):
@@ -89,7 +87,8 @@ class EagleAdapter(ARModel):
         B, dim, S = len(cond), self.head.cfg.dim, capacity + 2
         cache = self.head.new_cache(B, max_len=S)
         zeros = torch.zeros(B, S, dim, device=self.device, dtype=self.embed.dtype)
-        state = EagleState(cache, zeros, zeros.clone(), torch.zeros(B, dtype=torch.long, device=self.device))
+        state = EagleState(cache, zeros, zeros.clone(), torch.zeros(B, dtype=torch.long, device=self.device),
+                           torch.arange(B, device=self.device)[:, None])
         return state, Logits(torch.zeros(B, 1, self.vocab_size, device=self.device))
 
     def _logits(self, state: EagleState, h: Tensor, slots: Tensor) -> Logits:

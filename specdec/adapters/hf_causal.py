@@ -197,6 +197,12 @@ class HFCausalAdapter(ARModel):
             return None
         return self._last_hidden[:, last:]
 
+    def _image_logits(self, state: HFState, tokens: Tensor, positions: Tensor, allowed: Tensor) -> Logits:
+        """Image tokens [rows, n] through the model -> Logits of the engine's rows (with hidden states when the
+        state asked for them)."""
+        self._keep_hidden = state.hidden
+        return state.split(self._run_image_tokens(tokens, positions, allowed, state.cache), self._hidden())
+
     def _run_image_tokens(self, tokens: Tensor, positions: Tensor, allowed: Tensor, cache) -> Tensor:
         """Image tokens [rows, n] (engine ids) -> logits [rows, n, V]; a subclass may feed embeddings instead."""
         return self._run(self.image_token_ids[tokens], positions, allowed, cache)
@@ -206,8 +212,7 @@ class HFCausalAdapter(ARModel):
         tokens = state.double(tokens)
         positions, allowed = state.holes.extend(tokens.shape[1])
         state.generated = state.generated + tokens.shape[1]
-        self._keep_hidden = state.hidden
-        return state.split(self._run_image_tokens(tokens, positions, allowed, state.cache), self._hidden())
+        return self._image_logits(state, tokens, positions, allowed)
 
     supports_trees = True          # tree nodes are slots of the growing cache; rejected ones become holes
 
@@ -219,8 +224,7 @@ class HFCausalAdapter(ARModel):
         offsets = positions - (n_done - 1)[:, None]
         pos, mask = state.holes.extend_tree(state.double(offsets), state.double(allowed))
         state.generated = state.generated + tokens.shape[1]
-        self._keep_hidden = state.hidden
-        return state.split(self._run_image_tokens(state.double(tokens), pos, mask, state.cache), self._hidden())
+        return self._image_logits(state, state.double(tokens), pos, mask)
 
     def commit_tree(self, state: HFState, tree, path: Tensor) -> None:
         """Keep the root and the accepted path's nodes of the last block; the other nodes become holes."""
