@@ -11,7 +11,7 @@ too, as long as it defines every member; `require` says which ones it lacks.
 
 Wave 2 extends these shapes (draft trees on `AcceptanceRule` and `ARModel`, continuous per-position distributions,
 block generators for video, hidden states for learned drafters) by adding members with defaults here, so existing
-implementations keep working unchanged.
+implementations keep working unchanged. Block generators (video) have their own small protocols at the end.
 """
 from __future__ import annotations
 
@@ -205,6 +205,68 @@ class Bundle(Protocol):
 
     def heldout_images(self, n: int, seed: int = 0, classes: Tensor | None = None) -> Tensor:
         """n real images [n, 3, H, W] in [-1, 1] not seen in training, of the given class ids [n] when given."""
+        ...
+
+
+# ---- blocks (video): block-autoregressive generators, their decoders and scorers -------------------------------
+# F = frames per clip, F_b = frames per block, N = F / F_b blocks, B = batch. A block's latents are whatever the
+# generator's frames are made of: token ids [B, F_b, h, w] for a discrete generator, float latents
+# [B, F_b, C, h, w] for a diffusion one. Noises are pre-sampled per block by the router, from the TARGET's
+# `block_noise`, and handed to the drafter and (after a rejection) to the target, so that both start from the same
+# randomness.
+
+@runtime_checkable
+class BlockDecoder(Protocol):
+    """A (possibly streaming) decoder from block latents to pixels. A streaming decoder keeps a cache across blocks
+    (e.g. a causal video VAE's temporal cache); the router snapshots it before decoding a draft and restores it
+    when the draft is rejected."""
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """latents of one block -> frames [B, F_b, 3, H, W] in [-1, 1]; advances the cache, if any."""
+        ...
+
+    def snapshot(self) -> Any:
+        """A copy of the decoder's cache that `restore` puts back exactly (None for a stateless decoder)."""
+        return None
+
+    def restore(self, snapshot: Any) -> None:
+        """Put back a cache taken by `snapshot`."""
+
+
+@runtime_checkable
+class BlockGenerator(Protocol):
+    """A generator that makes a clip block by block, each block conditioned on the committed ones."""
+
+    num_frames: int                 # F
+    frames_per_block: int           # F_b (divides F)
+    device: torch.device
+
+    def start(self, cond: Any) -> Any:
+        """Begin clips for condition cond [B, ...]; returns the state that holds the committed blocks."""
+        ...
+
+    def block_noise(self, state: Any, block: int, generator: torch.Generator) -> Tensor:
+        """Everything random that generating block `block` consumes, pre-sampled with `generator` (on the model's
+        device): e.g. uniforms [B, tokens per block] for a discrete generator, x_T and per-step noises for a
+        diffusion one. Two generators that share a router must produce the same shape."""
+        ...
+
+    def generate_block(self, state: Any, block: int, noise: Tensor) -> Tensor:
+        """Generate block `block` after the committed blocks [0, block), consuming only `noise` -> its latents.
+        Does not commit it."""
+        ...
+
+    def commit_block(self, state: Any, block: int, latents: Tensor) -> None:
+        """Append block `block` (made by this generator or by another sharing its latent space) to the context."""
+        ...
+
+
+@runtime_checkable
+class BlockScorer(Protocol):
+    """Scores decoded frames for the router: higher is better."""
+
+    def __call__(self, frames: Tensor, cond: Any) -> Tensor:
+        """frames [B, F_b, 3, H, W] in [-1, 1], the clip's condition -> finite scores [B, F_b]."""
         ...
 
 
