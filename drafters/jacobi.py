@@ -34,6 +34,19 @@ in the spirit of MC-SJD, So et al., arXiv 2510.24211, without its maximal-coupli
 drafted it either (earlier windows end at n0' + k - 1 < n0 + k), and once committed it is never drafted again. So the
 uniform that draws a draft is never the one that decides it.
 
+Coupling of successive iterates (`coupling`). SJD draws each tail slot afresh from its new law every step, so a
+tail that is already right churns whenever p moves a little. MC-SJD (So et al., arXiv 2510.24211) couples the new
+draft to the previous iterate y_old ~ q_old at the same position instead:
+  "maximal": keep y_old with probability min(1, p_new(y_old) / q_old(y_old)), else draw from
+             norm((p_new - q_old)^+). The draft's marginal is exactly p_new (a maximal coupling of q_old and p_new,
+             so y_old survives with probability 1 - TV(q_old, p_new)), and the draft reports q := p_new. The keep and
+             residual uniforms are keyed by (position, step) ("mc_keep/<step>", "mc_residual/<step>"): fresh at
+             every iteration, so the iterate at step s is ~ p_s given everything at positions < t, by induction.
+  "gumbel":  x = argmax(log p_new + g_t) with one Gumbel vector g_t per position (stream "jacobi_gumbel", V slots),
+             reused across iterations: the Gumbel-max coupling, exact for the same reason as the inverse-CDF one.
+  "none":    SJD's draw by inverse CDF with the position's "sample" uniform (a common-random-numbers coupling).
+A slot with no previous iterate (the one just past the old window, and fresh slots) falls back to "none" / init.
+
 Per-step work is O(B k V) (one gather of the tail laws, one inverse-CDF sample); fresh slots with a neighbour init
 chain through the window with a loop over the k slots (vectorised over rows, ragged n_done handled by per-row
 gather indices).
@@ -48,8 +61,9 @@ from specdec.protocols import Drafter
 from specdec.random import sample_categorical
 from specdec.types import Draft, Verdict
 
-INITS = ("random", "repeat_horizontal", "repeat_vertical")
+INITS = ("random", "repeat_horizontal", "repeat_vertical", "previous_frame")
 INIT_QS = ("onehot", "uniform")
+COUPLINGS = ("none", "maximal", "gumbel")
 
 
 class JacobiDrafter(Drafter):
@@ -59,7 +73,11 @@ class JacobiDrafter(Drafter):
       "random"            a uniform token over the allowed image vocabulary (stream "jacobi_init", by position);
       "repeat_horizontal" the token to the left on the grid (above for the first column, else the previous token);
       "repeat_vertical"   the token above (W positions back); left, then the previous token, where there is none.
+      "previous_frame"    video: the token at the same place one frame back (H*W positions); in the first frame
+                          left, then above, then the previous token.
     A neighbour that is itself a draft of this step is copied from the draft (drafts chain).
+    coupling: how a tail slot's new draft is tied to the previous iterate: "none" (SJD), "maximal" (MC-SJD) or
+      "gumbel" (see the module docstring); every choice is exact with a lossless rule.
     init_q: the law claimed for fresh slots: "onehot" (SJD; acceptance p(x)) or, for init="random" only,
       "uniform" (q = Uniform over the V' allowed tokens, the law x is really drawn from: equally exact, with
       acceptance sum_v min(p(v), 1/V') instead of p(x)).
@@ -67,7 +85,7 @@ class JacobiDrafter(Drafter):
 
     one_hot_drafts = False                  # the tail's q is the target's p from the last pass
 
-    def __init__(self, window: int = 16, init: str = "random", init_q: str = "onehot"):
+    def __init__(self, window: int = 16, init: str = "random", init_q: str = "onehot", coupling: str = "none"):
         if not isinstance(window, int) or isinstance(window, bool) or window < 2:
             raise ValueError(f"window (the Jacobi window L, drafting L - 1 tokens per step) must be an integer "
                              f">= 2, got {window!r}")
@@ -78,6 +96,9 @@ class JacobiDrafter(Drafter):
         if init_q == "uniform" and init != "random":
             raise ValueError(f"init_q='uniform' is the law of init='random' only; with init={init!r} the fresh "
                              f"drafts are copies (one-hot q): use init_q='onehot'")
+        if coupling not in COUPLINGS:
+            raise ValueError(f"unknown Jacobi coupling {coupling!r}; valid couplings are {COUPLINGS}")
+        self.coupling = coupling
         self.window = window
         self.k = window - 1
         self.init = init
@@ -90,6 +111,8 @@ class JacobiDrafter(Drafter):
         self.ctx = ctx
         self.prev_p = None          # [B, k+1, V] target laws of the last pass
         self.prev_n = None          # [B] n_done when that pass was proposed
+        self.prev_draft = None      # the Draft of that pass (previous iterates for the coupling)
+        self.step = 0
         # the token mask is fixed for a generation: its id table and uniform law are built here, once, so that a
         # step runs on the device only (no data-dependent shape, no transfer)
         V, dev = ctx.target.vocab_size, ctx.n_done.device
@@ -108,6 +131,8 @@ class JacobiDrafter(Drafter):
     def _sources(self) -> tuple[str, ...]:
         if self.init == "repeat_horizontal":
             return ("left", "above", "prev")
+        if self.init == "previous_frame":
+            return ("prev_frame", "left", "above", "prev")
         return ("above", "left", "prev")
 
     @torch.no_grad()
@@ -131,7 +156,7 @@ class JacobiDrafter(Drafter):
             fresh = src > self.prev_p.shape[1] - 1
             idx = src.clamp_max(self.prev_p.shape[1] - 1)
             tail_p = self.prev_p.gather(1, idx[..., None].expand(-1, -1, V))        # [B, k, V]
-            tail_tok = sample_categorical(tail_p, ctx.streams.uniform_at("sample", pos))
+            tail_tok = self._tail_draws(tail_p, src, pos)
 
         if self.init == "random":
             init_tok = self._random_tokens(pos)
@@ -149,15 +174,45 @@ class JacobiDrafter(Drafter):
                 tokens[:, j] = torch.where(fresh[:, j], copied, tokens[:, j])
 
         self.prev_n = n.clone()
+        self.step += 1
         if self.init == "random" and self.init_q == "uniform":
             q_fresh = self.uniform_q.expand(B, k, V)
         else:
             if tail_p is None:
-                return Draft(tokens)                # all fresh and one-hot: the rule materialises q
+                self.prev_draft = Draft(tokens)     # all fresh and one-hot: the rule materialises q
+                return self.prev_draft
             q_fresh = torch.nn.functional.one_hot(tokens, V).to(tail_p.dtype)
         if tail_p is None:
-            return Draft(tokens, q_fresh.contiguous())
-        return Draft(tokens, torch.where(fresh[..., None], q_fresh, tail_p))
+            self.prev_draft = Draft(tokens, q_fresh.contiguous())
+        else:
+            self.prev_draft = Draft(tokens, torch.where(fresh[..., None], q_fresh, tail_p))
+        return self.prev_draft
+
+    def _tail_draws(self, tail_p: Tensor, src: Tensor, pos: Tensor) -> Tensor:
+        """New iterates [B, k] of the tail laws tail_p [B, k, V] at positions pos [B, k]; src [B, k]: each slot's
+        index in the previous window (its previous iterate exists where src < the old window's length)."""
+        streams = self.ctx.streams
+        if self.coupling == "gumbel":
+            u = streams.uniform_at("jacobi_gumbel", pos, slots=tail_p.shape[-1])       # [B, k, V]
+            return (tail_p.log() - (-u.log()).log()).argmax(-1)
+        crn = sample_categorical(tail_p, streams.uniform_at("sample", pos))
+        old = self.prev_draft
+        if self.coupling == "none" or old is None:
+            return crn
+        k_old, V = old.tokens.shape[1], tail_p.shape[-1]
+        idx = src.clamp_max(k_old - 1)
+        y_old = old.tokens.gather(1, idx)                                              # [B, k]
+        q_old = old.q(V).gather(1, idx[..., None].expand(-1, -1, V))                   # [B, k, V]
+        p_y = tail_p.gather(-1, y_old[..., None])[..., 0]
+        q_y = q_old.gather(-1, y_old[..., None])[..., 0]
+        keep = streams.uniform_at(f"mc_keep/{self.step}", pos) * q_y <= p_y            # U < p/q, no division
+        residual = (tail_p - q_old).clamp_min(0)
+        mass = residual.sum(-1, keepdim=True)
+        # mass 0 means p_new <= q_old everywhere, i.e. p_new == q_old: then keep is certain and the residual unused
+        residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), tail_p)
+        redraw = sample_categorical(residual, streams.uniform_at(f"mc_residual/{self.step}", pos))
+        coupled = torch.where(keep, y_old, redraw)
+        return torch.where(src < k_old, coupled, crn)
 
     def observe(self, verdict: Verdict, target_probs: Tensor) -> None:
         """Keep the target's laws of this pass [B, k+1, V]; the next proposal takes its unverified tail."""

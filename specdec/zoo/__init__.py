@@ -121,6 +121,7 @@ def load_model(name: str, directory: Path | None = None, device: str | torch.dev
     factories: dict[str, tuple[type, Callable]] = {
         "vq": (VQConfig, VQTokenizer), "features": (FeatureConfig, FeatureNet),
         "target": (GPTConfig, GPT), "drafter": (GPTConfig, GPT), "eagle": (EagleConfig, EagleHead),
+        "video_target": (GPTConfig, GPT), "video_drafter": (GPTConfig, GPT),      # specdec.zoo.video
     }
     if name not in factories:
         raise ValueError(f"unknown zoo model {name!r}; valid: {list(factories)}")

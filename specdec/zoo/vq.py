@@ -124,6 +124,22 @@ class VQTokenizer(nn.Module):
         q = self.codebook[tokens.reshape(-1, h, w).long()]          # [B, h, w, D]
         return self.decoder(q.permute(0, 3, 1, 2)).clamp(-1, 1)
 
+    @torch.no_grad()
+    def encode_grid(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [-1, 1], any H, W divisible by 4 (e.g. video frames smaller than the training
+        crops: the tokenizer is convolutional) -> ids LongTensor [B, H/4, W/4]."""
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] % 4 or images.shape[3] % 4:
+            raise ValueError(f"images must be [B, 3, H, W] with H, W divisible by 4, got {tuple(images.shape)}")
+        return self._nearest(self._latents(images), self.codebook)
+
+    @torch.no_grad()
+    def decode_grid(self, tokens: Tensor) -> Tensor:
+        """ids [B, h, w] (any h, w) -> images [B, 3, 4h, 4w] clamped to [-1, 1]."""
+        if tokens.dim() != 3:
+            raise ValueError(f"tokens must be [B, h, w], got {tuple(tokens.shape)}")
+        q = self.codebook[tokens.long()]                               # [B, h, w, D]
+        return self.decoder(q.permute(0, 3, 1, 2)).clamp(-1, 1)
+
     def _check_images(self, images: Tensor) -> None:
         s = self.config.image_size
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
