@@ -61,7 +61,6 @@ def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: lis
     rule: one more row with this rule (a name, `module:Class` or `file.py:Class`) and rule_params over the model
     drafter. Raises DemoError for bad inputs."""
     import specdec.zoo
-    from specdec.engine import generate
 
     torch.set_grad_enabled(False)
     out = check_out_dir(out)
@@ -88,6 +87,33 @@ def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: lis
                               dict(rule_params or {})))
     print(f"specdec demo: {len(methods)} methods, latency of 1 image ({rounds} interleaved rounds) and "
           f"{len(cond)} images ({', '.join(names)}), {sampling}, seed {seed}, {threads} threads", flush=True)
+
+    rows, images, maps, t_step, fd_used = measure_methods(bundle, methods, cond, sampling, seed, rounds, fd_real)
+    maps = [m.reshape(bundle.target.grid) for m in maps]                                  # [H, W]
+    meta = {"sampling": vars(sampling), "seed": seed, "classes": names, "device": str(bundle.target.device),
+            "dtype": "float32", "threads": threads, "latency_batch": 1, "throughput_batch": len(cond),
+            "target_step_s": t_step, "fd_real_images": fd_used,
+            "fd_metric": f"Frechet distance in the zoo feature net's space (from {FD_MIN_IMAGES} images on)"}
+    (out / "table.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    image_grid(images, [r["method"] for r in rows], out / "samples.png",
+               columns=[bundle.classes[int(c)] for c in cond])
+    acceptance_heatmaps(maps[1:], [r["method"] for r in rows[1:]], out / "acceptance.png")
+    print(format_table(rows))
+    for r in rows:
+        if r["reliability"]:
+            print(f"{r['method']}: {r['reliability']}")
+    print(f"\nwrote {out / 'samples.png'}, {out / 'acceptance.png'}, {out / 'table.json'}")
+    return 0
+
+
+def measure_methods(bundle, methods: list[Method], cond: torch.Tensor, sampling: Sampling, seed: int, rounds: int,
+                    fd_real: int):
+    """Every method through the same `specdec.generate` on `bundle` (a `specdec.protocols.Bundle`): latency of
+    cond[:1] in `rounds` interleaved rounds after a warm-up, throughput of the whole batch cond [B] in one
+    interleaved pass, quality of that batch. -> (rows: the table's dicts, images: decoded samples per method,
+    maps: per-position share committed from drafts [T] per method, t_step: the target's raw step (s),
+    fd_used: held-out images behind the Frechet distance, 0 when below FD_MIN_IMAGES)."""
+    from specdec.engine import generate
 
     geometries: dict = {}            # rules over the codebook share one geometry and its k-NN tables
     try:
@@ -131,18 +157,5 @@ def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: lis
                      "feature_fd": fd, "nll": float(metrics.token_nll(bundle.target_gpt, res.tokens, cond).mean()),
                      "images": len(cond), "rounds": rounds})
         images.append(res.images)
-        maps.append(st.acceptance_map.float().mean(0).reshape(bundle.target.grid))     # [H, W]
-    meta = {"sampling": vars(sampling), "seed": seed, "classes": names, "device": str(bundle.target.device),
-            "dtype": "float32", "threads": threads, "latency_batch": 1, "throughput_batch": len(cond),
-            "target_step_s": t_step, "fd_real_images": fd_real if real_feats is not None else 0,
-            "fd_metric": f"Frechet distance in the zoo feature net's space (from {FD_MIN_IMAGES} images on)"}
-    (out / "table.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    image_grid(images, [r["method"] for r in rows], out / "samples.png",
-               columns=[bundle.classes[int(c)] for c in cond])
-    acceptance_heatmaps(maps[1:], [r["method"] for r in rows[1:]], out / "acceptance.png")
-    print(format_table(rows))
-    for r in rows:
-        if r["reliability"]:
-            print(f"{r['method']}: {r['reliability']}")
-    print(f"\nwrote {out / 'samples.png'}, {out / 'acceptance.png'}, {out / 'table.json'}")
-    return 0
+        maps.append(st.acceptance_map.float().mean(0))                              # [T]
+    return rows, images, maps, t_step, fd_real if real_feats is not None else 0

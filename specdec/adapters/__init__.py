@@ -1,7 +1,7 @@
 """One adapter per generator family; each subclasses `specdec.protocols.ARModel`. Shared pieces: `base` (input
 checks) and `cfg` (the conditional / unconditional rows of classifier-free guidance).
 
-The transformers-based adapters are imported on first use, so `import specdec` stays light.
+The transformers- and diffusers-based adapters are imported on first use, so `import specdec` stays light.
 """
 import importlib
 
@@ -14,6 +14,9 @@ _LAZY = {
     "JanusAdapter": "specdec.adapters.janus",
     "Emu3Adapter": "specdec.adapters.emu3",
     "ChameleonAdapter": "specdec.adapters.chameleon",
+    "TokenBlockGenerator": "specdec.adapters.video",             # any discrete ARModel, block by block (video)
+    "FARBlockGenerator": "specdec.adapters.diffusers_video",     # diffusers' AnyFlow-FAR (extra: video)
+    "WanBlockDecoder": "specdec.adapters.diffusers_vae",         # diffusers' Wan VAE, streaming (extra: video)
 }
 
 __all__ = ["ARModel", "GPTAdapter", *_LAZY]

@@ -106,6 +106,35 @@ def filmstrip(frames: Tensor) -> Tensor:
     return frames.permute(0, 2, 3, 1, 4).reshape(B, C, H, Fr * W)
 
 
+def strip_to_frames(strips: Tensor, frames: int = FRAMES) -> Tensor:
+    """filmstrips [B, 3, H, F * W] -> frames [B, F, 3, H, W] (the inverse of `filmstrip`)."""
+    B, C, H, FW = strips.shape
+    if FW % frames:
+        raise ValueError(f"a filmstrip of width {FW} does not hold {frames} frames")
+    return strips.reshape(B, C, H, frames, FW // frames).permute(0, 3, 1, 2, 4)
+
+
+class VideoFeatures(nn.Module):
+    """Clip features for the Frechet distance and the router's scorer, from the image zoo's feature net: each frame
+    is upsampled to the net's 48-pixel input. features: filmstrips [N, 3, FRAME, F * FRAME] -> the mean over frames
+    of the per-frame features [N, D]; forward: the same strips -> per-frame class logits [N, F, C]."""
+
+    def __init__(self, net: nn.Module, frames: int = FRAMES, size: int = 48):
+        super().__init__()
+        self.net, self.frames, self.size = net, frames, size
+
+    def _frames(self, strips: Tensor) -> Tensor:
+        x = strip_to_frames(strips, self.frames).flatten(0, 1)                    # [N*F, 3, H, W]
+        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+    def features(self, strips: Tensor) -> Tensor:
+        f = self.net.features(self._frames(strips))
+        return f.view(strips.shape[0], self.frames, -1).mean(1)
+
+    def forward(self, strips: Tensor) -> Tensor:
+        return self.net(self._frames(strips)).view(strips.shape[0], self.frames, -1)
+
+
 @dataclass(frozen=True)
 class VideoDataDescription:
     """What a video zoo card records about its data."""
@@ -126,7 +155,7 @@ class VideoBundle:
     target: Any
     drafter_model: Any
     tokenizer: nn.Module
-    features: nn.Module
+    features: nn.Module             # VideoFeatures over the image zoo's feature net (filmstrips in)
     classes: tuple[str, ...]
     target_gpt: nn.Module
     drafter_gpt: nn.Module
@@ -187,5 +216,5 @@ def load(device: str | torch.device = "cpu", directory: str | Path | None = None
                 for name in MODEL_NAMES}
     classes = tuple(cards["video_target"].get("data", {}).get("classes", CLASS_NAMES))
     return VideoBundle(target=adapters["video_target"], drafter_model=adapters["video_drafter"], tokenizer=tok,
-                       features=models["features"], classes=classes, target_gpt=models["video_target"],
+                       features=VideoFeatures(models["features"]), classes=classes, target_gpt=models["video_target"],
                        drafter_gpt=models["video_drafter"], cards=cards)
