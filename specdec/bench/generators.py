@@ -24,7 +24,14 @@ def _zoo_bundle():
     return specdec.zoo.load()
 
 
-GENERATORS: dict[str, Callable[[], Any]] = {"zoo": _zoo_bundle, "tiny-random": tiny_random_bundle}
+def _video_zoo_bundle():
+    from specdec.zoo import video     # the video zoo (clips of 8 frames; decode gives filmstrips)
+
+    return video.load()
+
+
+GENERATORS: dict[str, Callable[[], Any]] = {"zoo": _zoo_bundle, "video-zoo": _video_zoo_bundle,
+                                            "tiny-random": tiny_random_bundle}
 _BUNDLES: dict[str, Any] = {}
 
 
