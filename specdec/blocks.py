@@ -170,8 +170,9 @@ def _select(accept: Tensor, draft: Tensor, other: Tensor) -> Tensor:
 def generate_blocks(target: BlockGenerator, drafter: BlockGenerator, router: Router, scorer: BlockScorer,
                     decoder: BlockDecoder, cond: Any, seed: int | None = None) -> BlockResult:
     """Make clips for cond [B, ...] block by block, each block drafted, scored and routed (module docstring).
-    With a router that accepts everything the clip is draft_only's; with one that rejects everything (and no
-    forced block drafting anything) it is target_only's, for the same seed."""
+    For the same seed, a router that accepts every block (no forced first block) gives draft_only's clip, and one
+    that rejects every block gives target_only's. Returns BlockResult; the decoder's cache ends as if only the
+    committed blocks had been decoded."""
     N = _check_pair(target, drafter)
     if not isinstance(router, Router):
         raise TypeError(f"router ({type(router).__name__}) needs forces_reject, aggregate and decide "
