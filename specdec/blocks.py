@@ -1,11 +1,12 @@
 """The block loop of block-autoregressive video with block-level speculative routing (SDVG, Hu & Zhang,
 arXiv 2604.17397), and its baselines. LOSSY, UNBOUNDED: whatever the router lets through is the drafter's.
 
-Per block b (F_b frames; N = F / F_b blocks; B rows):
+Per block b (F_b latent frames; N = F / F_b blocks; B rows; a decoder may return another number of pixel frames
+per block, F_out, e.g. a causal video VAE with temporal compression, and the scorer scores each of them):
   1. noise = target.block_noise(...)  from the seeded noise generator: one draw per block, so the target-only
      baseline with the same seed sees exactly the same noises;
   2. unless the router force-rejects b: draft = drafter.generate_block(noise); snapshot the decoder's cache;
-     frames = decoder.decode(draft); scores = scorer(frames, cond) [B, F_b]; accept = router.decide(scores) [B];
+     frames = decoder.decode(draft); scores = scorer(frames, cond) [B, F_out]; accept = router.decide(scores) [B];
   3. if any row is rejected (or b is forced): restore the decoder's cache, target.generate_block(the same noise),
      take per row the draft (accepted) or the target's block (rejected), and decode that;
   4. commit the chosen block to BOTH generators: each keeps its own context of committed blocks.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -82,9 +83,10 @@ class BlockCounts:
 @dataclass
 class BlockResult:
     """latents: the committed blocks' latents concatenated along frames, [B, F, ...] (token ids [B, F, H, W]);
-    frames [B, F, 3, H, W] in [-1, 1]; accepted BoolTensor [B, N] (the block came from the drafter);
-    scores [B, N] the router's block scores of the drafts (NaN where not drafted); frame_scores [B, F] the same
-    per frame; counts (BlockCounts); seconds: wall (all), draft / target (generate + commit), score, decode."""
+    frames [B, P, 3, H, W] in [-1, 1], P = sum(block_frames) decoded frames (P = F for a frame-wise decoder);
+    accepted BoolTensor [B, N] (the block came from the drafter); scores [B, N] the router's block scores of the
+    drafts (NaN where not drafted); frame_scores [B, P] the same per frame; counts (BlockCounts); block_frames:
+    decoded frames per block; seconds: wall (all), draft / target (generate + commit), score, decode."""
 
     latents: Tensor
     frames: Tensor
@@ -92,6 +94,7 @@ class BlockResult:
     scores: Tensor
     frame_scores: Tensor
     counts: BlockCounts
+    block_frames: list[int] = field(default_factory=list)
     wall_s: float = 0.0
     draft_s: float = 0.0
     target_s: float = 0.0
@@ -139,9 +142,9 @@ def _num_blocks(gen: BlockGenerator) -> int:
     return F // Fb
 
 
-def _check_frames(frames: Any, Fb: int, decoder: BlockDecoder) -> Tensor:
-    if not isinstance(frames, Tensor) or frames.dim() != 5 or frames.shape[1] != Fb or frames.shape[2] != 3:
-        raise ValueError(f"decoder {type(decoder).__name__} must return frames [B, F_b={Fb}, 3, H, W], got "
+def _check_frames(frames: Any, decoder: BlockDecoder) -> Tensor:
+    if not isinstance(frames, Tensor) or frames.dim() != 5 or 0 in frames.shape[:2] or frames.shape[2] != 3:
+        raise ValueError(f"decoder {type(decoder).__name__} must return a block's frames [B, F_out, 3, H, W], got "
                          f"{tuple(frames.shape) if isinstance(frames, Tensor) else type(frames).__name__}")
     return frames
 
@@ -181,7 +184,6 @@ def generate_blocks(target: BlockGenerator, drafter: BlockGenerator, router: Rou
         raise TypeError(f"scorer must be callable as (frames, cond) -> [B, F_b], got {type(scorer).__name__}")
     require(decoder, BlockDecoder, "the decoder")
     seed = _check_seed(seed)
-    Fb = target.frames_per_block
     noise_gen = torch.Generator(device=target.device).manual_seed(seed)
     router_gen = torch.Generator(device=target.device).manual_seed(seed + ROUTER_SEED_OFFSET)
     clock, counts = _Clock(), BlockCounts()
@@ -196,8 +198,8 @@ def generate_blocks(target: BlockGenerator, drafter: BlockGenerator, router: Rou
         if not router.forces_reject(block):
             draft = clock.run("draft", drafter.generate_block, d_state, block, noise)
             snapshot = decoder.snapshot()
-            shown = _check_frames(clock.run("decode", decoder.decode, draft), Fb, decoder)
-            s = check_scores(clock.run("score", scorer, shown, cond), shown.shape[0], Fb, scorer)
+            shown = _check_frames(clock.run("decode", decoder.decode, draft), decoder)
+            s = check_scores(clock.run("score", scorer, shown, cond), shown.shape[0], shown.shape[1], scorer)
             accept = _check_accept(router.decide(s, block, router_gen), shown.shape[0], router)
             counts.drafted += shown.shape[0]
             chosen = draft
@@ -206,12 +208,12 @@ def generate_blocks(target: BlockGenerator, drafter: BlockGenerator, router: Rou
                 decoder.restore(snapshot)                     # the draft's frames never happened
             made = clock.run("target", target.generate_block, t_state, block, noise)
             chosen = made if accept is None else _select(accept, draft, made)
-            shown = _check_frames(clock.run("decode", decoder.decode, chosen), Fb, decoder)
+            shown = _check_frames(clock.run("decode", decoder.decode, chosen), decoder)
             counts.target_computed += shown.shape[0]
         B = shown.shape[0]
         if accept is None:
             accept = torch.zeros(B, dtype=torch.bool, device=shown.device)
-            s = torch.full((B, Fb), float("nan"), device=shown.device)
+            s = torch.full(shown.shape[:2], float("nan"), device=shown.device)
         counts.blocks += B
         clock.run("target", target.commit_block, t_state, block, chosen)
         clock.run("draft", drafter.commit_block, d_state, block, chosen)
@@ -224,8 +226,8 @@ def generate_blocks(target: BlockGenerator, drafter: BlockGenerator, router: Rou
     counts.target_generated = counts.blocks - counts.accepted
     block_scores = torch.stack([router.aggregate(x) for x in scores], 1)
     return BlockResult(torch.cat(latents, 1), torch.cat(frames, 1), accepted, block_scores, torch.cat(scores, 1),
-                       counts, time.perf_counter() - t_wall, clock.s["draft"], clock.s["target"],
-                       clock.s["score"], clock.s["decode"], {"seed": seed, "router": router.name})
+                       counts, [f.shape[1] for f in frames], time.perf_counter() - t_wall, clock.s["draft"],
+                       clock.s["target"], clock.s["score"], clock.s["decode"], {"seed": seed, "router": router.name})
 
 
 def _generate_alone(gen: BlockGenerator, decoder: BlockDecoder, cond: Any, seed: int | None, role: str,
@@ -233,29 +235,30 @@ def _generate_alone(gen: BlockGenerator, decoder: BlockDecoder, cond: Any, seed:
     """One generator alone through the same block loop; noises from `noise_from` (default: gen itself)."""
     require(gen, BlockGenerator, f"the {role}")
     require(decoder, BlockDecoder, "the decoder")
-    N, Fb, seed = _num_blocks(gen), gen.frames_per_block, _check_seed(seed)
+    N, seed = _num_blocks(gen), _check_seed(seed)
     source = gen if noise_from is None else noise_from
     noise_gen = torch.Generator(device=source.device).manual_seed(seed)
     clock = _Clock()
     t_wall = time.perf_counter()
     state = clock.run(role, gen.start, cond)
     source_state = state if noise_from is None else source.start(cond)
-    latents, frames = [], []
+    latents, parts = [], []
     for block in range(N):
         noise = source.block_noise(source_state, block, noise_gen)
         made = clock.run(role, gen.generate_block, state, block, noise)
-        frames.append(_check_frames(clock.run("decode", decoder.decode, made), Fb, decoder))
+        parts.append(_check_frames(clock.run("decode", decoder.decode, made), decoder))
         clock.run(role, gen.commit_block, state, block, made)
         latents.append(made)
-    B = frames[0].shape[0]
-    from_draft = role == "draft"
-    counts = BlockCounts(blocks=B * N, drafted=B * N * from_draft, accepted=B * N * from_draft,
-                         target_generated=B * N * (not from_draft), target_computed=B * N * (not from_draft))
-    nan = torch.full((B, N * Fb), float("nan"), device=frames[0].device)
-    return BlockResult(torch.cat(latents, 1), torch.cat(frames, 1),
-                       torch.full((B, N), from_draft, dtype=torch.bool, device=nan.device), nan[:, :N], nan,
-                       counts, time.perf_counter() - t_wall, clock.s["draft"], clock.s["target"], 0.0,
-                       clock.s["decode"], {"seed": seed, "router": f"{role}_only"})
+    frames = torch.cat(parts, 1)
+    B, P = frames.shape[:2]
+    drafted = B * N if role == "draft" else 0
+    counts = BlockCounts(blocks=B * N, drafted=drafted, accepted=drafted, target_generated=B * N - drafted,
+                         target_computed=B * N - drafted)
+    nan = torch.full((B, N + P), float("nan"), device=frames.device)
+    return BlockResult(torch.cat(latents, 1), frames, torch.full((B, N), drafted > 0, device=frames.device),
+                       nan[:, :N], nan[:, N:], counts, [f.shape[1] for f in parts], time.perf_counter() - t_wall,
+                       clock.s["draft"], clock.s["target"], 0.0, clock.s["decode"],
+                       {"seed": seed, "router": f"{role}_only"})
 
 
 def target_only(target: BlockGenerator, decoder: BlockDecoder, cond: Any, seed: int | None = None) -> BlockResult:
@@ -270,14 +273,19 @@ def draft_only(drafter: BlockGenerator, decoder: BlockDecoder, cond: Any, seed: 
     return _generate_alone(drafter, decoder, cond, seed, "draft", noise_from)
 
 
-def score_clip(scorer: BlockScorer, frames: Tensor, cond: Any, frames_per_block: int) -> Tensor:
-    """Score a finished clip frames [B, F, 3, H, W] block by block, as the router would see it -> [B, F]."""
-    if not isinstance(frames, Tensor) or frames.dim() != 5 or frames.shape[1] % frames_per_block:
-        raise ValueError(f"frames must be [B, F, 3, H, W] with F divisible by frames_per_block={frames_per_block}, "
-                         f"got {tuple(frames.shape) if isinstance(frames, Tensor) else type(frames).__name__}")
+def score_clip(scorer: BlockScorer, frames: Tensor, cond: Any, block_frames: int | Sequence[int]) -> Tensor:
+    """Score a finished clip frames [B, P, 3, H, W] block by block, as the router sees it -> [B, P].
+    block_frames: decoded frames per block (BlockResult.block_frames), or one int for equal blocks."""
+    sizes = block_frames
+    if isinstance(block_frames, int) and not isinstance(block_frames, bool) and block_frames > 0 \
+            and isinstance(frames, Tensor) and frames.dim() == 5 and frames.shape[1] % block_frames == 0:
+        sizes = [block_frames] * (frames.shape[1] // block_frames)
+    if not isinstance(frames, Tensor) or frames.dim() != 5 or isinstance(sizes, int) or sum(sizes) != frames.shape[1]:
+        raise ValueError(f"frames must be [B, P, 3, H, W] with P the sum of block_frames ({block_frames!r}), got "
+                         f"{tuple(frames.shape) if isinstance(frames, Tensor) else type(frames).__name__}")
     B = frames.shape[0]
-    return torch.cat([check_scores(scorer(chunk, cond), B, frames_per_block, scorer)
-                      for chunk in frames.split(frames_per_block, 1)], 1)
+    return torch.cat([check_scores(scorer(chunk, cond), B, chunk.shape[1], scorer)
+                      for chunk in frames.split(list(sizes), 1)], 1)
 
 
 def quality_retention(scores_spec: Tensor, scores_target: Tensor) -> float:

@@ -8,6 +8,8 @@ keyword arguments (e.g. a local weights path). The built-in `ClassScorer` needs 
 clip's class under the zoo's feature net (a classifier of 48 x 48 crops), a score in [0, 1].
 
 Every scorer is checked where it is called: a result that is not a finite [B, F_b] tensor is an error naming it.
+Here F_b is the number of frames the decoder returned for the block (a temporally upsampling video VAE returns
+more pixel frames than the block has latent frames).
 """
 from __future__ import annotations
 

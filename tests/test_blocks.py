@@ -68,6 +68,16 @@ class RunningSumDecoder(BlockDecoder):
         self.cache = snapshot
 
 
+class UpsamplingDecoder(RunningSumDecoder):
+    """Like a causal video VAE with temporal compression: block 0 gives one pixel frame per latent frame, later
+    blocks two (so F_out differs from F_b and between blocks)."""
+
+    def decode(self, latents):
+        first = self.cache is None
+        frames = super().decode(latents)
+        return frames if first else frames.repeat_interleave(2, 1)
+
+
 class ForgetfulDecoder(RunningSumDecoder):
     """The same decoder with a broken restore: a rejected draft's decode stays in its cache."""
 
@@ -174,16 +184,19 @@ def test_first_block_force_rejected_and_not_drafted(models):
 
 
 # -- the streaming decoder's cache ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("decoder", [RunningSumDecoder, UpsamplingDecoder])
 @pytest.mark.parametrize("scorer", [constant(0.0), row_zero_wins], ids=["reject-all", "mixed"])
-def test_decoder_cache_is_restored_exactly_after_a_rejection(models, scorer):
+def test_decoder_cache_is_restored_exactly_after_a_rejection(models, scorer, decoder):
     """After the run, the decoder's cache must be that of decoding the committed latents alone, and its frames
     those of a fresh decoder fed the committed clip block by block; a decoder whose restore is broken fails the
     same comparison (the check has teeth)."""
     tgt, dft = pair(models)
-    dec = RunningSumDecoder()
+    dec = decoder()
     res = generate_blocks(tgt, dft, BlockRouter(**TAU, force_first_reject=False), scorer, dec, COND, SEED)
-    replay = RunningSumDecoder()
+    replay = decoder()
     frames = torch.cat([replay.decode(b) for b in res.latents.split(1, 1)], 1)
+    assert res.block_frames == ([1, 2, 2, 2] if decoder is UpsamplingDecoder else [1, 1, 1, 1])
+    assert res.frame_scores.shape[1] == res.frames.shape[1] == sum(res.block_frames)
     assert torch.equal(dec.cache, replay.cache) and torch.equal(res.frames, frames)
     assert torch.equal(dec.cache, res.latents.reshape(4, -1).sum(-1).double())
     broken = generate_blocks(tgt, dft, BlockRouter(**TAU, force_first_reject=False), scorer, ForgetfulDecoder(),
@@ -240,6 +253,9 @@ def test_end_to_end_with_the_class_scorer_and_quality_retention(models):
     base = target_only(tgt, dec, COND, seed=SEED)
     spec_scores, base_scores = score_clip(scorer, res.frames, COND, 1), score_clip(scorer, base.frames, COND, 1)
     assert spec_scores.shape == (4, 4) and ((spec_scores >= 0) & (spec_scores <= 1)).all()
+    assert torch.equal(score_clip(scorer, res.frames, COND, res.block_frames), spec_scores)
+    with pytest.raises(ValueError, match="block_frames"):
+        score_clip(scorer, res.frames, COND, [1, 2])
     assert quality_retention(spec_scores, base_scores) == pytest.approx(
         (spec_scores.mean() / base_scores.mean()).item())
 
