@@ -288,3 +288,31 @@ def _members(protocol: type) -> list[str]:
         names += [n for n in {**getattr(cls, "__annotations__", {}), **vars(cls)}
                   if not n.startswith("_") and n not in names]
     return names
+
+
+# ---- continuous tokens: rules over per-position Gaussian transition chains (specdec.continuous) ------------------
+# B = batch, n = token positions verified together, m = transitions in the verified window, D = token dimension.
+# Beside AcceptanceRule: a continuous rule never sees [V] vectors, only the heads' chains.
+from typing import TYPE_CHECKING  # noqa: E402
+
+if TYPE_CHECKING:
+    from specdec.continuous import ChainVerdict, GaussianChain
+
+
+@runtime_checkable
+class ContinuousRule(Protocol):
+    """Decides, at B x n positions at once, what a continuous-token generator commits given the drafter's and the
+    target's Gaussian transition chains. A pure, batched function of tensors, its uniforms and a generator (for
+    residual proposals): no Python loop over rows or positions, no global RNG."""
+
+    lossless: bool = False                  # True only if the emitted token law equals the target's exactly
+    name: str = "continuous_rule"           # registry name, used in reports
+    target_at_draft_states: bool = False    # True: `target` holds the target head's means at the drafter's own
+                                            # states (one batched call over them); False: the target's own rollout
+                                            # from the same x_T and noises
+
+    def verify(self, draft: "GaussianChain", target: "GaussianChain", u: Tensor,
+               generator: torch.Generator) -> "ChainVerdict":
+        """draft, target: chains [B, n, m, D] with the same noises; u [B, n, m] uniforms in (0, 1), one per
+        transition -> ChainVerdict (state [B, n, D], first_rejected [B, n], fallbacks [B, n])."""
+        ...
