@@ -341,3 +341,29 @@ def test_quality_retention_needs_a_positive_baseline():
         quality_retention(torch.tensor([0.1]), torch.tensor([-0.2]))
     with pytest.raises(ValueError, match="finite"):
         quality_retention(torch.tensor([math.nan]), torch.tensor([0.5]))
+
+
+# -- a real streaming decoder: the diffusers adapter (AnyFlow-FAR + Wan VAE), tiny random models -----------------------
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_routing_over_the_diffusers_video_adapter_and_the_wan_vae():
+    """Continuous latents, 4 x temporal upsampling in the VAE (5, 8, 8 pixel frames per block): row 0 always
+    accepted, row 1 always rejected -> row 0 is the drafter-only clip, row 1 the target-only clip, frames
+    included (the VAE cache restored around every rejection)."""
+    pytest.importorskip("diffusers")
+    from specdec.adapters.diffusers_vae import WanBlockDecoder
+    from specdec.adapters.diffusers_video import (FARBlockConfig, FARBlockGenerator, tiny_components,
+                                                  tiny_transformer, TINY_TEXT_DIM)
+    comp = tiny_components(seed=0, size="large")
+    cfg = FARBlockConfig(num_frames=6, frames_per_block=2, height=4, width=4, num_inference_steps=2,
+                         guidance_scale=1.0)
+    tgt = FARBlockGenerator(comp["transformer"], comp["scheduler"], cfg)
+    dft = FARBlockGenerator(tiny_transformer(seed=1, size="small"), comp["scheduler"], cfg)
+    emb = torch.randn(2, 8, TINY_TEXT_DIM, generator=torch.Generator().manual_seed(1))
+    res = generate_blocks(tgt, dft, BlockRouter(**TAU, force_first_reject=False), row_zero_wins,
+                          WanBlockDecoder(comp["vae"]), emb, SEED)
+    alone_t = target_only(tgt, WanBlockDecoder(comp["vae"]), emb, SEED)
+    alone_d = draft_only(dft, WanBlockDecoder(comp["vae"]), emb, SEED)
+    assert res.block_frames == [5, 8, 8]
+    assert torch.equal(res.latents[0], alone_d.latents[0]) and torch.equal(res.frames[0], alone_d.frames[0])
+    assert torch.equal(res.latents[1], alone_t.latents[1]) and torch.equal(res.frames[1], alone_t.frames[1])
+    assert not torch.equal(alone_t.frames[0], alone_d.frames[0])
