@@ -49,6 +49,17 @@ def check_out_dir(path: str | Path) -> Path:
     return out
 
 
+def prepare(out: str | Path, threads: int) -> tuple[Path, int]:
+    """What every demo does first: no autograd, a writable output folder, the torch threads set.
+    -> (the folder, the threads in use); DemoError on a bad input."""
+    torch.set_grad_enabled(False)
+    out = check_out_dir(out)
+    try:
+        return out, set_threads(threads)
+    except ValueError as e:
+        raise DemoError(str(e)) from e
+
+
 FD_MIN_IMAGES = metrics.FD_MIN_IMAGES
 
 
@@ -62,12 +73,7 @@ def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: lis
     drafter. Raises DemoError for bad inputs."""
     import specdec.zoo
 
-    torch.set_grad_enabled(False)
-    out = check_out_dir(out)
-    try:
-        threads = set_threads(threads)
-    except ValueError as e:
-        raise DemoError(str(e)) from e
+    out, threads = prepare(out, threads)
     try:
         bundle = specdec.zoo.load()
     except specdec.zoo.ZooError as e:

@@ -19,8 +19,7 @@ import torch
 
 from specdec.bench.methods import MODEL_DRAFTER, Method, available
 from specdec.bench.results import format_table
-from specdec.bench.timing import set_threads
-from specdec.demo import DemoError, check_out_dir, measure_methods
+from specdec.demo import DemoError, measure_methods, prepare
 from specdec.plots import _plt, to_uint8
 from specdec.sampling import Sampling
 
@@ -45,12 +44,7 @@ def run_video_demo(out: str | Path = "specdec-demo-video", quick: bool = False, 
     import specdec.zoo
     from specdec.zoo import video
 
-    torch.set_grad_enabled(False)
-    out = check_out_dir(out)
-    try:
-        threads = set_threads(threads)
-    except ValueError as e:
-        raise DemoError(str(e)) from e
+    out, threads = prepare(out, threads)
     if not video.available():
         raise DemoError("the video zoo's weights are not installed: reinstall specdec or train them with "
                         "`python experiments/train_video_zoo.py`")
