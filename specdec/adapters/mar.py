@@ -13,7 +13,8 @@ official layout). Step s of a head chain goes from respaced time t = S-1-s to t-
     images = mar.decode(state.tokens)                          # [B, 3, H, W] in [-1, 1] (a VAE attached)
 
 `sample` is the target-only baseline through these hooks with the official `sample_tokens` semantics (order, mask
-schedule, CFG schedule and their quirks: `specdec.models.mar.sampling`). A drafter and a target that both call
+schedule, CFG schedule and their quirks: `specdec.models.mar.sampling`); given the same weights, order and noises
+it returns the official loop's tokens up to float32 rounding (compared against the public code on CPU). A drafter and a target that both call
 `condition` / `head_*` with the same cfg_k get identical CFG doubling and guidance. `variance="small"` / "large"
 replaces the learned variance by the schedule's fixed one (two heads then share each step's covariance).
 `timing` counts backbone and head seconds (CUDA-synchronised when time_sync).
@@ -155,8 +156,7 @@ class MARAdapter:
             raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
         b, length = labels.shape[0], self.num_tokens
         order = make_order(order, b, length, generator, self.device)
-        dtype = self.model.mask_token.dtype
-        return MARState(tokens=torch.zeros(b, length, self.token_dim, device=self.device, dtype=dtype),
+        return MARState(tokens=torch.zeros(b, length, self.token_dim, device=self.device),     # float32 always
                         mask=torch.ones(b, length, dtype=torch.bool, device=self.device), order=order,
                         rank=ranks(order), class_rows=self.model.class_rows(labels, float(cfg_scale) != 1.0),
                         cfg_scale=float(cfg_scale))
@@ -210,7 +210,7 @@ class MARAdapter:
         """cfg_k (float, or [B] per image) -> float or [B * per_row]; guidance needs the unconditional rows."""
         if isinstance(cfg_k, Tensor):
             _check(cfg_k, (b,), "cfg_k", "pass a float or one scale per image")
-            k = cfg_k.to(self.device, z.dtype).repeat_interleave(per_row)
+            k = cfg_k.to(self.device, torch.float32).repeat_interleave(per_row)
             needs = bool((k != 1).any())
         else:
             k, needs = float(cfg_k), float(cfg_k) != 1.0
@@ -241,8 +241,8 @@ class MARAdapter:
             c = self._flat_cond(z, b, n)
             k = self._cfg_rows(cfg_k, z, b, n)
             tokens, means, logvars, states = self.model.diffloss.chain(
-                c, x_T.reshape(b * n, -1), noises.reshape(b * n, self.num_steps, -1), temperature, k,
-                self._variance(variance), record)
+                c, x_T.reshape(b * n, -1).float(), noises.reshape(b * n, self.num_steps, -1).float(), temperature,
+                k, self._variance(variance), record)
         shape = (b, n, self.num_steps, self.token_dim)
         if not record:
             return HeadChain(tokens.reshape(b, n, -1))
@@ -264,7 +264,8 @@ class MARAdapter:
         with self.timing("head", self.device):
             c = self._flat_cond(z, b, n, repeat=m)
             k = self._cfg_rows(cfg_k, z, b, n * m)
-            mean, logvar = self.model.diffloss.transition(x_t.reshape(-1, d), t.expand(b, n, m).reshape(-1), c, k,
+            x = x_t.reshape(-1, d).float()
+            mean, logvar = self.model.diffloss.transition(x, t.expand(b, n, m).reshape(-1), c, k,
                                                           self._variance(variance))
         return mean.reshape(b, n, m, d), logvar.reshape(b, n, m, d)
 
@@ -316,7 +317,8 @@ class MARAdapter:
             return None
         _check(tokens, (tokens.shape[0] if isinstance(tokens, Tensor) else -1, self.num_tokens, self.token_dim),
                "tokens", "decode whole images")
-        return self.vae.decode_tokens(self.model.unpatchify(tokens)).clamp(-1, 1)
+        latents = self.model.unpatchify(tokens).to(self.vae.post_quant_conv.weight.dtype)
+        return self.vae.decode_tokens(latents).clamp(-1, 1)
 
     @torch.no_grad()
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -135,7 +135,7 @@ class MAR(nn.Module):
         """tokens [R, L, D], visible BoolTensor [R, L], class_rows [R, E], rank LongTensor [R, L] (causal only)
         -> (encoded kept slots [R, n, E], their slot indices [R, n] into the P slots, valid BoolTensor [R, n])."""
         r, buf = tokens.shape[0], self.cfg.buffer_size
-        x = self.z_proj(tokens)
+        x = self.z_proj(tokens.to(self.z_proj.weight.dtype))
         x = torch.cat([class_rows[:, None].to(x.dtype).expand(r, buf, -1), x], 1)
         x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
         keep = torch.cat([visible.new_ones(r, buf), visible], 1)

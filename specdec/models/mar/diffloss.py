@@ -14,8 +14,11 @@ What is reproduced from the official head (the checkpoints were trained with it)
   untempered); the step at t = 0 adds no noise, so a token is the mean at t = 0 (which equals x0_hat there).
 * CFG on eps only (official `forward_with_cfg`): the 2N condition rows are [cond; uncond], both fed the SAME x_t
   (the first half's), eps = eps_u + k (eps_c - eps_u); the variance is the conditional row's, unguided.
-Guarantee: with the same weights, z, x_T and noises, the chain equals the official `p_sample_loop` up to float
-rounding (the condition and time embeddings are computed once per call instead of once per step: same values).
+Guarantee: with the same weights, z, x_T and noises, the chain equals the official `p_sample_loop` up to float32
+rounding (compared against the public code on CPU). Differences that change no value: the condition and time
+embeddings are computed once per call instead of once per step, and no noise is drawn for the unconditional CFG
+half (upstream draws it, but `forward_with_cfg` replaces that half's state by the conditional one, so it never
+reaches the output). With half-precision weights the chain itself (states, means, constants) stays float32.
 """
 from __future__ import annotations
 
@@ -93,7 +96,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_dim))
+        return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
 
 
 def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -179,9 +182,21 @@ class DiffLoss(nn.Module):
         self.token_dim = token_dim
         self.net = SimpleMLPAdaLN(token_dim, width, z_channels, depth)
         self.num_steps = sampling_steps
-        for name, value in respaced_schedule(diffusion_steps, sampling_steps).items():
-            # float32 copies of the float64 constants, as upstream casts them at use; not in the state dict
-            self.register_buffer(name, value.float(), persistent=False)
+        # float32 copies of the float64 constants, as upstream casts them at use. Plain attributes, not buffers:
+        # they stay out of the state dict and stay float32 when the weights go to half precision.
+        self._consts = {k: v.float() for k, v in respaced_schedule(diffusion_steps, sampling_steps).items()}
+        self._on: dict[torch.device, dict[str, Tensor]] = {}
+
+    def const(self, name: str) -> Tensor:
+        """A schedule constant [S] (float32) on the weights' device."""
+        device = self.net.input_proj.weight.device
+        if device not in self._on:
+            self._on[device] = {k: v.to(device) for k, v in self._consts.items()}
+        return self._on[device][name]
+
+    def _net(self, x: Tensor, y: Tensor) -> Tensor:
+        """The MLP on states x [N, D] (float32 chain) -> float32 [N, 2D], whatever the weights' dtype."""
+        return self.net.forward_embedded(x.to(y.dtype), y).float()
 
     def embed(self, z: Tensor) -> Tensor:
         """Backbone conditions z [..., z_channels] -> [..., W] (constant along the chain: computed once)."""
@@ -189,7 +204,7 @@ class DiffLoss(nn.Module):
 
     def time_table(self) -> Tensor:
         """[S, W]: the time embedding of every respaced step t (at its original timestep)."""
-        return self.net.time_embed(self.timestep_map)
+        return self.net.time_embed(self.const("timestep_map"))
 
     def predict(self, x: Tensor, t: Tensor | int, c: Tensor, cfg_k: Tensor | float = 1.0,
                 times: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -199,13 +214,13 @@ class DiffLoss(nn.Module):
         n = x.shape[0]
         y = times[t] if isinstance(t, Tensor) else times[t][None]
         if c.shape[0] == n:
-            out = self.net.forward_embedded(x, y + c)
+            out = self._net(x, y + c)
             return out[:, : self.token_dim], out[:, self.token_dim:]
         if c.shape[0] != 2 * n:
             raise ValueError(f"conditions have {c.shape[0]} rows for {n} states; expected {n} or {2 * n} (CFG)")
         if isinstance(t, Tensor):
             y = torch.cat([y, y])
-        out = self.net.forward_embedded(torch.cat([x, x]), y + c)
+        out = self._net(torch.cat([x, x]), y + c)
         eps_c, eps_u = out[:n, : self.token_dim], out[n:, : self.token_dim]
         k = cfg_k[:, None] if isinstance(cfg_k, Tensor) else cfg_k
         return eps_u + k * (eps_c - eps_u), out[:n, self.token_dim:]
@@ -216,15 +231,16 @@ class DiffLoss(nn.Module):
         learned range), "small" (posterior variance, the range's lower end) or "large" (beta_t, its upper end;
         IDDPM's fixed-large with posterior_var_1 at t = 0) -> (mean [N, D], logvar [N, D])."""
         at = (lambda buf: buf[t][:, None]) if isinstance(t, Tensor) else (lambda buf: buf[t])
-        x0 = at(self.recip) * x - at(self.recipm1) * eps
-        mean = at(self.coef1) * x0 + at(self.coef2) * x
+        c = self.const
+        x0 = at(c("recip")) * x - at(c("recipm1")) * eps
+        mean = at(c("coef1")) * x0 + at(c("coef2")) * x
         if variance == "learned":
             frac = (v + 1) / 2
-            logvar = frac * at(self.log_betas) + (1 - frac) * at(self.posterior_logvar)
+            logvar = frac * at(c("log_betas")) + (1 - frac) * at(c("posterior_logvar"))
         elif variance == "small":
-            logvar = at(self.posterior_logvar).expand_as(x)
+            logvar = at(c("posterior_logvar")).expand_as(x)
         elif variance == "large":
-            logvar = at(self.fixed_large_logvar).expand_as(x)
+            logvar = at(c("fixed_large_logvar")).expand_as(x)
         else:
             raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
         return mean, logvar
