@@ -312,6 +312,17 @@ def test_injected_noise_determinism(mar):
     assert not torch.allclose(a, c)
 
 
+def test_empty_step_and_half_precision(mar):
+    state, pos, z, x_T, steps = _step_inputs(mar)
+    z0 = mar.condition(state, pos[:, :0])
+    out = mar.head_chain(z0, x_T[:, :0], steps[:, :0], 1.0, 2.0)
+    assert z0.shape == (4, 0, 32) and out.tokens.shape == (2, 0, 16) and out.means.shape == (2, 0, 10, 16)
+    half = MARAdapter(tiny_mar().to(torch.bfloat16), KLVAE(VAEConfig.tiny()).to(torch.bfloat16))
+    tokens = half.sample(torch.tensor([1, 2]), num_iter=3, cfg=2.0, generator=torch.Generator().manual_seed(0))
+    assert tokens.dtype == torch.float32 and half.decode(tokens).shape == (2, 3, 16, 16)
+    assert half.model.diffloss.const("recipm1").dtype == torch.float32
+
+
 def test_head_transition_batched_equals_single_and_chain(mar):
     state, pos, z, x_T, steps = _step_inputs(mar)
     out = mar.head_chain(z, x_T, steps, 1.0, 2.5)

@@ -204,7 +204,7 @@ class MARAdapter:
         if repeat > 1:
             c = c.repeat_interleave(repeat, dim=1)
         halves = c.chunk(2) if z.shape[0] == 2 * b else (c,)
-        return torch.cat([h.reshape(-1, c.shape[-1]) for h in halves])
+        return torch.cat([h.reshape(h.shape[0] * h.shape[1], c.shape[-1]) for h in halves])   # n may be 0
 
     def _cfg_rows(self, cfg_k: Tensor | float, z: Tensor, b: int, per_row: int) -> Tensor | float:
         """cfg_k (float, or [B] per image) -> float or [B * per_row]; guidance needs the unconditional rows."""
@@ -237,16 +237,17 @@ class MARAdapter:
                f"pass one {self.token_dim}-dim noise per position and head step (S={self.num_steps})")
         if not (math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        d = self.token_dim
         with self.timing("head", self.device):
             c = self._flat_cond(z, b, n)
             k = self._cfg_rows(cfg_k, z, b, n)
             tokens, means, logvars, states = self.model.diffloss.chain(
-                c, x_T.reshape(b * n, -1).float(), noises.reshape(b * n, self.num_steps, -1).float(), temperature,
+                c, x_T.reshape(b * n, d).float(), noises.reshape(b * n, self.num_steps, d).float(), temperature,
                 k, self._variance(variance), record)
-        shape = (b, n, self.num_steps, self.token_dim)
+        shape = (b, n, self.num_steps, d)
         if not record:
-            return HeadChain(tokens.reshape(b, n, -1))
-        return HeadChain(tokens.reshape(b, n, -1), means.reshape(shape), logvars.reshape(shape), states.reshape(shape))
+            return HeadChain(tokens.reshape(b, n, d))
+        return HeadChain(tokens.reshape(b, n, d), means.reshape(shape), logvars.reshape(shape), states.reshape(shape))
 
     @torch.no_grad()
     def head_transition(self, z: Tensor, x_t: Tensor, t: Tensor, cfg_k: Tensor | float = 1.0,
@@ -264,7 +265,7 @@ class MARAdapter:
         with self.timing("head", self.device):
             c = self._flat_cond(z, b, n, repeat=m)
             k = self._cfg_rows(cfg_k, z, b, n * m)
-            x = x_t.reshape(-1, d).float()
+            x = x_t.reshape(b * n * m, d).float()
             mean, logvar = self.model.diffloss.transition(x, t.expand(b, n, m).reshape(-1), c, k,
                                                           self._variance(variance))
         return mean.reshape(b, n, m, d), logvar.reshape(b, n, m, d)
