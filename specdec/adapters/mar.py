@@ -14,9 +14,10 @@ official layout). Step s of a head chain goes from respaced time t = S-1-s to t-
 
 `sample` is the target-only baseline through these hooks with the official `sample_tokens` semantics (order, mask
 schedule, CFG schedule and their quirks: `specdec.models.mar.sampling`); given the same weights, order and noises
-it returns the official loop's tokens up to float32 rounding (compared against the public code on CPU). A drafter and a target that both call
-`condition` / `head_*` with the same cfg_k get identical CFG doubling and guidance. `variance="small"` / "large"
-replaces the learned variance by the schedule's fixed one (two heads then share each step's covariance).
+it returns the official loop's tokens up to float32 rounding (compared against the public code on CPU). A drafter
+and a target that both call `condition` / `head_*` with the same cfg_k get identical CFG doubling and guidance.
+`variance="small"` / "large" replaces the learned variance by the schedule's fixed one (two heads then share each
+step's covariance).
 `timing` counts backbone and head seconds (CUDA-synchronised when time_sync).
 """
 from __future__ import annotations

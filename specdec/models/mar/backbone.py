@@ -78,7 +78,8 @@ class Block(nn.Module):
 
 
 def _rank_mask(rank: Tensor) -> Tensor:
-    """rank [R, P] (buffer slots -1) -> causal BoolTensor [R, 1, P, P]: query i may attend key j iff rank_j <= rank_i."""
+    """rank [R, P] (buffer slots -1) -> causal BoolTensor [R, 1, P, P]: query i may attend key j iff
+    rank_j <= rank_i."""
     return (rank[:, None, :] <= rank[:, :, None])[:, None]
 
 
