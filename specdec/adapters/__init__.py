@@ -14,6 +14,7 @@ _LAZY = {
     "JanusAdapter": "specdec.adapters.janus",
     "Emu3Adapter": "specdec.adapters.emu3",
     "ChameleonAdapter": "specdec.adapters.chameleon",
+    "MARAdapter": "specdec.adapters.mar",                        # MAR, continuous tokens
     "TokenBlockGenerator": "specdec.adapters.video",             # any discrete ARModel, block by block (video)
     "FARBlockGenerator": "specdec.adapters.diffusers_video",     # diffusers' AnyFlow-FAR (extra: video)
     "WanBlockDecoder": "specdec.adapters.diffusers_vae",         # diffusers' Wan VAE, streaming (extra: video)

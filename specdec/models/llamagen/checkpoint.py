@@ -6,6 +6,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from specdec.models.strict import load_strict
+
 _IGNORED_SUFFIXES = (".kv_cache.k_cache", ".kv_cache.v_cache")
 _IGNORED_KEYS = ("freqs_cis", "causal_mask")
 
@@ -41,31 +43,5 @@ def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, Tensor]:
 def load_checked(module: nn.Module, state: dict[str, Tensor], what: str = "checkpoint") -> None:
     """load_state_dict(strict=True) with an error that names every missing, unexpected and mis-shaped key.
     Wrapper prefixes ("module.", "_orig_mod.") and inference-only buffers (KV caches) are ignored."""
-    clean = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        if key in _IGNORED_KEYS or key.endswith(_IGNORED_SUFFIXES):
-            continue
-        clean[key] = value
-    own = module.state_dict()
-    order = lambda k: (k.count("."), k)     # top-level tensors (embeddings, head) first, then per-layer ones
-    missing = sorted(set(own) - set(clean), key=order)
-    unexpected = sorted(set(clean) - set(own), key=order)
-    shapes = [f"{k}: checkpoint {tuple(clean[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(clean), key=order) if tuple(clean[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        def show(items):
-            return ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
-        parts = []
-        if shapes:
-            parts.append(f"shape mismatch: {show(shapes)}")
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        raise ValueError(f"the {what} does not fit the architecture ({type(module).__name__}). "
-                         + "; ".join(parts)
-                         + ". Check the model name, image size, vocabulary size, num_classes and model_type.")
-    module.load_state_dict(clean, strict=True)
+    load_strict(module, state, what, "Check the model name, image size, vocabulary size, num_classes and model_type.",
+                ignore=lambda key: key in _IGNORED_KEYS or key.endswith(_IGNORED_SUFFIXES))

@@ -19,9 +19,7 @@ from torch import Tensor, nn
 from specdec.models.mar.backbone import MAR
 from specdec.models.mar.config import MARConfig, VAEConfig
 from specdec.models.mar.vae import KLVAE
-
-_WRAPPERS = ("module.", "_orig_mod.")
-
+from specdec.models.strict import load_strict
 
 def read_checkpoint(path: str | Path, key: str | None = "model_ema", trust_pickle: bool = False
                     ) -> dict[str, Tensor]:
@@ -56,34 +54,6 @@ def read_checkpoint(path: str | Path, key: str | None = "model_ema", trust_pickl
         raise ValueError(f"{path} has no state dict under {key!r}; its dict entries are {found} (MAR checkpoints "
                          f"have 'model' and 'model_ema', the VAE 'model')")
     return obj[key]
-
-
-def load_strict(module: nn.Module, state: dict[str, Tensor], what: str, hint: str,
-                ignore_prefixes: tuple[str, ...] = ()) -> None:
-    """load_state_dict(strict=True) that first names EVERY mis-shaped, missing and unexpected key in one ValueError.
-    Wrapper prefixes ("module.", "_orig_mod.") are stripped; keys under ignore_prefixes are dropped."""
-    clean = {}
-    for key, value in state.items():
-        for prefix in _WRAPPERS:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        if ignore_prefixes and key.startswith(ignore_prefixes):
-            continue
-        clean[key] = value
-    own = module.state_dict()
-    order = lambda k: (k.count("."), k)
-    missing = sorted(set(own) - set(clean), key=order)
-    unexpected = sorted(set(clean) - set(own), key=order)
-    shapes = [f"{k}: checkpoint {tuple(clean[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(clean), key=order) if tuple(clean[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        def show(items):
-            return ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
-        parts = [f"{name}: {show(items)}" for name, items in
-                 (("shape mismatch", shapes), ("missing keys", missing), ("unexpected keys", unexpected)) if items]
-        raise ValueError(f"the {what} does not fit the architecture ({type(module).__name__}). " + "; ".join(parts)
-                         + f". {hint}")
-    module.load_state_dict(clean, strict=True)
 
 
 def load_mar(model: MAR, state: dict[str, Tensor]) -> MAR:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from specdec.models.llamagen.vq import AttnBlock   # the same LDM attention block and key names
 from specdec.models.mar.config import VAEConfig
 
 
@@ -32,22 +33,6 @@ class ResnetBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the h*w positions with 1x1-conv q, k, v, proj_out."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.norm = _norm(c)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        y = self.norm(x)
-        q, k, v = (m(y).reshape(b, 1, c, h * w).transpose(2, 3) for m in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)          # scale c ** -0.5, as upstream
-        return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
 
 
 class Downsample(nn.Module):
