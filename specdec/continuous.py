@@ -62,7 +62,8 @@ class GaussianChain:
             object.__setattr__(self, "log_vars", torch.broadcast_to(self.log_vars, self.means.shape))
         except RuntimeError:
             raise ValueError(f"GaussianChain.log_vars {tuple(self.log_vars.shape)} does not broadcast to the means' "
-                             f"shape {tuple(self.means.shape)}; give one log-variance per transition (and dim)")
+                             f"shape {tuple(self.means.shape)}; give one log-variance per transition (and dim)"
+                             ) from None
         if self.noises is not None and tuple(self.noises.shape) != tuple(self.means.shape):
             raise ValueError(f"GaussianChain.noises must be [B, n, m, D] like the means {tuple(self.means.shape)}, "
                              f"got {tuple(self.noises.shape)}")

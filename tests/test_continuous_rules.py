@@ -4,7 +4,8 @@ The exact rule (verifiers.gaussian_chain, arXiv 2501.05370) must emit tokens wit
 (verifiers.cspd, arXiv 2411.11925) is measured, not asserted close. Statistical thresholds, all at fixed seeds:
   * energy distance (two-sample, V-statistic; sliced over 32 random directions in 16-d): the observed value must not
     exceed the 99th percentile of its null from 100 label permutations of the pooled sample (1 % false alarm);
-  * Kolmogorov-Smirnov per dimension (scipy.stats.ks_2samp): every p-value >= 0.01 / D (Bonferroni, family 1 %);
+  * Kolmogorov-Smirnov per dimension (scipy.stats.ks_2samp; for the exact rule also one-sample against the known
+    Gaussian law): every p-value >= 0.01 / D (Bonferroni, family 1 %);
   * reflection acceptance vs 2 Phi(-|z|/2): within 4 binomial standard errors (two-sided false alarm 6e-5).
 Samples: 20,000 tokens per law. The same thresholds must reject the drafter's own law (the tests can fail).
 """
@@ -14,7 +15,7 @@ import math
 
 import pytest
 import torch
-from scipy.stats import ks_2samp, norm
+from scipy.stats import ks_2samp, kstest, norm
 
 from specdec.continuous import (GaussianChain, LinearGaussianChain, energy_test, reflect_coupling,
                                 rejection_residual, rollout)
@@ -66,6 +67,13 @@ def same_law(x: torch.Tensor, y: torch.Tensor) -> bool:
     return stat <= threshold and ks >= 0.01 / x.shape[1]
 
 
+def ks_to_law(x: torch.Tensor, chain: LinearGaussianChain) -> float:
+    """Min over dims of the one-sample KS p-value of x [N, D] against the chain's known Gaussian token law."""
+    mean, var = chain.law()
+    white = ((x.double() - mean.double()) / var.double().sqrt()).numpy()
+    return min(kstest(white[:, d], "norm").pvalue for d in range(x.shape[1]))
+
+
 # --- the exact rule ---------------------------------------------------------------------------------------------
 def test_exact_rule_emits_the_target_law(setup):
     D, target, drafter, reference = setup
@@ -73,11 +81,12 @@ def test_exact_rule_emits_the_target_law(setup):
     run = run_chain(drafter.mean, target.mean, x_T, noises, u, target.log_vars, target.log_vars, K, g)
     tokens = run.token.reshape(-1, D)
     assert same_law(tokens, reference), distance(tokens, reference)
+    assert ks_to_law(tokens, target) >= 0.01 / D
     assert (run.first_rejected < S).float().mean() > 0.3          # reflections happened, often
     assert int(run.fallbacks.sum()) == 0                           # shared covariance: no loop
     assert run.target_calls.float().mean() < S - 1                 # and it saved target calls
     drafted_law = drafter.sample(x_T, noises).reshape(-1, D)       # power: the drafter's own law is rejected
-    assert not same_law(drafted_law, reference)
+    assert not same_law(drafted_law, reference) and ks_to_law(drafted_law, target) < 0.01 / D
 
 
 def test_rejection_loop_keeps_the_rule_exact_when_variances_differ(setup):
@@ -86,6 +95,7 @@ def test_rejection_loop_keeps_the_rule_exact_when_variances_differ(setup):
     run = run_chain(drafter.mean, target.mean, x_T, noises, u, target.log_vars + 0.3, target.log_vars, K, g)
     tokens = run.token.reshape(-1, D)
     assert same_law(tokens, reference), distance(tokens, reference)
+    assert ks_to_law(tokens, target) >= 0.01 / D
     assert (run.first_rejected < S).any() and int(run.fallbacks.sum()) == 0
 
 
@@ -185,7 +195,8 @@ def test_rejection_residual_samples_the_normalised_positive_part():
     g = torch.Generator().manual_seed(11)
     n = 20_000
     zero, one = torch.zeros(n, 1), torch.ones(n, 1)
-    y, tries, exhausted = rejection_residual(zero, zero, one, zero, torch.ones(n, dtype=torch.bool), one * 99, g, 10_000)
+    pending = torch.ones(n, dtype=torch.bool)
+    y, tries, exhausted = rejection_residual(zero, zero, one, zero, pending, one * 99, g, max_tries=10_000)
     assert not exhausted.any() and bool((y < 0.5).all())
     tv = norm.cdf(0.5) - norm.cdf(-0.5)                              # mass of (p - q)+
     t = -0.5                                                         # P(Y <= t) = (Phi(t) - Phi(t - 1)) / tv
@@ -243,5 +254,7 @@ def test_bad_input_errors():
         run_chain(lambda x, t: x[..., :2], target.mean, *args, K, g)
     with pytest.raises(ValueError, match="non-finite"):
         run_chain(drafter.mean, lambda x, t: target.mean(x, t) * float("nan"), *args, K, g)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        run_chain(drafter.mean, target.mean, x_T, noises, u, target.log_vars[:3], target.log_vars, K, g)
     with pytest.raises(ValueError, match="max_tries"):
         GaussianChainRule(max_tries=0)

@@ -125,7 +125,8 @@ def run_chain(draft_mean: MeanFn, target_mean: MeanFn, x_T: Tensor, noises: Tens
         raise ValueError(f"uniforms must be [B, n, S] = {tuple(noises.shape[:3])}, got {tuple(uniforms.shape)}")
     rule = GaussianChainRule() if rule is None else rule
     S, last = noises.shape[2], noises.shape[2] - 1
-    lvq, lvp = torch.broadcast_to(draft_log_vars, noises.shape), torch.broadcast_to(target_log_vars, noises.shape)
+    lvq, lvp = _expand("draft_log_vars", draft_log_vars, noises.shape), _expand("target_log_vars", target_log_vars,
+                                                                                 noises.shape)
     zeros = torch.zeros(x_T.shape[:2], dtype=torch.long, device=x_T.device)
     j, x = zeros.clone(), x_T
     token, has_token = torch.zeros_like(x_T), torch.zeros_like(zeros, dtype=torch.bool)
@@ -175,3 +176,11 @@ def run_chain(draft_mean: MeanFn, target_mean: MeanFn, x_T: Tensor, noises: Tens
     if rule.check_finite and not bool(torch.isfinite(token).all()):
         raise ValueError("the target head returned non-finite (NaN or inf) means; check the head before sampling")
     return ChainRun(token, first, calls, drafted, accepted, fallbacks, rounds)
+
+
+def _expand(name: str, log_vars: Tensor, shape: torch.Size) -> Tensor:
+    try:
+        return torch.broadcast_to(log_vars, shape)
+    except RuntimeError:
+        raise ValueError(f"{name} {tuple(log_vars.shape)} does not broadcast to the noises' [B, n, S, D] = "
+                         f"{tuple(shape)}; give one log-variance per transition ([S, 1] or [S, D])") from None
