@@ -24,7 +24,8 @@ variances, mismatched temperatures) reflection is not exact; that transition's r
 sampled by rejection (propose y ~ p, keep with (1 - q(y)/p(y))+, ~1/TV tries, expected total cost one proposal per
 transition), exact while the loop succeeds. The loop is capped at `max_tries`; an exhausted loop takes a fresh
 draw from p and is counted (`fallbacks`). That one event is not exact: it moves the transition's law by at most
-TV (1 - TV)^max_tries <= 1 / (e (max_tries + 1)) in total variation (3.7e-5 at the default 10,000).
+TV (1 - TV)^M <= M^M / (M + 1)^(M + 1) ~ 1 / (e (M + 1)) in total variation, M = max_tries (3.7e-5 per transition at
+the default 10,000; the token's law by at most the sum over its transitions).
 
 Why shared noises and per-transition uniforms keep it exact: a transition's decision reads its own noise and its
 own uniform only; noises and uniforms of transitions drafted after a rejection were read by no committed decision,
