@@ -25,36 +25,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from specdec.protocols import BlockDecoder, BlockGenerator, BlockScorer, require
+from specdec.protocols import BlockDecoder, BlockGenerator, BlockScorer, Router, require
 from specdec.random import fresh_seed
 from specdec.scorers import check_scores
 
 ROUTER_SEED_OFFSET = 0x5EED_0001        # the router's generator: seed + this, never the noise stream
-
-
-@runtime_checkable
-class Router(Protocol):
-    """Decides per row whether a drafted block is kept (verifiers.router.BlockRouter, RandomRouter)."""
-
-    name: str
-    lossless: bool
-
-    def forces_reject(self, block: int) -> bool:
-        """Block `block` goes to the target whatever its score (it is then not drafted)."""
-        ...
-
-    def aggregate(self, scores: Tensor) -> Tensor:
-        """Per-frame scores [B, F_b] -> block scores [B] (recorded in results)."""
-        ...
-
-    def decide(self, scores: Tensor, block: int, generator: torch.Generator) -> Tensor:
-        """scores [B, F_b] -> accept BoolTensor [B]."""
-        ...
 
 
 @dataclass
@@ -183,6 +163,7 @@ def generate_blocks(target: BlockGenerator, drafter: BlockGenerator, router: Rou
     if not callable(scorer):
         raise TypeError(f"scorer must be callable as (frames, cond) -> [B, F_b], got {type(scorer).__name__}")
     require(decoder, BlockDecoder, "the decoder")
+    decoder.reset()
     seed = _check_seed(seed)
     noise_gen = torch.Generator(device=target.device).manual_seed(seed)
     router_gen = torch.Generator(device=target.device).manual_seed(seed + ROUTER_SEED_OFFSET)
@@ -235,6 +216,7 @@ def _generate_alone(gen: BlockGenerator, decoder: BlockDecoder, cond: Any, seed:
     """One generator alone through the same block loop; noises from `noise_from` (default: gen itself)."""
     require(gen, BlockGenerator, f"the {role}")
     require(decoder, BlockDecoder, "the decoder")
+    decoder.reset()
     N, seed = _num_blocks(gen), _check_seed(seed)
     source = gen if noise_from is None else noise_from
     noise_gen = torch.Generator(device=source.device).manual_seed(seed)

@@ -208,21 +208,22 @@ class Bundle(Protocol):
         ...
 
 
-# ---- blocks (video): block-autoregressive generators, their decoders and scorers -------------------------------
+# ---- blocks (video): block-autoregressive generators, their decoders, scorers and routers ------------------------
 # F = frames per clip, F_b = frames per block, N = F / F_b blocks, B = batch. A block's latents are whatever the
 # generator's frames are made of: token ids [B, F_b, h, w] for a discrete generator, float latents
-# [B, F_b, C, h, w] for a diffusion one. Noises are pre-sampled per block by the router, from the TARGET's
-# `block_noise`, and handed to the drafter and (after a rejection) to the target, so that both start from the same
-# randomness.
+# [B, F_b, C, h, w] for a diffusion one. The block loop (specdec.blocks) pre-samples each block's noise from the
+# TARGET's `block_noise` and hands the same tensor to the drafter and (after a rejection) to the target, so that
+# both start from the same randomness. A decoder may return another number of pixel frames per block, F_out
+# (a causal video VAE with temporal compression); scorers score each of them.
 
 @runtime_checkable
 class BlockDecoder(Protocol):
     """A (possibly streaming) decoder from block latents to pixels. A streaming decoder keeps a cache across blocks
-    (e.g. a causal video VAE's temporal cache); the router snapshots it before decoding a draft and restores it
+    (e.g. a causal video VAE's temporal cache); the block loop snapshots it before decoding a draft and restores it
     when the draft is rejected."""
 
     def decode(self, latents: Tensor) -> Tensor:
-        """latents of one block -> frames [B, F_b, 3, H, W] in [-1, 1]; advances the cache, if any."""
+        """latents of one block -> frames [B, F_out, 3, H, W] in [-1, 1]; advances the cache, if any."""
         ...
 
     def snapshot(self) -> Any:
@@ -231,6 +232,9 @@ class BlockDecoder(Protocol):
 
     def restore(self, snapshot: Any) -> None:
         """Put back a cache taken by `snapshot`."""
+
+    def reset(self) -> None:
+        """Drop the cache: the next block decoded starts a new clip (the block loop calls it first)."""
 
 
 @runtime_checkable
@@ -266,7 +270,28 @@ class BlockScorer(Protocol):
     """Scores decoded frames for the router: higher is better."""
 
     def __call__(self, frames: Tensor, cond: Any) -> Tensor:
-        """frames [B, F_b, 3, H, W] in [-1, 1], the clip's condition -> finite scores [B, F_b]."""
+        """frames [B, F_out, 3, H, W] in [-1, 1], the clip's condition -> finite scores [B, F_out]."""
+        ...
+
+
+@runtime_checkable
+class Router(Protocol):
+    """Decides per row whether a drafted block is kept (verifiers.router: BlockRouter, the RandomRouter control).
+    Lossy and unbounded by design: whatever it lets through is the drafter's."""
+
+    name: str
+    lossless: bool
+
+    def forces_reject(self, block: int) -> bool:
+        """Block `block` goes to the target whatever its score (it is then not drafted)."""
+        ...
+
+    def aggregate(self, scores: Tensor) -> Tensor:
+        """Per-frame scores [B, F_out] -> block scores [B] (recorded in results)."""
+        ...
+
+    def decide(self, scores: Tensor, block: int, generator: torch.Generator) -> Tensor:
+        """scores [B, F_out] -> accept BoolTensor [B]."""
         ...
 
 
