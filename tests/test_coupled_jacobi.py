@@ -27,6 +27,7 @@ def video_target():
 @pytest.mark.parametrize("coupling", ["maximal", "gumbel"])
 @pytest.mark.parametrize("init,init_q,window,video", [("random", "onehot", 3, False),
                                                       ("repeat_horizontal", "onehot", 4, False),
+                                                      ("repeat_vertical", "onehot", 3, False),
                                                       ("random", "uniform", 3, False),
                                                       ("previous_frame", "onehot", 3, True)])
 def test_coupled_jacobi_is_exact(image_target, video_target, coupling, init, init_q, window, video):
