@@ -118,10 +118,14 @@ def load_model(name: str, directory: Path | None = None, device: str | torch.dev
     """One zoo model in eval mode, weights verified and loaded -> (module, card)."""
     from specdec.models.eagle import EagleConfig, EagleHead
     from specdec.models.gpt import GPT, GPTConfig
+    from specdec.models.mar import MAR, MARConfig
+    from specdec.zoo.autoencoder import KLAutoencoder, KLConfig
     factories: dict[str, tuple[type, Callable]] = {
         "vq": (VQConfig, VQTokenizer), "features": (FeatureConfig, FeatureNet),
         "target": (GPTConfig, GPT), "drafter": (GPTConfig, GPT), "eagle": (EagleConfig, EagleHead),
         "video_target": (GPTConfig, GPT), "video_drafter": (GPTConfig, GPT),      # specdec.zoo.video
+        "continuous_ae": (KLConfig, KLAutoencoder),                                # specdec.zoo.continuous
+        "continuous_target": (MARConfig, MAR), "continuous_drafter": (MARConfig, MAR),
     }
     if name not in factories:
         raise ValueError(f"unknown zoo model {name!r}; valid: {list(factories)}")
