@@ -27,8 +27,9 @@ with their own learned variances, and no longer share them).
     python experiments/train_continuous_zoo.py --stages drafter     # e.g. in a second process, after the ae stage
 
 Resumable like experiments/train_zoo.py: each training stage checkpoints (weights, EMA, optimiser) every
---ckpt-every steps in --work-dir and a rerun continues; batch i is always the same batch; a stage whose card is
-complete is skipped (--force retrains). Weights and cards: specdec/zoo/weights/continuous_*.{safetensors,json}.
+--ckpt-every steps in --work-dir (the MAR stages in a subfolder per autoencoder) and a rerun continues; batch i is
+always the same batch; a stage whose card is complete is skipped (--force retrains), unless it was trained on
+another autoencoder than the one shipped beside it. Weights and cards: specdec/zoo/weights/continuous_*.
 """
 from __future__ import annotations
 
@@ -235,6 +236,28 @@ def diffusion_losses(models: dict[str, MAR], ae: KLAutoencoder, args) -> dict[st
     return out
 
 
+def mar_work(args) -> Path:
+    """The MAR stages' checkpoint folder, one per autoencoder: a checkpoint never resumes on other tokens."""
+    if not (args.out / "continuous_ae.json").is_file():
+        raise SystemExit(f"the target and drafter stages train on the autoencoder's tokens: no continuous_ae.json "
+                         f"in {args.out}; run --stages ae first")
+    sha = zoo.read_card("continuous_ae", args.out)["sha256"]
+    path = args.work_dir / f"ae-{sha[:12]}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def stale(out: Path, name: str) -> bool:
+    """A MAR card trained on another autoencoder than the one in `out` (the ae stage was retrained)."""
+    if name == "continuous_ae":
+        return False
+    trained_on = json.loads((out / f"{name}.json").read_text()).get("autoencoder_sha256")
+    if trained_on != zoo.read_card("continuous_ae", out)["sha256"]:
+        log(f"{name}: trained on another autoencoder; retraining")
+        return True
+    return False
+
+
 # ---- figures ----------------------------------------------------------------------------------------------------
 def speed(target, drafter, num_iter: int, cfg: float, rounds: int) -> dict:
     """Batch 1, one whole sample per model in interleaved rounds (the first a warm-up): the median per AR step of the
@@ -376,15 +399,16 @@ def main(argv=None) -> None:
             stage_figures(args, args.out, args.work_dir)
             continue
         name = NAMES[stage]
-        if card_complete(args.out, name) and not args.force:
+        work = args.work_dir if stage == "ae" else mar_work(args)
+        if card_complete(args.out, name) and not args.force and not stale(args.out, name):
             log(f"{name}: complete card found, skipping (--force to retrain)")
             continue
         if args.force:
-            (args.work_dir / f"{name}.ckpt.pt").unlink(missing_ok=True)
+            (work / f"{name}.ckpt.pt").unlink(missing_ok=True)
         if stage == "ae":
-            stage_ae(args, args.out, args.work_dir)
+            stage_ae(args, args.out, work)
         else:
-            stage_mar(name, args, args.out, args.work_dir)
+            stage_mar(name, args, args.out, work)
 
 
 if __name__ == "__main__":

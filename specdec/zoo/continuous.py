@@ -13,9 +13,10 @@ MAR-style target and drafter over its latents (Li et al., arXiv 2406.11838), all
 
 The autoencoder lives in `specdec.zoo.autoencoder` (re-exported here; a leaf module, so that the zoo's loader can
 build it without an import cycle). Tokens are latents times `KLConfig.scale`, fitted from data at the end of the
-autoencoder's training so that they have unit standard deviation (MAR's KL-16 uses 0.2325). Both heads were trained with the eps loss only and sample
-with the schedule's FIXED variance (`bundle.variance`, the cards' head_variance), so the target and the drafter
-share sigma_t at every head step: the condition for an exact speculative rule over Gaussian transitions.
+autoencoder's training so that they have unit standard deviation (MAR's KL-16 uses 0.2325). Both heads were trained
+with the eps loss only and sample with the schedule's FIXED variance (`bundle.variance`, the cards' head_variance),
+so the target and the drafter share sigma_t at every head step: the condition for an exact speculative rule over
+Gaussian transitions.
 """
 from __future__ import annotations
 

@@ -141,9 +141,8 @@ def _discretized_nll(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
     cdf = lambda v: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
     inv = torch.exp(-log_scale)
     plus, minus = cdf(inv * (x - mean + 1 / 255)), cdf(inv * (x - mean - 1 / 255))
-    logp = torch.where(x < -0.999, plus.clamp_min(1e-12).log(),
-                       torch.where(x > 0.999, (1 - minus).clamp_min(1e-12).log(), (plus - minus).clamp_min(1e-12).log()))
-    return -logp
+    log = lambda v: v.clamp_min(1e-12).log()
+    return -torch.where(x < -0.999, log(plus), torch.where(x > 0.999, log(1 - minus), log(plus - minus)))
 
 
 def vlb_bits(x0: Tensor, x_t: Tensor, t: Tensor, eps_hat: Tensor, v: Tensor, consts: dict[str, Tensor]) -> Tensor:
