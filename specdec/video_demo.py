@@ -2,8 +2,11 @@
 (`specdec.zoo.video`), through the same loop and measurements as the image demo (`specdec.demo.measure_methods`).
 
 Rows: SJD (uncoupled Jacobi), MC-SJD (maximally coupled Jacobi, random and previous-frame inits), the
-previous-frame lookup, and the exact rule over the distilled video drafter. Every row is lossless: the speedups are
-free of quality cost by construction, and NLL / FD are reported as the check.
+previous-frame lookup, and the exact rule over the distilled video drafter: all lossless, the speedups are free of
+quality cost by construction, and NLL / FD are reported as the check. Without --quick, one more row: SDVG block
+routing (arXiv 2604.17397; LOSSY, unbounded) of the video drafter's two-frame blocks by the zoo feature net's class
+probability, tau calibrated on draft-only clips of other seeds for ROUTER_RATE acceptance, timed against the same
+block loop with the target alone, with its quality retention (class score, routed / target only).
 Writes into the output folder:
   clips.gif       the clips of every method (rows) for the same seeds (columns), frame by frame
   acceptance.png  per-frame share of tokens committed from drafts, one row per speculative method
@@ -33,6 +36,8 @@ VIDEO_METHODS = (
     Method("exact + model k=4", "model", MODEL_DRAFTER),
 )
 QUICK_VIDEO_METHODS = (VIDEO_METHODS[0], VIDEO_METHODS[2], VIDEO_METHODS[5])
+ROUTER_RATE = 0.8            # the router row's calibrated acceptance of drafted blocks
+ROUTER_FRAMES = 2            # frames per block
 GIF_SCALE = 3
 GIF_FRAME_MS = 250
 
@@ -66,6 +71,11 @@ def run_video_demo(out: str | Path = "specdec-demo-video", quick: bool = False, 
     rows, strips, maps, t_step, fd_used = measure_methods(bundle, methods, cond, sampling, seed, rounds, fd_real)
     for r in rows:
         r["lossless"] = r["rule"] == "exact"
+    if not quick:
+        row, routed = router_row(bundle, cond, sampling, seed, rounds)
+        rows.append(row)
+        strips.append(routed)
+        maps.append(torch.zeros_like(maps[0]))        # blocks, not tokens: no per-token acceptance
     frames = bundle.frames
     per_frame = [m.reshape(frames, -1).mean(1) for m in maps]                                    # [F] each
     meta = {"sampling": vars(sampling), "seed": seed, "classes": [bundle.classes[i] for i in class_ids],
@@ -75,10 +85,53 @@ def run_video_demo(out: str | Path = "specdec-demo-video", quick: bool = False, 
                                                     "zoo feature net's features)"}
     (out / "table.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     write_gif([video.strip_to_frames(s, frames) for s in strips], out / "clips.gif")
-    frame_heatmap(per_frame[1:], [r["method"] for r in rows[1:]], out / "acceptance.png")
+    frame_heatmap(per_frame[1:len(methods)], [r["method"] for r in rows[1:len(methods)]], out / "acceptance.png")
     print(format_table(rows))
     print(f"\nwrote {out / 'clips.gif'}, {out / 'acceptance.png'}, {out / 'table.json'}")
     return 0
+
+
+def router_row(bundle, cond: torch.Tensor, sampling: Sampling, seed: int, rounds: int, calib_clips: int = 8):
+    """The SDVG row: (a table row, the routed clips as filmstrips [B, 3, H, F * W])."""
+    from specdec import metrics
+    from specdec.adapters.video import TokenBlockGenerator, TokenFrameDecoder
+    from specdec.bench.timing import interleaved_rounds
+    from specdec.blocks import draft_only, generate_blocks, score_clip, target_only, quality_retention
+    from specdec.scorers import ClassScorer
+    from specdec.zoo.video import filmstrip
+    from verifiers.router import BlockRouter
+
+    target = TokenBlockGenerator(bundle.target, ROUTER_FRAMES, sampling)
+    drafter = TokenBlockGenerator(bundle.drafter_model, ROUTER_FRAMES,
+                                  Sampling(temperature=sampling.temperature, top_k=sampling.top_k, cfg_scale=1.0))
+    decoder = TokenFrameDecoder(bundle.tokenizer.decode_grid)
+    scorer = ClassScorer(bundle.features.net)
+    calib = []
+    for i in range(calib_clips):          # seeds the measured clips never use
+        c = cond[i % len(cond)][None]
+        res = draft_only(drafter, decoder, c, seed=100_000 + i, noise_from=target)
+        calib.append(score_clip(scorer, res.frames, c, res.block_frames)[0].view(-1, ROUTER_FRAMES)[1:].mean(1))
+    tau = float(torch.quantile(torch.cat(calib), 1 - ROUTER_RATE))
+    router = BlockRouter(threshold=tau, aggregation="mean")
+    alone = lambda c: lambda: target_only(target, decoder, c, seed)                       # noqa: E731
+    routed = lambda c: lambda: generate_blocks(target, drafter, router, scorer, decoder, c, seed)   # noqa: E731
+    alone(cond[:1])(), routed(cond[:1])()                                                # warm-up
+    (t_alone, t_routed), _ = interleaved_rounds([alone(cond[:1]), routed(cond[:1])], rounds)
+    base, res = alone(cond)(), routed(cond)()
+    retention = quality_retention(score_clip(scorer, res.frames, cond, res.block_frames),
+                                  score_clip(scorer, base.frames, cond, base.block_frames))
+    tokens = res.latents.reshape(len(cond), -1)
+    per_block = tokens.shape[1] // (res.accepted.shape[1])
+    row = {"method": f"sdvg mean tau@{ROUTER_RATE:g} + video drafter", "drafter": "video drafter (blocks)",
+           "rule": "sdvg", "k": ROUTER_FRAMES, "mean_accepted_length": None,
+           "acceptance_rate": res.counts.acceptance_rate,
+           "target_forwards_per_image": res.counts.target_computed * per_block / len(cond),
+           "latency_s": t_routed.as_dict(), "speedup": t_alone.median / t_routed.median, "speedup_bound": None,
+           "reliability": None, "throughput_images_per_s": None, "throughput_speedup": None, "feature_fd": None,
+           "nll": float(metrics.token_nll(bundle.target_gpt, tokens, cond).mean()), "images": len(cond),
+           "rounds": rounds, "lossless": False, "quality_retention": retention, "tau": tau,
+           "baseline": "the block loop with the target alone (same seeds)"}
+    return row, filmstrip(res.frames)
 
 
 def write_gif(clips: list[torch.Tensor], path: Path) -> Path:

@@ -123,7 +123,9 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     """One line per method: rule, k, mean accepted length, target forwards per image, speedup (with its
-    min-max range when the row has latency rounds, and '!' when it is flagged unreliable), FD, NLL."""
+    min-max range when the row has latency rounds against the first row, and '!' when it is flagged unreliable), FD,
+    NLL. A row with its own "baseline" (timed against something else than the first row) shows no range; a row
+    without a mean accepted length (block routing) shows '-'."""
     head = (f"{'method':36s} {'rule':16s} {'k':>3s} {'MAL':>5s} {'fwd/img':>8s} {'speedup':>8s} {'range':>11s} "
             f"{'FD':>7s} {'NLL':>6s}")
     lines = [head, "-" * len(head)]
@@ -131,11 +133,12 @@ def format_table(rows: list[dict]) -> str:
         fd = r.get("feature_fd")
         fd = "-" if fd is None or fd != fd else f"{fd:.2f}"
         span = ""
-        if isinstance(r.get("latency_s"), dict) and rows[0].get("latency_s"):
+        if isinstance(r.get("latency_s"), dict) and rows[0].get("latency_s") and "baseline" not in r:
             base = rows[0]["latency_s"]["median_s"]
             span = f"{base / r['latency_s']['max_s']:.2f}-{base / r['latency_s']['min_s']:.2f}"
         flag = "!" if r.get("reliability") else " "
-        lines.append(f"{r['method']:36s} {r['rule']:16s} {r['k']:3d} {r['mean_accepted_length']:5.2f} "
+        mal = "-" if r["mean_accepted_length"] is None else f"{r['mean_accepted_length']:.2f}"
+        lines.append(f"{r['method']:36s} {r['rule']:16s} {r['k']:3d} {mal:>5s} "
                      f"{r['target_forwards_per_image']:8.1f} {r['speedup']:6.2f}x{flag} {span:>11s} {fd:>7s} "
                      f"{r['nll']:6.3f}")
     return "\n".join(lines)
