@@ -49,6 +49,14 @@ def demo_cmd(args) -> int:
     check_range("--fd-real", args.fd_real, 2)
     try:
         classes = [int(c) if c.isdigit() else c for c in (c.strip() for c in args.classes.split(",")) if c]
+        if args.video and args.continuous:
+            raise UsageError("specdec: --video and --continuous are two different demos; pass one of them")
+        if args.continuous:
+            from specdec.continuous_demo import run_continuous_demo
+            return run_continuous_demo(args.out if args.out != "specdec-demo" else "specdec-demo-continuous",
+                                       quick=args.quick, classes=classes or None, per_class=args.per_class,
+                                       seed=args.seed, temperature=args.temperature, cfg=args.cfg,
+                                       repeats=args.repeats, fd_real=args.fd_real, threads=args.threads)
         if args.video:
             from specdec.video_demo import run_video_demo
             return run_video_demo(args.out if args.out != "specdec-demo" else "specdec-demo-video",
@@ -103,6 +111,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="small settings, under a minute on 2 CPU cores")
     d.add_argument("--video", action="store_true", help="the video zoo: clips.gif, per-frame acceptance, table.json "
                                                         "(default folder ./specdec-demo-video)")
+    d.add_argument("--continuous", action="store_true", help="the continuous-token (MAR) zoo: target-only MAR, CSpD "
+                   "and the exact rule; samples.png, table.json (default folder ./specdec-demo-continuous)")
     d.add_argument("--out", default="specdec-demo", help="output folder (default: ./specdec-demo)")
     d.add_argument("--classes", default="", help="comma-separated class names or ids (default: the first few)")
     d.add_argument("--per-class", type=int, default=0)

@@ -11,10 +11,10 @@ Contexts (what the target's backbone sees when it conditions the drafted positio
   "per_step"   the G contexts in ONE backbone call of G x R rows: row group g sees the committed tokens and the
                drafted steps before g, exactly the context the sequential model sees at step g. MAR's encoder is
                bidirectional, so nothing cheaper gives these contexts in general;
-  "union"      one pass over the committed tokens and the drafted steps before the last: for a causal model (attention along the
-               generation order, `specdec.models.mar.backbone`) a token's condition depends only on the tokens
-               generated before it, so this equals "per_step" when every drafted step predicts one token (raster
-               continuous AR); otherwise it is an approximation.
+  "union"      one pass over the committed tokens and the drafted steps before the last: for a causal model
+               (attention along the generation order, `specdec.models.mar.backbone`) a token's condition depends
+               only on the tokens generated before it, so this equals "per_step" when every drafted step predicts
+               one token (raster continuous AR); otherwise it is an approximation.
 
 Verification: a rule with `target_at_draft_states` (the exact rule over Gaussian transitions, arXiv 2501.05370)
 gets the target head's means at the drafter's chain states, all S of them in one batched head call; a rejected

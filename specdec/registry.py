@@ -29,6 +29,12 @@ RULES = {
     "spectr": "verifiers.spectr:SpecTrRule",
 }
 
+# continuous-token rules (specdec.protocols.ContinuousRule), for specdec.continuous_loop
+CONTINUOUS_RULES = {
+    "cspd": "verifiers.cspd:CSpDRule",
+    "gaussian_chain": "verifiers.gaussian_chain:GaussianChainRule",
+}
+
 DRAFTERS = {
     "model": "drafters.model:ModelDrafter",
     "model_tree": "drafters.model_tree:TreeModelDrafter",
@@ -58,7 +64,7 @@ def _load_file(path: Path):
 
 def resolve(kind: str, name: str):
     """The class for a built-in name, `module:Class` or `file.py:Class`; ValueError saying what is wrong."""
-    table = {"rule": RULES, "drafter": DRAFTERS}[kind]
+    table = {"rule": RULES, "drafter": DRAFTERS, "continuous_rule": CONTINUOUS_RULES}[kind]
     if not isinstance(name, str) or not name:
         raise ValueError(f"a {kind} name must be a non-empty string, got {name!r}")
     spec = table.get(name, name)
@@ -117,6 +123,11 @@ def make_rule(name: str, target=None, geometries: dict | None = None, **params):
         if geometries is not None:
             geometries[source] = geometry
     return cls(geometry, **params)
+
+
+def make_continuous_rule(name: str, **params):
+    """Build a continuous-token rule by name ("cspd", "gaussian_chain"), `module:Class` or `file.py:Class`."""
+    return resolve("continuous_rule", name)(**params)
 
 
 def make_drafter(name: str, draft_model=None, **params):

@@ -14,18 +14,21 @@ fixed seed). The same threshold must reject the drafter's own law (so the test c
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
 import specdec
 from specdec.adapters.mar import MARAdapter
+from specdec.cli import UsageError, main
+from specdec.continuous_demo import run_continuous_demo
 from specdec.continuous import energy_test
 from specdec.continuous_loop import LoopConfig, draw_randomness, generate_continuous
 from specdec.continuous_verify import draft_contexts, step_visibility
-from specdec.models.mar import MAR, MARConfig, mask_schedule
+from specdec.models.mar import KLVAE, MAR, MARConfig, VAEConfig, mask_schedule
 from specdec.models.mar.diffloss import DiffLoss, SimpleMLPAdaLN
-from specdec.testing import tiny_gpt
+from specdec.testing import FakeFeatureNet, tiny_gpt
 from verifiers import CSpDRule, ExactRule, GaussianChainRule
 
 torch.set_num_threads(1)
@@ -212,7 +215,7 @@ def test_exact_rule_has_the_target_only_law(pair):
     exact = generate_continuous(target, cond, drafter, GaussianChainRule(), gamma=2, seed=300, **CFG)
     own = flat(generate_continuous(drafter, cond, seed=300, **CFG))
     hist = torch.bincount(exact.stats.first_rejected.flatten(), minlength=10)
-    assert exact.stats.window == 9 and hist[9] > 0 and hist[:9].sum() > 0                         # chains both pass and get corrected
+    assert exact.stats.window == 9 and hist[9] > 0 and hist[:9].sum() > 0     # chains both pass and get corrected
     assert exact.stats.fallbacks == 0                                     # shared variance: reflection, no loop
 
     def threshold_and_stat(x):
@@ -272,3 +275,37 @@ def test_bad_inputs(pair):
     with pytest.raises(ValueError, match="without a drafter"):
         generate_continuous(target, cond, rule=GaussianChainRule())
     assert LoopConfig(gamma=3).gamma == 3
+
+
+# ---- the demo --------------------------------------------------------------------------------------------------
+class TinyContinuousBundle:
+    """The continuous zoo's shape on the tiny pair: a decoding target, the shifted drafter, a feature net."""
+
+    classes, num_iter, cfg_scale = ("a", "b", "c"), 4, 2.0
+
+    def __init__(self, target: MAR):
+        vae = KLVAE(VAEConfig.tiny())
+        self.target = MARAdapter(target, vae, variance="large")
+        self.drafter = MARAdapter(shifted_copy(target), vae, variance="large")
+        self.features = FakeFeatureNet()
+
+    def class_id(self, name):
+        return self.classes.index(name) if isinstance(name, str) else int(name)
+
+
+def test_continuous_demo_rows_and_cli(pair, tmp_path, monkeypatch):
+    bundle = TinyContinuousBundle(pair[0].model)
+    assert run_continuous_demo(tmp_path, quick=True, per_class=1, repeats=1, threads=1, cfg=2.0, bundle=bundle) == 0
+    rows = json.loads((tmp_path / "table.json").read_text())["rows"]
+    assert (tmp_path / "samples.png").stat().st_size > 0
+    fields = {"method", "drafter", "rule", "k", "mean_accepted_length", "target_forwards_per_image", "speedup",
+              "feature_fd", "lossless", "latency_s", "throughput_images_per_s", "target_head_s"}
+    assert all(fields <= set(r) for r in rows)
+    assert [r["lossless"] for r in rows] == [True, False, False, True]             # MAR, CSpD T=1 / 42, exact
+    assert rows[0]["mean_accepted_length"] == 4.0 and rows[1]["mean_accepted_length"] > 4.0
+    from specdec.zoo import continuous
+    monkeypatch.setattr(continuous, "available", lambda directory=None: False)
+    with pytest.raises(UsageError, match="continuous zoo"):
+        main(["demo", "--continuous", "--quick", "--out", str(tmp_path / "cli")])
+    with pytest.raises(UsageError, match="two different demos"):
+        main(["demo", "--continuous", "--video", "--out", str(tmp_path / "cli")])
