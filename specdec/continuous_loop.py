@@ -359,6 +359,6 @@ def generate_continuous(target: MARAdapter, cond: Tensor, drafter: MARAdapter | 
         k = 0
         while k < len(run.steps):
             k += run.target_step(k) if drafter is None or run.steps[k][3] else run.spec_round(k)
-        images = target.decode(run.state.tokens) if decode and target.can_decode else None
+        images = target.decode(run.state.tokens) if decode and getattr(target, "can_decode", False) else None
     run.stats.wall_s = time.perf_counter() - t0
     return ContinuousResult(run.state.tokens, images, run.stats, plan)
