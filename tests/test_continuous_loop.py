@@ -24,7 +24,7 @@ from specdec.adapters.mar import MARAdapter
 from specdec.cli import UsageError, main
 from specdec.continuous_demo import run_continuous_demo
 from specdec.continuous import energy_test
-from specdec.continuous_loop import LoopConfig, draw_randomness, generate_continuous
+from specdec.continuous_loop import LoopConfig, Plan, draw_randomness, generate_continuous, plan_run
 from specdec.continuous_verify import draft_contexts, step_visibility
 from specdec.models.mar import KLVAE, MAR, MARConfig, VAEConfig, mask_schedule
 from specdec.models.mar.diffloss import DiffLoss, SimpleMLPAdaLN
@@ -202,6 +202,22 @@ def test_gamma_rounds_equal_one_step_rounds(pair, causal):
     assert torch.equal(many.stats.first_rejected, one.stats.first_rejected)
     assert many.stats.target_forwards == one.stats.target_forwards == kw["num_iter"]
     assert 0 < one.stats.transition_acceptance < 1
+
+
+def test_plan_says_when_the_output_is_lossless(pair):
+    target, _ = pair
+    causal = MARAdapter(target.model, causal=True)
+    exact, cspd = GaussianChainRule(), CSpDRule()
+    plan = lambda t, r, **kw: plan_run(LoopConfig(**{**CFG, **kw}), t, r, True)
+    assert plan(target, exact, gamma=2) == Plan(2, 0, "truncate", "per_step", True)
+    assert plan(target, cspd) == Plan(8, 0, "independent", "pre_draft", False)         # the rule's gamma, prefill
+    assert plan(target, cspd, num_iter=20).prefill == 3                                  # int(0.15 * 20)
+    assert not plan(target, exact, gamma=2, policy="independent").lossless
+    assert not plan(target, exact, gamma=2, contexts="pre_draft").lossless
+    assert plan(target, exact, gamma=1, contexts="pre_draft").lossless                  # one step: the same context
+    assert not plan(target, exact, gamma=2, contexts="union").lossless                  # bidirectional
+    assert plan(causal, exact, gamma=2, num_iter=16).contexts == "union"                # one token per step
+    assert plan(causal, exact, gamma=2).contexts == "per_step"                           # 4 tokens per step
 
 
 # ---- the law ----------------------------------------------------------------------------------------------------
