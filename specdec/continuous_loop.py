@@ -264,6 +264,7 @@ class _Run:
         B, L = self.state.batch, target.num_tokens
         self.stats = ContinuousStats(B, L, first_rejected=torch.full((B, L), -1, dtype=torch.long,
                                                                      device=target.device))
+        self.counts = torch.zeros(2, dtype=torch.long, device=target.device)      # accepted, fallbacks
 
     @contextmanager
     def charge(self, role: str, adapter: MARAdapter):
@@ -336,8 +337,7 @@ class _Run:
         st.target_rows += len(steps) if self.plan.contexts == "per_step" else 1
         st.target_head_calls += verdict.head_calls
         st.drafted += changed.numel()
-        st.accepted += int((~changed[:, :n]).sum())
-        st.fallbacks += int(verdict.fallbacks[:, :n].sum())
+        self.counts += torch.stack([(~changed[:, :n]).sum(), verdict.fallbacks[:, :n].sum()])    # no host sync
         return commit
 
 
@@ -360,5 +360,6 @@ def generate_continuous(target: MARAdapter, cond: Tensor, drafter: MARAdapter | 
         while k < len(run.steps):
             k += run.target_step(k) if drafter is None or run.steps[k][3] else run.spec_round(k)
         images = target.decode(run.state.tokens) if decode and getattr(target, "can_decode", False) else None
+    run.stats.accepted, run.stats.fallbacks = run.counts.tolist()
     run.stats.wall_s = time.perf_counter() - t0
     return ContinuousResult(run.state.tokens, images, run.stats, plan)
