@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -64,7 +64,9 @@ class LoopConfig:
     prefill_ratio in [0, 1) (None: the rule's, else DEFAULT_PREFILL_RATIO); contexts: one of
     `specdec.continuous_verify.CONTEXTS` or "auto" (lossless rule: "union" on a causal target with one token per
     drafted step, else "per_step"; lossy rule: "pre_draft"); order: "random" or "raster"; match_tol: a token
-    differing from its draft by at most this per coordinate counts as unchanged; seed: the images' randomness."""
+    differing from its draft by at most this per coordinate counts as unchanged; head_window: head transitions
+    verified per target head call by a rule with target_at_draft_states (None: the whole chain at once; after a
+    rejection the drafter's head proposes the next window); seed: the images' randomness."""
 
     num_iter: int = 16
     cfg: float = 1.0
@@ -76,11 +78,14 @@ class LoopConfig:
     order: str = "random"
     cfg_kind: str = "linear"
     match_tol: float = 1e-4
+    head_window: int | None = 8
     seed: int = 0
 
     def __post_init__(self):
         _int("num_iter", self.num_iter, 1)
         _int("seed", self.seed, 0)
+        if self.head_window is not None:
+            _int("head_window (head transitions verified per target head call)", self.head_window, 1)
         if self.gamma is not None:
             _int("gamma (AR steps drafted per round)", self.gamma, 1)
         for name in ("cfg", "temperature", "match_tol"):
@@ -137,9 +142,11 @@ class ContinuousStats:
     drafter_forwards: int = 0
     drafter_head_calls: int = 0
     rounds: int = 0
-    drafted: int = 0                # tokens drafted and verified
+    drafted: int = 0                # tokens drafted and verified (one-step rounds of the exact rule draft none)
     accepted: int = 0               # of those, committed unchanged
-    fallbacks: int = 0              # residual loops that took their fallback, committed tokens
+    transitions_drafted: int = 0    # head transitions verified (CSpD: tokens), continuations included
+    transitions_accepted: int = 0
+    fallbacks: int = 0              # residual loops that took their fallback
     window: int = 0
     first_rejected: Tensor | None = None
     seconds: dict = field(default_factory=lambda: {"target_backbone_s": 0.0, "target_head_s": 0.0,
@@ -161,10 +168,8 @@ class ContinuousStats:
 
     @property
     def transition_acceptance(self) -> float:
-        """Mean share of the verified window passed before the first rejection, over drafted committed tokens."""
-        fr = self.first_rejected
-        seen = fr[fr >= 0] if fr is not None else fr
-        return float(seen.float().mean()) / self.window if seen is not None and seen.numel() else 0.0
+        """Accepted / verified head transitions (CSpD: tokens), the continuations of rejected chains included."""
+        return self.transitions_accepted / self.transitions_drafted if self.transitions_drafted else 0.0
 
 
 @dataclass(frozen=True)
@@ -264,7 +269,9 @@ class _Run:
         B, L = self.state.batch, target.num_tokens
         self.stats = ContinuousStats(B, L, first_rejected=torch.full((B, L), -1, dtype=torch.long,
                                                                      device=target.device))
-        self.counts = torch.zeros(2, dtype=torch.long, device=target.device)      # accepted, fallbacks
+        # accepted tokens, then TokenVerdict.counts: target / drafter head calls, transitions drafted / accepted,
+        # fallbacks (summed on the device: no host sync per round)
+        self.counts = torch.zeros(6, dtype=torch.long, device=target.device)
 
     @contextmanager
     def charge(self, role: str, adapter: MARAdapter):
@@ -287,40 +294,48 @@ class _Run:
         self.stats.target_head_calls += self.target.num_steps
         return 1
 
-    def draft(self, steps: list) -> tuple[list[Tensor], HeadChain]:
-        """The drafter's G steps from the committed context: positions per step, chains [B, N, ...] recorded."""
+    def draft(self, steps: list, chains_needed: bool) -> tuple[list[Tensor], HeadChain | None, Tensor]:
+        """The drafter's G steps from the committed context -> (positions per step, chains [B, N, ...] recorded
+        (None when not chains_needed: only the conditions), the drafter's conditions [R, N, C'])."""
         d, ds = self.drafter, self.dstate
         ds.tokens.copy_(self.state.tokens)
         ds.mask.copy_(self.state.mask)
-        groups, chains = [], []
+        groups, chains, zs = [], [], []
         with self.charge("drafter", d):
             for start, count, cfg_k, _ in steps:
                 positions = ds.order[:, start:start + count]
                 x_T, noises = self.rnd.noise.at(positions)
-                chain = d.head_chain(d.condition(ds, positions), x_T, noises, self.config.temperature, cfg_k)
-                d.write(ds, positions, chain.tokens)
+                zs.append(d.condition(ds, positions))
                 groups.append(positions)
-                chains.append(chain)
+                if chains_needed:
+                    chains.append(d.head_chain(zs[-1], x_T, noises, self.config.temperature, cfg_k))
+                    d.write(ds, positions, chains[-1].tokens)
         self.stats.drafter_forwards += len(steps)
-        self.stats.drafter_head_calls += len(steps) * d.num_steps
-        return groups, HeadChain(*(torch.cat([getattr(c, f) for c in chains], 1)
-                                   for f in ("tokens", "means", "logvars", "states")))
+        self.stats.drafter_head_calls += len(chains) * d.num_steps
+        chain = HeadChain(*(torch.cat([getattr(c, f) for c in chains], 1)
+                            for f in ("tokens", "means", "logvars", "states"))) if chains else None
+        return groups, chain, torch.cat(zs, 1)
 
     def spec_round(self, k: int) -> int:
         """Draft, verify and commit from step k; -> the number of AR steps committed (>= 1)."""
         steps = self.steps[k:k + self.plan.gamma]                      # prefill steps all come before k
-        groups, chain = self.draft(steps)
+        # a one-step round of the exact rule commits that step whatever its draft: no drafted tokens are needed,
+        # the drafter's head only proposes transitions
+        groups, chain, zq = self.draft(steps, not (self.rule.target_at_draft_states and len(steps) == 1))
         positions, B = torch.cat(groups, 1), self.state.batch
         sizes = [g.shape[1] for g in groups]
         guidance = torch.cat([torch.full((B, n), s[2], device=positions.device) for n, s in zip(sizes, steps)], 1) \
             if self.state.cfg else 1.0
         x_T, noises = self.rnd.noise.at(positions)
         u = self.rnd.uniforms.gather(1, positions[..., None].expand(-1, -1, self.rnd.uniforms.shape[2]))
-        with self.charge("target", self.target):
+        helper = self.charge("drafter", self.drafter) if self.drafter is not self.target else nullcontext()
+        with self.charge("target", self.target), helper:        # the drafter's head helps finish rejected chains
             z = draft_contexts(self.target, self.state, self.dstate.tokens, groups, self.plan.contexts)
             verdict = verify_tokens(self.target, self.rule, z, guidance, chain, x_T, noises, u,
-                                    self.config.temperature, self.generator)
-        changed = (verdict.tokens - chain.tokens).abs().amax(-1) > self.config.match_tol           # [B, N]
+                                    self.config.temperature, self.generator, self.drafter, zq,
+                                    self.config.head_window)
+        drafted = verdict.tokens if chain is None else chain.tokens
+        changed = ((verdict.tokens - drafted).abs().amax(-1) > self.config.match_tol) | (chain is None)  # [B, N]
         commit = len(steps)
         if self.plan.policy == "truncate":
             ends = torch.tensor(sizes).cumsum(0).tolist()
@@ -328,16 +343,15 @@ class _Run:
             first = torch.where(step_changed.any(1), step_changed.int().argmax(1), len(steps))
             commit = min(int(first.min()) + 1, len(steps))                        # the batch's common prefix
         n = sum(sizes[:commit])
-        tokens = torch.where(changed[..., None], verdict.tokens, chain.tokens)[:, :n]
+        tokens = torch.where(changed[..., None], verdict.tokens, drafted)[:, :n]
         self.target.write(self.state, positions[:, :n], tokens)
         st = self.stats
         st.first_rejected.scatter_(1, positions[:, :n], verdict.first_rejected[:, :n])
         st.window, st.rounds = verdict.window, st.rounds + 1
         st.target_forwards += 1
         st.target_rows += len(steps) if self.plan.contexts == "per_step" else 1
-        st.target_head_calls += verdict.head_calls
-        st.drafted += changed.numel()
-        self.counts += torch.stack([(~changed[:, :n]).sum(), verdict.fallbacks[:, :n].sum()])    # no host sync
+        st.drafted += changed.numel() if chain is not None else 0
+        self.counts += torch.cat([(~changed[:, :n]).sum()[None], verdict.counts])
         return commit
 
 
@@ -360,6 +374,8 @@ def generate_continuous(target: MARAdapter, cond: Tensor, drafter: MARAdapter | 
         while k < len(run.steps):
             k += run.target_step(k) if drafter is None or run.steps[k][3] else run.spec_round(k)
         images = target.decode(run.state.tokens) if decode and getattr(target, "can_decode", False) else None
-    run.stats.accepted, run.stats.fallbacks = run.counts.tolist()
+    st, (accepted, t_head, d_head, drafted, passed, fallbacks) = run.stats, run.counts.tolist()
+    st.accepted, st.transitions_drafted, st.transitions_accepted, st.fallbacks = accepted, drafted, passed, fallbacks
+    st.target_head_calls, st.drafter_head_calls = st.target_head_calls + t_head, st.drafter_head_calls + d_head
     run.stats.wall_s = time.perf_counter() - t0
     return ContinuousResult(run.state.tokens, images, run.stats, plan)

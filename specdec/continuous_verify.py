@@ -17,10 +17,10 @@ Contexts (what the target's backbone sees when it conditions the drafted positio
                one token (raster continuous AR); otherwise it is an approximation.
 
 Verification: a rule with `target_at_draft_states` (the exact rule over Gaussian transitions, arXiv 2501.05370)
-gets the target head's means at the drafter's chain states, all S of them in one batched head call; a rejected
-chain is continued by the target head from the corrected state (one call per remaining transition, batched over
-the rejected positions), and the token is the target's mean at the exact x_{S-1}. Any other rule (CSpD) gets the
-target head's own whole chain from the same x_T and noises.
+speculates over each token's head chain (`speculate_chains`): windows of transitions proposed by the drafter's
+head (the first one from its recorded chain), each window's states evaluated by the target head in ONE call,
+verified in order; the token is the target's mean at the exact x_{S-1}. Any other rule (CSpD) gets the target
+head's own whole chain from the same x_T and noises.
 """
 from __future__ import annotations
 
@@ -42,17 +42,17 @@ class TokenVerdict:
     """The verdict on N drafted tokens of B images.
 
     tokens:         [B, N, D] what the rule emits (the draft token where it is kept)
-    first_rejected: LongTensor [B, N] first rejected transition of the verified window; `window` = none
-    window:         transitions in the verified window (exact rule: S - 1; CSpD: 1, the token)
-    fallbacks:      LongTensor [B, N] residual loops that took their fallback sample
-    head_calls:     sequential target head evaluations this verification took (batched over all positions)
+    first_rejected: LongTensor [B, N] first rejected transition of the first verified window (the drafted chain);
+                    `window` = none
+    window:         transitions in that window (exact rule: S - 1; CSpD: 1, the token)
+    counts:         LongTensor [5] over the whole verification, continuations included: sequential target head
+                    calls, sequential drafter head calls, transitions (CSpD: tokens) drafted, accepted, fallbacks
     """
 
     tokens: Tensor
     first_rejected: Tensor
     window: int
-    fallbacks: Tensor
-    head_calls: int
+    counts: Tensor
 
 
 def step_visibility(committed: Tensor, groups: list[Tensor]) -> list[Tensor]:
@@ -107,64 +107,99 @@ def _cfg_at(cfg_k: Tensor | float, idx: Tensor) -> Tensor | float:
     return cfg_k[idx] if isinstance(cfg_k, Tensor) else cfg_k
 
 
-def finish_chains(target: MARAdapter, z: Tensor, cfg_k: Tensor | float, x: Tensor, j: Tensor, noises: Tensor,
-                  temperature: float, todo: Tensor, tokens: Tensor) -> tuple[Tensor, int]:
-    """Run the target head's ancestral chain to the token where todo [M] (BoolTensor), from state x [M, D] at chain
-    index j [M] (x = x_j; j = S - 1 means only the noiseless last step is left). z: per-position conditions
-    [M or 2M, 1, C]; cfg_k float or [M]; noises [M, S, D] (shared); tokens [M, D] kept where not todo.
-    -> (tokens [M, D], head calls made: one per remaining transition, batched over the positions)."""
-    S, M = noises.shape[1], x.shape[0]
-    idx = todo.nonzero()[:, 0]
-    x, j, out, calls = x[idx], j[idx], tokens.clone(), 0
-    while idx.numel():
-        mean, logvar = target.head_transition(_rows(z, idx, M), x[:, None, None], (S - 1 - j)[:, None, None],
-                                              _cfg_at(cfg_k, idx))
-        mean, logvar, calls = mean[:, 0, 0], logvar[:, 0, 0], calls + 1
-        last = j == S - 1
-        out[idx[last]] = mean[last]
-        # the same expression as the head's own chain (same float rounding)
-        x = mean + torch.exp(0.5 * logvar) * noises[idx, j.clamp_max(S - 2)] * temperature
-        idx, x, j = idx[~last], x[~last], j[~last] + 1
-    return out, calls
+def _step(adapter: MARAdapter, z: Tensor, x: Tensor, chain_index: Tensor, cfg_k) -> tuple[Tensor, Tensor]:
+    """One head evaluation at states x [n, m, D], chain indices [n, m] -> (mean, logvar) [n, m, D]."""
+    S = adapter.num_steps
+    mean, logvar = adapter.head_transition(z, x[:, None], (S - 1 - chain_index)[:, None], cfg_k)
+    return mean[:, 0], logvar[:, 0]
 
 
-def verify_tokens(target: MARAdapter, rule: ContinuousRule, z: Tensor, cfg_k: Tensor | float, draft: HeadChain,
-                  x_T: Tensor, noises: Tensor, u: Tensor, temperature: float,
-                  generator: torch.Generator) -> TokenVerdict:
+def speculate_chains(target: MARAdapter, drafter: MARAdapter, zp: Tensor, zq: Tensor, cfg_k: Tensor | float,
+                     x_T: Tensor, first: HeadChain | None, noises: Tensor, u: Tensor, temperature: float,
+                     rule: ContinuousRule, generator: torch.Generator, window: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The target head's chains at M positions, sampled speculatively over their transitions (arXiv 2501.05370)
+    from x_T [M, D] with the shared noises [M, S, D] and uniforms [M, S]. Each round, from the exact state x_j:
+    the drafter's head proposes `window` transitions (round one: its recorded chain `first` [M, 1, S, ...] when
+    given, which is exactly that), the target's head evaluates all window + 1 states in ONE call, `rule`
+    verifies them in order; a rejection at r leaves the exact corrected x_{j+r+1}; all passed: the target's own
+    next transition is free (the bonus), or the token (its mean at x_{S-1}, the noiseless last step) when the
+    window reached x_{S-1}. Noises and uniforms of transitions after a rejection were read by no decision, so they
+    are reused. zp, zq: per-position conditions of target and drafter [M or 2M, 1, C]; cfg_k float or [M].
+    -> (tokens [M, D], first_rejected LongTensor [M]: chain index of the first rejected transition, S - 1 = none,
+    counts LongTensor [5]: target head calls, drafter head calls, transitions drafted, accepted, fallbacks)."""
+    S, M, last = noises.shape[1], noises.shape[0], noises.shape[1] - 1
+    idx, x, j = torch.arange(M, device=x_T.device), x_T, torch.zeros(M, dtype=torch.long, device=x_T.device)
+    out, first_rejected = torch.zeros_like(x), torch.full_like(j, last)
+    counts = torch.zeros(5, dtype=torch.long, device=x.device)
+    offsets, log_t2 = torch.arange(window + 1, device=x.device), 2 * math.log(temperature)
+    while idx.numel():                                                               # one host sync per round
+        zp_i, c_i, n = _rows(zp, idx, M), _cfg_at(cfg_k, idx), idx.numel()
+        at = (j[:, None] + offsets).clamp_max(last)                                  # chain index of each state
+        eps = noises[idx[:, None], at]
+        if first is not None:                # round one: every position at x_T, proposals already drafted
+            states, mq, lq = (t[:, 0, :k] for t, k in ((first.states, window + 1), (first.means, window),
+                                                       (first.logvars, window)))
+            first = None
+        else:
+            states, mq, lq = [x], [], []
+            for i in range(window):
+                mean, logvar = _step(drafter, _rows(zq, idx, M), states[-1][:, None], at[:, i:i + 1], c_i)
+                mq.append(mean[:, 0])
+                lq.append(logvar[:, 0])
+                states.append(mean[:, 0] + torch.exp(0.5 * logvar[:, 0]) * eps[:, i] * temperature)
+            states, mq, lq = torch.stack(states, 1), torch.stack(mq, 1), torch.stack(lq, 1)   # [n, w (+1), D]
+            counts[1] += window
+        mp, lp = _step(target, zp_i, states, at, c_i)
+        m = (last - j).clamp(max=window)                                             # transitions inside the chain
+        inside = (offsets[:window] < m[:, None])[..., None]         # past the chain's end q := p (passes, uncounted)
+        e = eps[:, None, :window]
+        verdict = rule.verify(GaussianChain(states[:, None], torch.where(inside, mq, mp[:, :window])[:, None],
+                                            torch.where(inside, lq, lp[:, :window])[:, None] + log_t2, e),
+                              GaussianChain(states[:, None], mp[:, None, :window], lp[:, None, :window] + log_t2, e),
+                              u[idx[:, None], at[:, :window]][:, None], generator)
+        r, rows = verdict.first_rejected[:, 0], torch.arange(n, device=x.device)
+        rejected = r < m
+        done = ~rejected & (j + m == last)
+        out[idx[done]] = mp[rows, m][done]
+        first_rejected[idx] = torch.where(rejected & (first_rejected[idx] == last), j + r, first_rejected[idx])
+        bonus = mp[rows, m] + torch.exp(0.5 * lp[rows, m]) * noises[idx, (j + m).clamp_max(last - 1)] * temperature
+        x = torch.where(rejected[:, None], verdict.state[:, 0], bonus)
+        j = torch.where(rejected, j + r + 1, j + m + 1)
+        counts += torch.stack([torch.ones_like(m[0]), torch.zeros_like(m[0]), m.sum(), torch.minimum(r, m).sum(),
+                               (verdict.fallbacks[:, 0] * rejected).sum()])
+        idx, x, j = idx[~done], x[~done], j[~done]
+    return out, first_rejected, counts
+
+
+def verify_tokens(target: MARAdapter, rule: ContinuousRule, z: Tensor, cfg_k: Tensor | float,
+                  draft: HeadChain | None, x_T: Tensor, noises: Tensor, u: Tensor, temperature: float, generator: torch.Generator,
+                  drafter: MARAdapter | None = None, zq: Tensor | None = None, window: int | None = None
+                  ) -> TokenVerdict:
     """The verdict on N drafted tokens of B images. z: the target's conditions [R, N, C] (`draft_contexts`);
     cfg_k: float or per-position guidance [B, N]; draft: the drafter's recorded chains (tokens [B, N, D], means /
-    logvars / states [B, N, S, D]); x_T [B, N, D], noises [B, N, S, D] shared by both heads; u [B, N, S] uniforms,
-    one per head step (the exact rule reads the S - 1 transitions', CSpD the last)."""
-    B, N, S, D = draft.states.shape
+    logvars / states [B, N, S, D]; None for the exact rule: its head proposes from x_T); x_T [B, N, D], noises [B, N, S, D] shared by both heads; u [B, N, S] uniforms,
+    one per head step (the exact rule reads the S - 1 transitions', CSpD the last). A rule with
+    `target_at_draft_states` runs `speculate_chains` with `window` transitions per target head call (None: the
+    whole chain, S - 1), the drafter's conditions zq [R', N, C'] proposing after a rejection."""
+    B, N, S, D = noises.shape
     M = B * N
     zf, cf = per_position(z), cfg_k.reshape(M) if isinstance(cfg_k, Tensor) else cfg_k
+    fc = None if draft is None else flat_chain(draft)
     flat = lambda t: t.reshape(M, 1, *t.shape[2:])                               # [B, N, ...] -> [M, 1, ...]
-    log_t2 = 2 * math.log(temperature)                                           # the samplers' tau^2 on sigma^2
     if rule.target_at_draft_states:
-        steps = torch.arange(S - 1, -1, -1, device=x_T.device)
-        mean_p, logvar_p = target.head_transition(zf, flat(draft.states), steps, cf)          # [M, 1, S, D]
-        states, eps = flat(draft.states), flat(noises)[:, :, :-1]
-        verdict = rule.verify(GaussianChain(states, flat(draft.means)[:, :, :-1], flat(draft.logvars)[:, :, :-1]
-                                            + log_t2, eps),
-                              GaussianChain(states, mean_p[:, :, :-1], logvar_p[:, :, :-1] + log_t2, eps),
-                              flat(u)[:, :, :-1], generator)
-        r = verdict.first_rejected[:, 0]                                                      # [M]
-        tokens, calls = mean_p[:, 0, -1], 1
-        todo = r < S - 1
-        if bool(todo.any()):
-            tokens, more = finish_chains(target, zf, cf, verdict.state[:, 0], r + 1, flat(noises)[:, 0],
-                                         temperature, todo, tokens)
-            calls += more
-    else:
-        own = target.head_chain(zf, flat(x_T), flat(noises), temperature, cf, record=True)
-        end = lambda c: torch.cat([c.states, c.tokens[:, :, None]], 2)                       # [M, 1, S + 1, D]
-        verdict = rule.verify(GaussianChain(end(flat_chain(draft)), flat(draft.means), flat(draft.logvars) + log_t2,
-                                            flat(noises)),
-                              GaussianChain(end(own), own.means, own.logvars + log_t2, flat(noises)), flat(u),
-                              generator)
-        tokens, calls = verdict.state[:, 0], S
-    return TokenVerdict(tokens.reshape(B, N, D), verdict.first_rejected.reshape(B, N), verdict.window,
-                        verdict.fallbacks.reshape(B, N), calls)
+        window = S - 1 if window is None else min(window, S - 1)
+        tokens, first, counts = speculate_chains(target, drafter, zf, per_position(zq), cf, flat(x_T)[:, 0], fc,
+                                                 flat(noises)[:, 0], flat(u)[:, 0], temperature, rule, generator,
+                                                 window)
+        return TokenVerdict(tokens.reshape(B, N, D), first.reshape(B, N), S - 1, counts)
+    log_t2 = 2 * math.log(temperature)                                           # the samplers' tau^2 on sigma^2
+    own = target.head_chain(zf, flat(x_T), flat(noises), temperature, cf, record=True)
+    end = lambda c: torch.cat([c.states, c.tokens[:, :, None]], 2)                           # [M, 1, S + 1, D]
+    verdict = rule.verify(GaussianChain(end(fc), fc.means, fc.logvars + log_t2, flat(noises)),
+                          GaussianChain(end(own), own.means, own.logvars + log_t2, flat(noises)), flat(u), generator)
+    kept = verdict.first_rejected.sum()
+    counts = torch.stack([kept.new_tensor(S), kept.new_tensor(0), kept.new_tensor(M), kept, verdict.fallbacks.sum()])
+    return TokenVerdict(verdict.state[:, 0].reshape(B, N, D), verdict.first_rejected.reshape(B, N), 1, counts)
 
 
 def flat_chain(chain: HeadChain) -> HeadChain:

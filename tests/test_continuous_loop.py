@@ -131,7 +131,8 @@ def test_drafter_equal_to_target_accepts_everything_bit_for_bit(pair, gamma, pre
         assert torch.equal(res.tokens, ref), rule.name
         st, pre = res.stats, int(prefill * 4)
         drafted = st.first_rejected[st.first_rejected >= 0]
-        assert bool((drafted == st.window).all()) and st.accepted == st.drafted > 0
+        assert bool((drafted == st.window).all()) and st.accepted == st.drafted
+        assert st.transitions_accepted == st.transitions_drafted > 0 and st.transition_acceptance == 1.0
         assert st.target_forwards == pre + -(-(4 - pre) // gamma)                    # every round commits gamma
         assert st.mean_accepted_length == 16 / st.target_forwards
     assert res.lossless is False                    # CSpD is lossy even where it happens to agree
@@ -198,7 +199,8 @@ def test_gamma_rounds_equal_one_step_rounds(pair, causal):
     one = generate_continuous(target, cond, drafter, GaussianChainRule(), gamma=1, seed=6, **kw)
     many = generate_continuous(target, cond, drafter, GaussianChainRule(), gamma=3, seed=6, **kw)
     assert many.lossless and many.plan.contexts == ("union" if causal else "per_step")
-    torch.testing.assert_close(many.tokens, one.tokens, rtol=1e-5, atol=1e-5)
+    # equal up to the float rounding of the batched (padded) backbone pass, amplified along the head chains
+    torch.testing.assert_close(many.tokens, one.tokens, rtol=1e-4, atol=1e-4)
     assert torch.equal(many.stats.first_rejected, one.stats.first_rejected)
     assert many.stats.target_forwards == one.stats.target_forwards == kw["num_iter"]
     assert 0 < one.stats.transition_acceptance < 1
