@@ -178,9 +178,10 @@ def verify_tokens(target: MARAdapter, rule: ContinuousRule, z: Tensor, cfg_k: Te
     """The verdict on N drafted tokens of B images. z: the target's conditions [R, N, C] (`draft_contexts`);
     cfg_k: float or per-position guidance [B, N]; draft: the drafter's recorded chains (tokens [B, N, D], means /
     logvars / states [B, N, S, D]; None for the exact rule: its head proposes from x_T); x_T [B, N, D], noises
-    [B, N, S, D] shared by both heads; u [B, N, S] uniforms, one per head step (the exact rule reads the S - 1 transitions', CSpD the last). A rule with
-    `target_at_draft_states` runs `speculate_chains` with `window` transitions per target head call (None: the
-    whole chain, S - 1), the drafter's conditions zq [R', N, C'] proposing after a rejection."""
+    [B, N, S, D] shared by both heads; u [B, N, S] uniforms, one per head step (the exact rule reads the S - 1
+    transitions', CSpD the last). A rule with `target_at_draft_states` runs `speculate_chains` with `window`
+    transitions per target head call (None: the whole chain, S - 1), the drafter's conditions zq [R', N, C']
+    proposing after a rejection."""
     B, N, S, D = noises.shape
     M = B * N
     zf, cf = per_position(z), cfg_k.reshape(M) if isinstance(cfg_k, Tensor) else cfg_k
