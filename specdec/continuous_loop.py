@@ -25,9 +25,13 @@ value by that much per coordinate (the float rounding of a batched backbone pass
 bitwise). Committing the batch's common number of steps is also exact (fewer steps is always allowed); it costs
 nothing in practice: with a distinct drafter the first drafted step changes in every image with probability one,
 because MAR's last head step is noiseless and the token is the TARGET's mean at the verified x_{S-1}, not the
-drafter's. So the exact rule commits one AR step per target pass (gamma = 1 is its best setting) and saves only
-head work: S sequential target head calls become one batched call (plus a continuation after a rejection).
-CSpD with `independent` commits gamma steps per pass and is lossy, without a bound.
+drafter's. So the exact rule commits one AR step per target pass (gamma = 1 is its best setting; such a round
+drafts no tokens, only the drafter's conditions) and can save only head work: each token's chain of S head steps
+is speculated in windows of `head_window` transitions, so S sequential target head calls become about
+S / (accepted run + 1) calls of window + 1 states each. That is the same head arithmetic or more, plus the
+drafter's calls: a saving only where calls are latency-bound (a GPU at small batch, a drafter head much cheaper
+per call), none on a compute-bound CPU. CSpD with `independent` commits gamma steps per target pass and is lossy,
+without a bound.
 """
 from __future__ import annotations
 
