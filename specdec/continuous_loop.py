@@ -82,7 +82,7 @@ class LoopConfig:
     order: str = "random"
     cfg_kind: str = "linear"
     match_tol: float = 1e-4
-    head_window: int | None = 8
+    head_window: int | None = 4
     seed: int = 0
 
     def __post_init__(self):
