@@ -202,7 +202,7 @@ def stage_mar(name: str, args, out: Path, work: Path) -> None:
                                     if variance != "learned" else "learned-range variance (VLB); NOT shared "
                                     "between target and drafter"),
                 sampling=dict(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule="linear", temperature=1.0,
-                              variance=variance),
+                              variance=variance, clip_x0=continuous.DEFAULT_CLIP_X0),
                 trained_on="autoencoder tokens (scaled posterior samples) of fresh training crops every step"
                            + ("" if is_target else "; the same loss and data as the target, not distilled"),
                 optimizer="AdamW(0.9, 0.95), official decay groups, warm-up 100 + cosine to 10%, grad clip "
@@ -330,7 +330,8 @@ def stage_figures(args, out: Path, work: Path) -> None:
     timing = speed(bundle.target, bundle.drafter, bundle.num_iter, bundle.cfg_scale, args.speed_rounds)
     fds = sample_fd(bundle, args, work)
     ae_figures = ae_metrics(args, out)
-    summary = dict(autoencoder=ae_figures, diffusion_loss=losses, speed_batch1=timing, **fds)
+    summary = dict(autoencoder=ae_figures, diffusion_loss=losses, speed_batch1=timing, sampling_clip_x0=bundle.clip_x0,
+                   **fds)
     _set_card(out, "continuous_ae", figures=ae_figures)
     for name in models:
         _set_card(out, name, figures=summary)

@@ -234,3 +234,18 @@ def test_script_stages_write_loadable_zoo(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(zoo.ZooError, match="corrupt"):
         continuous.load(directory=out)
+
+
+@pytest.mark.skipif(not continuous.available(), reason="the continuous zoo weights are not in the package")
+def test_shipped_zoo_samples_are_on_the_token_scale():
+    """Target-only and drafter-only samples of the shipped zoo at its defaults have tokens on the data's scale (unit
+    std; the band < 3 is loose) and finite images. Without the head's x0 clamp the top step (abar_T ~ 2.4e-9)
+    amplifies eps errors ~630 times and sampled tokens had std ~ 470."""
+    bundle = continuous.load()
+    assert bundle.clip_x0 == continuous.DEFAULT_CLIP_X0 and bundle.target.clip_x0 == bundle.drafter.clip_x0
+    for adapter in (bundle.target, bundle.drafter):
+        tokens = adapter.sample(torch.tensor([1, 7]), num_iter=bundle.num_iter, cfg=bundle.cfg_scale,
+                                generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(tokens).all() and 0.3 < tokens.std() < 3, float(tokens.std())
+        images = adapter.decode(tokens)
+        assert torch.isfinite(images).all() and (images.abs() > 0.99).float().mean() < 0.05

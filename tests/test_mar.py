@@ -494,3 +494,34 @@ def test_bad_inputs(mar):
         MARConfig.named("mar_tiny", num_sampling_steps=1)
     with pytest.raises(ValueError, match="VAE"):
         MARAdapter(mar.model, KLVAE(VAEConfig.tiny(ch_mult=(1, 2))))
+
+
+def test_x0_clip_option(mar):
+    """clip_x0=c clamps x0_hat to [-c, c] before the posterior mean, in chains and transitions alike; None is the
+    official sampler, bit for bit; the clipped chain stays Gaussian: x_{s+1} = mean + sigma * noise."""
+    state, pos, z, x_T, steps = _step_inputs(mar)
+    assert mar.clip_x0 is None                                          # official default
+    plain = mar.head_chain(z, x_T, steps, 1.0, 2.0)
+    wide = MARAdapter(mar.model, clip_x0=1e30).head_chain(z, x_T, steps, 1.0, 2.0)
+    for field in ("tokens", "means", "logvars", "states"):             # a clamp that never binds changes no bit
+        assert torch.equal(getattr(wide, field), getattr(plain, field))
+    c = 0.25
+    clipped = MARAdapter(mar.model, clip_x0=c)
+    out = clipped.head_chain(z, x_T, steps, 1.0, 2.0)
+    assert not torch.allclose(out.tokens, plain.tokens)                # the clamp binds on this head
+    S = mar.num_steps
+    dl = mar.model.diffloss
+    t = torch.arange(S - 1, -1, -1)
+    coef1, coef2 = dl.const("coef1")[t][:, None], dl.const("coef2")[t][:, None]
+    x0 = (out.means - coef2 * out.states) / coef1                      # the x0 the posterior mean was built from
+    assert x0.abs().max() <= c * (1 + 1e-4) + 1e-5 and out.tokens.abs().max() <= c
+    assert (x0.abs() > c * 0.999).any()                                # ... and it was clamped somewhere
+    nxt = out.means[:, :, :-1] + torch.exp(0.5 * out.logvars[:, :, :-1]) * steps[:, :, :-1]
+    torch.testing.assert_close(out.states[:, :, 1:], nxt)
+    mean, logvar = clipped.head_transition(z, out.states, t, 2.0)      # the transitions the exact rule sees
+    torch.testing.assert_close(mean, out.means, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logvar, out.logvars, rtol=1e-5, atol=1e-5)
+    assert torch.equal(logvar, mar.head_transition(z, out.states, t, 2.0)[1])   # same states: the same variance
+    for bad in (0.0, -1.0, float("inf"), "1"):
+        with pytest.raises(ValueError, match="clip_x0"):
+            MARAdapter(mar.model, clip_x0=bad)

@@ -17,7 +17,8 @@ schedule, CFG schedule and their quirks: `specdec.models.mar.sampling`); given t
 it returns the official loop's tokens up to float32 rounding (compared against the public code on CPU). A drafter
 and a target that both call `condition` / `head_*` with the same cfg_k get identical CFG doubling and guidance.
 `variance="small"` / "large" replaces the learned variance by the schedule's fixed one (two heads then share each
-step's covariance).
+step's covariance). `clip_x0=c` clamps the head's predicted x0 to [-c, c] in every chain and transition (None, the
+default, is the official unclipped sampler; see `specdec.models.mar.diffloss`).
 `timing` counts backbone and head seconds (CUDA-synchronised when time_sync).
 """
 from __future__ import annotations
@@ -120,14 +121,18 @@ def _check(x: Tensor, shape: tuple, name: str, fix: str) -> None:
 
 class MARAdapter:
     """The hooks of one MAR model (and its VAE, optional). causal: override the model's cfg.causal (None: keep it).
-    variance: the head's default variance, "learned" (official), "small" or "large" (fixed schedule values)."""
+    variance: the head's default variance, "learned" (official), "small" or "large" (fixed schedule values).
+    clip_x0: None (official) or c > 0, the head's x0 clamp; an attribute, not a per-call option, so that head_chain
+    and head_transition always run the same sampler."""
 
     supports_cfg = True
 
     def __init__(self, model: MAR, vae: KLVAE | None = None, causal: bool | None = None,
-                 variance: str = "learned", time_sync: bool = True):
+                 variance: str = "learned", time_sync: bool = True, clip_x0: float | None = None):
         if variance not in VARIANCES:
             raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+        if clip_x0 is not None and not (isinstance(clip_x0, (int, float)) and math.isfinite(clip_x0) and clip_x0 > 0):
+            raise ValueError(f"clip_x0 must be None (no clipping) or a finite number > 0, got {clip_x0!r}")
         cfg: MARConfig = model.cfg
         if vae is not None and (vae.cfg.stride != cfg.vae_stride or vae.cfg.embed_dim != cfg.vae_embed_dim):
             raise ValueError(f"the VAE (stride {vae.cfg.stride}, {vae.cfg.embed_dim} channels) does not match MAR "
@@ -137,6 +142,7 @@ class MARAdapter:
         self.vae = None if vae is None else vae.eval()
         self.causal = cfg.causal if causal is None else bool(causal)
         self.variance = variance
+        self.clip_x0 = None if clip_x0 is None else float(clip_x0)
         self.num_tokens, self.grid, self.token_dim = cfg.seq_len, cfg.grid, cfg.token_dim
         self.num_steps = cfg.num_sampling_steps
         self.can_decode = vae is not None
@@ -244,7 +250,7 @@ class MARAdapter:
             k = self._cfg_rows(cfg_k, z, b, n)
             tokens, means, logvars, states = self.model.diffloss.chain(
                 c, x_T.reshape(b * n, d).float(), noises.reshape(b * n, self.num_steps, d).float(), temperature,
-                k, self._variance(variance), record)
+                k, self._variance(variance), record, self.clip_x0)
         shape = (b, n, self.num_steps, d)
         if not record:
             return HeadChain(tokens.reshape(b, n, d))
@@ -268,7 +274,7 @@ class MARAdapter:
             k = self._cfg_rows(cfg_k, z, b, n * m)
             x = x_t.reshape(b * n * m, d).float()
             mean, logvar = self.model.diffloss.transition(x, t.expand(b, n, m).reshape(-1), c, k,
-                                                          self._variance(variance))
+                                                          self._variance(variance), self.clip_x0)
         return mean.reshape(b, n, m, d), logvar.reshape(b, n, m, d)
 
     # ---- randomness and schedules ---------------------------------------------------------------------------------

@@ -16,7 +16,11 @@ build it without an import cycle). Tokens are latents times `KLConfig.scale`, fi
 autoencoder's training so that they have unit standard deviation (MAR's KL-16 uses 0.2325). Both heads were trained
 with the eps loss only and sample with the schedule's FIXED variance (`bundle.variance`, the cards' head_variance),
 so the target and the drafter share sigma_t at every head step: the condition for an exact speculative rule over
-Gaussian transitions.
+Gaussian transitions. Both also clamp the head's predicted x0 to [-c, c] (`bundle.clip_x0`, ADM's clip_denoised
+with the tokens' range instead of [-1, 1]): unclipped, the cosine schedule's top step (abar_T ~ 2.4e-9) multiplies
+the small heads' eps errors by ~630 in the first mean and the chains diverge (sampled tokens of std ~ 470 instead
+of 1). c = 6 lies just above the largest |token| of held-out crops (~5.8), so it binds only where x0_hat is off the
+data. The clamp keeps every transition Gaussian with the same variance, so the exact rule stays exact.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ MODEL_NAMES = ("continuous_ae", "continuous_target", "continuous_drafter")
 DEFAULT_NUM_ITER = 16
 DEFAULT_CFG = 3.0
 DEFAULT_VARIANCE = "large"
+DEFAULT_CLIP_X0 = 6.0      # the head's x0 clamp (tokens have unit std; held-out |token| <= ~5.8)
 
 
 def step_macs(cfg, visible: int, predicted: int, guided: bool = False) -> dict[str, int]:
@@ -59,8 +64,8 @@ def step_macs(cfg, visible: int, predicted: int, guided: bool = False) -> dict[s
 @dataclass(frozen=True)
 class ContinuousBundle:
     """The embedded continuous-token models. target / drafter: MARAdapter (decode gives pixels through the
-    autoencoder); features: the image zoo's FeatureNet (Frechet distance); num_iter / cfg_scale / variance: the
-    zoo's sampling defaults (from the target's card)."""
+    autoencoder); features: the image zoo's FeatureNet (Frechet distance); num_iter / cfg_scale / variance /
+    clip_x0: the zoo's sampling defaults (from the target's card)."""
 
     target: Any
     drafter: Any
@@ -71,6 +76,7 @@ class ContinuousBundle:
     num_iter: int = DEFAULT_NUM_ITER
     cfg_scale: float = DEFAULT_CFG
     variance: str = DEFAULT_VARIANCE
+    clip_x0: float | None = DEFAULT_CLIP_X0
 
     def class_id(self, name_or_id: str | int) -> int:
         """'coffee' or 1 -> 1; anything else raises ValueError listing the valid names."""
@@ -103,6 +109,7 @@ def load(device: str | torch.device = "cpu", directory: str | Path | None = None
     features, cards["features"] = load_model("features", directory if own else None, device)
     ae, sampling = models["continuous_ae"], cards["continuous_target"].get("sampling", {})
     variance = sampling.get("variance", DEFAULT_VARIANCE)
+    clip_x0 = sampling.get("clip_x0", DEFAULT_CLIP_X0)
     adapters = {}
     for name in MODEL_NAMES[1:]:
         trained_on = cards[name].get("autoencoder_sha256")
@@ -113,9 +120,10 @@ def load(device: str | torch.device = "cpu", directory: str | Path | None = None
         if cards[name].get("head_variance", variance) != variance:
             raise ZooError(f"{name} was trained for head variance {cards[name].get('head_variance')!r}, the zoo "
                            f"samples with {variance!r}: retrain the drafter")
-        adapters[name] = MARAdapter(models[name], ae, variance=variance)
+        adapters[name] = MARAdapter(models[name], ae, variance=variance, clip_x0=clip_x0)
     classes = tuple(cards["continuous_target"].get("data", {}).get("classes", CLASS_NAMES))
     return ContinuousBundle(target=adapters["continuous_target"], drafter=adapters["continuous_drafter"],
                             autoencoder=ae, features=features, classes=classes, cards=cards,
                             num_iter=int(sampling.get("num_iter", DEFAULT_NUM_ITER)),
-                            cfg_scale=float(sampling.get("cfg", DEFAULT_CFG)), variance=variance)
+                            cfg_scale=float(sampling.get("cfg", DEFAULT_CFG)), variance=variance,
+                            clip_x0=clip_x0)

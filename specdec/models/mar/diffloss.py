@@ -9,7 +9,8 @@ What is reproduced from the official head (the checkpoints were trained with it)
   has betas 1 - abar_i / abar_prev over the kept steps, and the MLP sees the ORIGINAL timestep of a kept step.
 * The MLP predicts eps and a learned-range variance v in [-1, 1]:
   log sigma_t^2 = (v + 1) / 2 * log beta_t + (1 - v) / 2 * log posterior_var_t (posterior_var_0 := posterior_var_1,
-  IDDPM's clipping). Mean = posterior mean at x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), no clipping.
+  IDDPM's clipping). Mean = posterior mean at x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), no clipping
+  (official `clip_denoised=False`; `clip` below is an opt-in departure).
 * Ancestral step x_{t-1} = mu + tau * sigma_t * eps_t (temperature tau on the noise only, x_T is N(0, I)
   untempered); the step at t = 0 adds no noise, so a token is the mean at t = 0 (which equals x0_hat there).
 * CFG on eps only (official `forward_with_cfg`): the 2N condition rows are [cond; uncond], both fed the SAME x_t
@@ -19,6 +20,13 @@ rounding (compared against the public code on CPU). Differences that change no v
 embeddings are computed once per call instead of once per step, and no noise is drawn for the unconditional CFG
 half (upstream draws it, but `forward_with_cfg` replaces that half's state by the conditional one, so it never
 reaches the output). With half-precision weights the chain itself (states, means, constants) stays float32.
+
+x0 clipping (opt-in, `clip=c`; ADM's `clip_denoised` with the range [-c, c] instead of [-1, 1]): x0_hat is clamped
+to [-c, c] before the posterior mean. Why a head may need it: the cosine schedule's last step has beta = 0.999, so
+the respaced top step has abar_T ~ 2.4e-9 and x0_hat = recip_T (x_T - eps) with recip_T ~ 2e4; the mean carries
+sqrt(abar_prev) recip_T ~ 630 times any eps error (a 0.02 error gives a state of std ~ 11, far off the training
+states, and the chain diverges). The mean stays a deterministic function of x_t and the variance is unchanged, so
+clipped chains are still Gaussian transition chains: two heads that clip alike keep sharing each step's covariance.
 """
 from __future__ import annotations
 
@@ -225,14 +233,17 @@ class DiffLoss(nn.Module):
         k = cfg_k[:, None] if isinstance(cfg_k, Tensor) else cfg_k
         return eps_u + k * (eps_c - eps_u), out[:n, self.token_dim:]
 
-    def mean_logvar(self, x: Tensor, t: Tensor | int, eps: Tensor, v: Tensor,
-                    variance: str = "learned") -> tuple[Tensor, Tensor]:
+    def mean_logvar(self, x: Tensor, t: Tensor | int, eps: Tensor, v: Tensor, variance: str = "learned",
+                    clip: float | None = None) -> tuple[Tensor, Tensor]:
         """p(x_{t-1} | x_t) = N(mean, exp(logvar)): x, eps, v [N, D]; variance "learned" (the checkpoint's
         learned range), "small" (posterior variance, the range's lower end) or "large" (beta_t, its upper end;
-        IDDPM's fixed-large with posterior_var_1 at t = 0) -> (mean [N, D], logvar [N, D])."""
+        IDDPM's fixed-large with posterior_var_1 at t = 0); clip: None (official) or c > 0, x0_hat clamped to
+        [-c, c] before the posterior mean -> (mean [N, D], logvar [N, D])."""
         at = (lambda buf: buf[t][:, None]) if isinstance(t, Tensor) else (lambda buf: buf[t])
         c = self.const
         x0 = at(c("recip")) * x - at(c("recipm1")) * eps
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
         mean = at(c("coef1")) * x0 + at(c("coef2")) * x
         if variance == "learned":
             frac = (v + 1) / 2
@@ -246,25 +257,25 @@ class DiffLoss(nn.Module):
         return mean, logvar
 
     def transition(self, x: Tensor, t: Tensor, c: Tensor, cfg_k: Tensor | float = 1.0,
-                   variance: str = "learned") -> tuple[Tensor, Tensor]:
+                   variance: str = "learned", clip: float | None = None) -> tuple[Tensor, Tensor]:
         """Many transitions in one call: x [N, D] at steps t [N] (LongTensor) -> (mean, logvar) [N, D] each."""
         eps, v = self.predict(x, t, c, cfg_k)
-        return self.mean_logvar(x, t, eps, v, variance)
+        return self.mean_logvar(x, t, eps, v, variance, clip)
 
     def chain(self, c: Tensor, x_T: Tensor, noises: Tensor, temperature: float = 1.0,
-              cfg_k: Tensor | float = 1.0, variance: str = "learned", record: bool = True
-              ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+              cfg_k: Tensor | float = 1.0, variance: str = "learned", record: bool = True,
+              clip: float | None = None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """The ancestral sampler with given noises. c [N, W] or [2N, W]; x_T [N, D]; noises [N, S, D], noises[:, s]
         enters step s (from t = S-1-s to t-1); noises[:, S-1] is never used (the last step is noiseless).
-        -> (tokens [N, D] = means[:, -1], means [N, S, D], logvars [N, S, D], states [N, S, D] = x before step s);
-        the last three are None when record=False."""
+        clip: as in `mean_logvar`. -> (tokens [N, D] = means[:, -1], means [N, S, D], logvars [N, S, D],
+        states [N, S, D] = x before step s); the last three are None when record=False."""
         times = self.time_table()
         x = x_T
         means, logvars, states = [], [], []
         for s in range(self.num_steps):
             t = self.num_steps - 1 - s
             eps, v = self.predict(x, t, c, cfg_k, times)
-            mean, logvar = self.mean_logvar(x, t, eps, v, variance)
+            mean, logvar = self.mean_logvar(x, t, eps, v, variance, clip)
             if record:
                 states.append(x)
                 means.append(mean)
