@@ -138,6 +138,7 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
 def run_continuous_demo(out: str | Path = "specdec-demo-continuous", quick: bool = False,
                         classes: list | None = None, per_class: int = 0, seed: int = 0, temperature: float = 1.0,
                         cfg: float = 3.0, repeats: int = 0, fd_real: int = 256, threads: int = 0,

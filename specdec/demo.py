@@ -50,9 +50,8 @@ def check_out_dir(path: str | Path) -> Path:
 
 
 def prepare(out: str | Path, threads: int) -> tuple[Path, int]:
-    """What every demo does first: no autograd, a writable output folder, the torch threads set.
-    -> (the folder, the threads in use); DemoError on a bad input."""
-    torch.set_grad_enabled(False)
+    """What every demo does first: a writable output folder, the torch threads set (the demos themselves run under
+    torch.no_grad(), which does not leak into the caller). -> (the folder, the threads in use); DemoError."""
     out = check_out_dir(out)
     try:
         return out, set_threads(threads)
@@ -63,6 +62,7 @@ def prepare(out: str | Path, threads: int) -> tuple[Path, int]:
 FD_MIN_IMAGES = metrics.FD_MIN_IMAGES
 
 
+@torch.no_grad()
 def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: list[str] | None = None,
              per_class: int = 0, seed: int = 0, temperature: float = 1.0, top_k: int = 0, cfg: float = 3.0,
              repeats: int = 0, fd_real: int = 256, threads: int = 0, rule: str | None = None,

@@ -42,6 +42,7 @@ GIF_SCALE = 3
 GIF_FRAME_MS = 250
 
 
+@torch.no_grad()
 def run_video_demo(out: str | Path = "specdec-demo-video", quick: bool = False, classes: list | None = None,
                    per_class: int = 0, seed: int = 0, temperature: float = 1.0, top_k: int = 0, cfg: float = 3.0,
                    repeats: int = 0, fd_real: int = 256, threads: int = 0) -> int:

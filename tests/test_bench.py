@@ -206,7 +206,7 @@ def test_bad_configs_give_clear_errors(tmp_path):
         parse_config(_raw(drafter="jacobi", drafter_params={"window": 1}))
     with pytest.raises(BenchConfigError, match=r"delta must be in \[0, 1\]"):
         parse_config(_raw(drafter="model", rule="lantern", rule_params={"delta": 3.0}))
-    with pytest.raises(BenchConfigError, match=r"unknown generator 'gpt5'; valid generators: tiny-random, zoo"):
+    with pytest.raises(BenchConfigError, match=r"unknown generator 'gpt5'; valid generators: tiny-random, video-zoo, zoo"):
         parse_config({**_raw(), "generator": "gpt5"})
     with pytest.raises(BenchConfigError, match=r"unknown \[sweep\] keys \['temp'\]; valid keys: batch, cfg"):
         parse_config({**_raw(), "sweep": {"temp": [1.0]}})

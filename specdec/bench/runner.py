@@ -274,6 +274,7 @@ def measure_row(gen: _PerGenerator, run: dict, cfg: BenchConfig, scorers: list, 
 
 
 # -- a sweep ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()        # not torch.set_grad_enabled(False): that would leak into the caller
 def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
               on_row: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
     """Run every pending configuration of cfg, appending one JSON line per finished one to `out`.
@@ -281,7 +282,6 @@ def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
     max_rows: stop (raise Abort) after this many new rows in this process. on_row(row) is called after each row is
     written (raise in it to interrupt). Returns the rows this process wrote.
     """
-    torch.set_grad_enabled(False)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dist = _dist()
