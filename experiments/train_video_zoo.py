@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import train_zoo  # noqa: E402
-from train_zoo import _config_dict, _finish_card, card_complete, log, train_loop  # noqa: E402
+from train_zoo import _config_dict, _finish_card, adamw, card_complete, log, train_loop  # noqa: E402
 from specdec import zoo  # noqa: E402
 from specdec.adapters import GPTAdapter  # noqa: E402
 from specdec.metrics import token_nll  # noqa: E402
@@ -97,11 +97,8 @@ def stage_gpt(name: str, args, out: Path, work: Path) -> None:
     vocab = zoo.read_card("vq", out)["config"]["codebook_size"]
     cfg = GPTConfig(vocab_size=vocab, num_classes=len(CLASS_NAMES), **GPT_CONFIGS[name])
     model = GPT(cfg)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
     peak = args.target_lr if teacher is None else args.drafter_lr
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.05), dict(params=no_decay, weight_decay=0.0)],
-                            lr=peak, betas=(0.9, 0.95))
+    opt = adamw(model, peak)
     bsz = args.batch
 
     def step_fn(step: int) -> dict[str, float]:

@@ -119,6 +119,14 @@ def train_loop(name: str, model: torch.nn.Module, opt: torch.optim.Optimizer, st
     return dict(steps=step, total_steps=total, wall_s=round(time.time() - t_start, 1), complete=step == total)
 
 
+def adamw(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+    """The zoo GPTs' optimiser: AdamW(0.9, 0.95), weight decay 0.05 on matrices only (not norms, biases)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([dict(params=decay, weight_decay=0.05), dict(params=no_decay, weight_decay=0.0)],
+                             lr=lr, betas=(0.9, 0.95))
+
+
 # ---- stages -----------------------------------------------------------------------------------------------------------
 def stage_vq(args, out: Path, work: Path) -> None:
     torch.manual_seed(args.seed)
@@ -242,11 +250,8 @@ def stage_gpt(name: str, args, out: Path, work: Path) -> None:
     vocab = zoo.read_card("vq", out)["config"]["codebook_size"]
     cfg = GPTConfig(vocab_size=vocab, num_classes=len(data.CLASS_NAMES), **GPT_CONFIGS[name])
     model = GPT(cfg)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
     peak = args.target_lr if name == "target" else args.drafter_lr
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=0.05), dict(params=no_decay, weight_decay=0.0)],
-                            lr=peak, betas=(0.9, 0.95))
+    opt = adamw(model, peak)
     bsz = args.gpt_batch
 
     def step_fn(step: int) -> dict[str, float]:
