@@ -214,7 +214,7 @@ def test_bad_configs_give_clear_errors(tmp_path):
         parse_config({**_raw(), "sweep": {"temperature": [-1.0]}})
     with pytest.raises(BenchConfigError, match=r"no \[\[method\]\]"):
         parse_config({"generator": "tiny-random"})
-    with pytest.raises(BenchConfigError, match=r"not found.*presets: paper-gsd, paper-lantern, paper-sjd, zoo-exact, zoo-full"):
+    with pytest.raises(BenchConfigError, match=r"not found.*presets: paper-gsd, paper-lantern, paper-sjd, video-speed, zoo-exact, zoo-full"):
         load_config(tmp_path / "missing.toml")
     with pytest.raises(BenchConfigError, match=r"unknown preset 'zoo'; valid presets: paper-gsd"):
         load_config(preset="zoo")
@@ -231,7 +231,10 @@ def test_presets_parse_and_cover_the_readme_table():
         assert cfg.runs and (cfg.repeats >= 3 or not timing) and any(r["drafter"] is None for r in cfg.runs), name
         assert len({r["key"] for r in cfg.runs}) == len(cfg.runs)
     assert set(bench.preset_names()) == {"zoo-quick", "zoo-exact", "zoo-full", "zoo-quality", "zoo-speed",
-                                         "zoo-throughput", "paper-lantern", "paper-gsd", "paper-sjd"}
+                                         "zoo-throughput", "paper-lantern", "paper-gsd", "paper-sjd", "video-speed"}
+    video = load_config(preset="video-speed").runs
+    assert {r["drafter_params"].get("coupling", "none") for r in video if r["drafter"] == "jacobi"} == \
+        {"none", "maximal", "gumbel"}
     speed = load_config(preset="zoo-speed").runs
     assert {r["batch"] for r in speed} == {1, 8} and {r["sampling"]["cfg_scale"] for r in speed} == {1.0, 3.0}
     assert {r["drafter_params"].get("tree", "chain") for r in speed if r["drafter"] == "eagle"} == \
