@@ -385,13 +385,7 @@ def main(argv=None) -> None:
     p.add_argument("--fd-samples", type=int, default=200, help="samples per model for the Frechet distance (0: skip)")
     p.add_argument("--fd-batch", type=int, default=50)
     args = p.parse_args(argv)
-    train_zoo.LOG = args.log
-    torch.set_num_threads(args.threads)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        p.error(f"unknown stages {bad}; valid: {','.join(STAGES)}")
-    args.work_dir.mkdir(parents=True, exist_ok=True)
+    stages = train_zoo.start_run(p, args, STAGES)
     log(f"train_continuous_zoo: stages {stages}, sizes {args.sizes}, seed {args.seed}, out {args.out}")
     for stage in STAGES:
         if stage not in stages:

@@ -190,13 +190,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-per-class", type=int, default=20)
     p.add_argument("--eval-clips", type=int, default=64)
     args = p.parse_args(argv)
-    train_zoo.LOG = args.log
-    torch.set_num_threads(args.threads)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        p.error(f"unknown stages {bad}; valid: {','.join(STAGES)}")
-    args.work_dir.mkdir(parents=True, exist_ok=True)
+    stages = train_zoo.start_run(p, args, STAGES)
     log(f"train_video_zoo: stages {stages}, seed {args.seed}")
     names = {"target": "video_target", "drafter": "video_drafter"}
     for stage in STAGES:

@@ -337,8 +337,21 @@ def _finish_card(out: Path, name: str, metrics: dict) -> None:
     log(f"{name}: done, {card['steps']} steps, {card['wall_s']} s, {card['params']} params, metrics {metrics}")
 
 
-def main(argv=None) -> None:
+def start_run(p: argparse.ArgumentParser, args, stages_known: tuple[str, ...]) -> list[str]:
+    """What every zoo training script does after parsing: log file, threads, the stages asked for (checked against
+    stages_known, a parser error otherwise), the work folder. -> the stages, in the order given."""
     global LOG
+    LOG = args.log
+    torch.set_num_threads(args.threads)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in stages_known]
+    if bad:
+        p.error(f"unknown stages {bad}; valid: {','.join(stages_known)}")
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    return stages
+
+
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--seed", type=int, default=0)
@@ -378,13 +391,7 @@ def main(argv=None) -> None:
                    help="soft: the target's guided law at every position (top --distill-topk); samples: its tokens")
     p.add_argument("--distill-topk", type=int, default=128)
     args = p.parse_args(argv)
-    LOG = args.log
-    torch.set_num_threads(args.threads)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        p.error(f"unknown stages {bad}; valid: {','.join(STAGES)}")
-    args.work_dir.mkdir(parents=True, exist_ok=True)
+    stages = start_run(p, args, STAGES)
     log(f"train_zoo: stages {stages}, seed {args.seed}, out {args.out}, work {args.work_dir}")
     for stage in STAGES:
         if stage not in stages:
