@@ -42,7 +42,7 @@ from specdec.adapters.mar import MARAdapter  # noqa: E402
 from specdec.bench.results import append_row, read_rows  # noqa: E402
 from specdec.bench.timing import set_threads  # noqa: E402
 from specdec.continuous import energy_test  # noqa: E402
-from specdec.continuous_demo import ContinuousMethod, build, run_methods, stats_fields  # noqa: E402
+from specdec.continuous_demo import FROZEN, ContinuousMethod, build, run_methods, stats_fields  # noqa: E402
 from specdec.continuous_loop import LoopConfig, generate_continuous  # noqa: E402
 from specdec.models.mar import MAR, MARConfig  # noqa: E402
 from specdec.models.mar.diffloss import DiffLoss, SimpleMLPAdaLN  # noqa: E402
@@ -50,13 +50,16 @@ from specdec.models.mar.diffloss import DiffLoss, SimpleMLPAdaLN  # noqa: E402
 CSPD = dict(prefill_ratio=0.15)
 
 
-def methods(gammas: list[int], exact_gammas: list[int], fewer: list[float]) -> list[ContinuousMethod]:
+def methods(gammas: list[int], exact_gammas: list[int], fewer: list[float],
+            frozen_windows: list[int] = ()) -> list[ContinuousMethod]:
     out = [ContinuousMethod("MAR K")]
     out += [ContinuousMethod(f"MAR K*{r:g}", steps_ratio=r) for r in fewer]
     for T in (1.0, 42.0):
         out += [ContinuousMethod(f"CSpD T={T:g} g={g}", "cspd", dict(CSPD, inner_temperature=T, gamma=g))
                 for g in gammas]
     out += [ContinuousMethod(f"exact g={g}", "gaussian_chain", loop=dict(gamma=g)) for g in exact_gammas]
+    out += [ContinuousMethod(f"exact frozen w={w}", **dict(FROZEN, loop=dict(gamma=1, head_window=w)))
+            for w in frozen_windows]
     return out
 
 
@@ -114,7 +117,7 @@ def speed(bundle, ms, batch: int, base: LoopConfig, rounds: int, common: dict) -
     ref = {m.label: t.median for m, t in zip(ms, timings) if m.rule is None}
     rows = []
     for m, (_, rule, config), t, res in zip(ms, built, timings, results):
-        rows.append({**common, "phase": "speed", "batch": batch, "method": m.label,
+        rows.append({**common, "phase": "speed", "batch": batch, "method": m.label, "drafter": m.drafter_label,
                      "rule": "target-only" if rule is None else getattr(rule, "label", rule.name),
                      "num_iter": config.num_iter, "lossless": res.lossless, "latency_s": t.as_dict(per=batch),
                      "speedup": ref["MAR K"] / t.median,
@@ -154,7 +157,8 @@ def quality(bundle, ms, base: LoopConfig, n: int, chunk: int, common: dict, done
             pics = torch.cat([bundle.target.decode(tokens[i:i + chunk]) for i in range(0, n, chunk)])
             fd = metrics.frechet_distance(metrics.extract_features(pics, bundle.features), real)
         fr = last.stats.first_rejected
-        row = {**common, "phase": "quality", "batch": 0, "method": m.label, "images": n, "feature_fd": fd,
+        row = {**common, "phase": "quality", "batch": 0, "method": m.label, "drafter": m.drafter_label, "images": n,
+               "feature_fd": fd,
                "lossless": last.lossless, "token_energy": stat, "token_energy_null99": float(null.quantile(0.99)),
                "token_energy_p": float((null >= stat).float().mean()),
                "first_rejected_hist": torch.bincount(fr[fr >= 0], minlength=last.stats.window + 1).tolist(),
@@ -216,7 +220,8 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true", help="batches 1 and 2, 1 round, 5 methods, 4 quality images")
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--gammas", default="2,4,8", help="CSpD gammas")
-    p.add_argument("--exact-gammas", default="1,2,4")
+    p.add_argument("--exact-gammas", default="1,2,4", help="the exact rule with the zoo drafter")
+    p.add_argument("--frozen-windows", default="2,4", help="the exact rule with the frozen drafter: head windows")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quality-images", type=int, default=256)
     p.add_argument("--chunk", type=int, default=64, help="images per call in the quality phase")
@@ -228,11 +233,11 @@ def main(argv=None) -> None:
     bundle = load_generator(args.generator)
     base = LoopConfig(num_iter=bundle.num_iter, cfg=args.cfg or bundle.cfg_scale)
     if args.smoke:
-        ms = methods([4], [1], [0.5])
+        ms = methods([4], [1], [0.5], [4])
         batches, rounds, n_quality = [1, 2], 1, 4
     else:
-        ms = methods([int(g) for g in args.gammas.split(",")], [int(g) for g in args.exact_gammas.split(",")],
-                     [0.5, 0.25])
+        ints = lambda text: [int(v) for v in text.split(",") if v]
+        ms = methods(ints(args.gammas), ints(args.exact_gammas), [0.5, 0.25], ints(args.frozen_windows))
         batches, rounds, n_quality = [int(b) for b in args.batches.split(",")], args.rounds, args.quality_images
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "rows.jsonl"

@@ -107,6 +107,20 @@ class ChainVerdict:
         return self.first_rejected == self.window
 
 
+@dataclass(frozen=True)
+class HeadReference:
+    """The target head's last evaluation per position, what the frozen drafter reuses: state [n, D] (the exact
+    state it was evaluated at), index LongTensor [n] (its chain index), mean, logvar [n, D] (the target's output)."""
+
+    state: Tensor
+    index: Tensor
+    mean: Tensor
+    logvar: Tensor
+
+    def rows(self, keep: Tensor) -> "HeadReference":
+        return HeadReference(self.state[keep], self.index[keep], self.mean[keep], self.logvar[keep])
+
+
 def check_pair(draft: GaussianChain, target: GaussianChain, u: Tensor, finite: bool = True) -> None:
     """The drafter's and target's chains must agree in shape (token dims included) and u must hold one uniform per
     transition [B, n, m]; finite=True also refuses NaN / inf head outputs (one host sync)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from drafters.frozen_head import FrozenHeadDrafter
 from specdec import metrics
 from specdec.bench.timing import Timing, interleaved_rounds, reliability
 from specdec.continuous_loop import ContinuousResult, LoopConfig, generate_continuous
@@ -32,16 +33,32 @@ from specdec.registry import make_continuous_rule
 @dataclass(frozen=True)
 class ContinuousMethod:
     """label; rule: a continuous rule name (None: target-only); params: the rule's; loop: LoopConfig overrides
-    (gamma, num_iter, ...; num_iter given as a fraction of the baseline's with `steps_ratio`)."""
+    (gamma, num_iter, ...; num_iter given as a fraction of the baseline's with `steps_ratio`); drafter: "zoo" (the
+    zoo's drafter MAR) or "frozen_head" (`drafters.FrozenHeadDrafter`, no network; drafter_params its own)."""
 
     label: str
     rule: str | None = None
     params: dict = field(default_factory=dict)
     loop: dict = field(default_factory=dict)
     steps_ratio: float = 1.0
+    drafter: str = "zoo"
+    drafter_params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.drafter not in DRAFTERS:
+            raise ValueError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
+
+    @property
+    def drafter_label(self) -> str:
+        if self.rule is None:
+            return "-"
+        return "zoo drafter" if self.drafter == "zoo" else \
+            f"frozen head ({self.drafter_params.get('predict', FrozenHeadDrafter.predict)})"
 
 
 CSPD = dict(prefill_ratio=0.15)
+DRAFTERS = ("zoo", "frozen_head")
+FROZEN = dict(rule="gaussian_chain", loop=dict(gamma=1, head_window=4), drafter="frozen_head")
 DEMO_METHODS = (
     ContinuousMethod("MAR target-only"),
     ContinuousMethod("MAR target-only, half the steps", steps_ratio=0.5),
@@ -51,15 +68,18 @@ DEMO_METHODS = (
     ContinuousMethod("CSpD T=42 g=8", "cspd", dict(CSPD, inner_temperature=42.0, gamma=8)),
     ContinuousMethod("exact g=1", "gaussian_chain", loop=dict(gamma=1)),
     ContinuousMethod("exact g=2", "gaussian_chain", loop=dict(gamma=2)),
+    ContinuousMethod("exact frozen w=4", **FROZEN),
 )
-QUICK_METHODS = tuple(DEMO_METHODS[i] for i in (0, 2, 4, 6))
+QUICK_METHODS = tuple(DEMO_METHODS[i] for i in (0, 2, 4, 6, 8))
 
 
 def build(method: ContinuousMethod, bundle, base: LoopConfig):
     """-> (drafter or None, rule or None, LoopConfig) of a method on `bundle`."""
     rule = None if method.rule is None else make_continuous_rule(method.rule, **method.params)
     config = replace(base, num_iter=max(1, round(base.num_iter * method.steps_ratio)), **method.loop)
-    return (None if rule is None else bundle.drafter), rule, config
+    if rule is None:
+        return None, None, config
+    return (bundle.drafter if method.drafter == "zoo" else FrozenHeadDrafter(**method.drafter_params)), rule, config
 
 
 def run_methods(bundle, built: list, cond: torch.Tensor, rounds: int) -> tuple[list[Timing], list[ContinuousResult]]:
@@ -108,7 +128,7 @@ def measure_continuous(bundle, methods, cond: torch.Tensor, base: LoopConfig, ro
         bound = latency[0].median / target_s if target_s > 0 else float("inf")   # a method waits for its target
         fd = None if real is None or pics is None else \
             metrics.frechet_distance(metrics.extract_features(pics, bundle.features), real)
-        rows.append({"method": m.label, "drafter": "-" if d is None else "zoo drafter",
+        rows.append({"method": m.label, "drafter": m.drafter_label,
                      "rule": "target-only" if rule is None else getattr(rule, "label", rule.name),
                      "k": 0 if rule is None else one.plan.gamma,
                      **stats_fields(one), "num_iter": config.num_iter,

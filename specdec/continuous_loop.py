@@ -28,10 +28,9 @@ because MAR's last head step is noiseless and the token is the TARGET's mean at 
 drafter's. So the exact rule commits one AR step per target pass (gamma = 1 is its best setting; such a round
 drafts no tokens, only the drafter's conditions) and can save only head work: each token's chain of S head steps
 is speculated in windows of `head_window` transitions, so S sequential target head calls become about
-S / (accepted run + 1) calls of window + 1 states each. That is the same head arithmetic or more, plus the
-drafter's calls: a saving only where calls are latency-bound (a GPU at small batch, a drafter head much cheaper
-per call), none on a compute-bound CPU. CSpD with `independent` commits gamma steps per target pass and is lossy,
-without a bound.
+S / (accepted run + 1) calls of window + 1 states each: the same head arithmetic or more (a saving where calls
+are latency-bound, none on a compute-bound CPU). The drafter may be a MAR (its head proposes) or chain-only
+(`drafters.FrozenHeadDrafter`: the target's reused prediction, no network). CSpD is lossy, without a bound.
 """
 from __future__ import annotations
 
@@ -206,6 +205,13 @@ def check_models(target, drafter, rule) -> None:
             else type(rule).__name__
         raise TypeError(f"the rule ({type(rule).__name__}) is {kind}, not a ContinuousRule: it decides over [V] "
                         f"token probabilities; use verifiers.CSpDRule or verifiers.GaussianChainRule here")
+    if getattr(drafter, "chain_only", False):
+        if rule is None or not getattr(rule, "target_at_draft_states", False):
+            raise ValueError(f"the {getattr(drafter, 'name', type(drafter).__name__)} drafter proposes head "
+                             f"transitions only (no tokens), so it needs a rule that verifies transitions at the "
+                             f"drafted states: verifiers.GaussianChainRule(), not "
+                             f"{type(rule).__name__ if rule is not None else 'no rule'}")
+        return
     if drafter is None:
         if rule is not None:
             raise ValueError(f"rule {rule.name!r} given without a drafter; pass a drafter MARAdapter, or no rule "
@@ -237,11 +243,14 @@ def draw_randomness(target: MARAdapter, batch: int, seed: int, order: str = "ran
                                                                 torch.stack(steps).to(dev)), u.to(dev))
 
 
-def plan_run(config: LoopConfig, target: MARAdapter, rule, has_drafter: bool) -> Plan:
-    """Resolve gamma, prefill, policy and contexts (see LoopConfig) and decide `lossless`."""
+def plan_run(config: LoopConfig, target: MARAdapter, rule, has_drafter: bool, chain_only: bool = False) -> Plan:
+    """Resolve gamma, prefill, policy and contexts (see LoopConfig) and decide `lossless`. chain_only: the drafter
+    proposes head transitions only (`drafters.FrozenHeadDrafter`)."""
     if not has_drafter:
         return Plan(1, config.num_iter, "truncate", "pre_draft", True)
     gamma = config.gamma if config.gamma is not None else getattr(rule, "gamma", DEFAULT_GAMMA)
+    if chain_only and gamma != 1:
+        raise ValueError(f"a chain-only drafter drafts no AR steps: gamma must be 1, got {gamma}")
     ratio = config.prefill_ratio if config.prefill_ratio is not None else \
         getattr(rule, "prefill_ratio", DEFAULT_PREFILL_RATIO)
     prefill = int(ratio * config.num_iter)
@@ -262,7 +271,9 @@ class _Run:
         self.target, self.drafter, self.rule, self.config, self.plan = target, drafter, rule, config, plan
         self.rnd = draw_randomness(target, len(cond), config.seed, config.order)
         self.state = target.prepare(cond, config.cfg, order=self.rnd.order)
-        self.dstate = None if drafter is None else drafter.prepare(cond, config.cfg, order=self.rnd.order)
+        self.chain_only = getattr(drafter, "chain_only", False)
+        self.dstate = None if drafter is None or self.chain_only else \
+            drafter.prepare(cond, config.cfg, order=self.rnd.order)
         self.generator = torch.Generator(device=target.device).manual_seed(
             int(hash_uniform_key(config.seed, tag_id("continuous-residual"))))
         schedule = mask_schedule(target.num_tokens, config.num_iter)
@@ -302,6 +313,8 @@ class _Run:
         """The drafter's G steps from the committed context -> (positions per step, chains [B, N, ...] recorded
         (None when not chains_needed: only the conditions), the drafter's conditions [R, N, C'])."""
         d, ds = self.drafter, self.dstate
+        if self.chain_only:                                    # nothing to draft but the head's transitions
+            return [self.state.order[:, s:s + c] for s, c, _, _ in steps], None, None
         ds.tokens.copy_(self.state.tokens)
         ds.mask.copy_(self.state.mask)
         groups, chains, zs = [], [], []
@@ -332,9 +345,11 @@ class _Run:
             if self.state.cfg else 1.0
         x_T, noises = self.rnd.noise.at(positions)
         u = self.rnd.uniforms.gather(1, positions[..., None].expand(-1, -1, self.rnd.uniforms.shape[2]))
-        helper = self.charge("drafter", self.drafter) if self.drafter is not self.target else nullcontext()
+        helper = self.charge("drafter", self.drafter) if self.drafter is not self.target and not self.chain_only \
+            else nullcontext()
         with self.charge("target", self.target), helper:        # the drafter's head helps finish rejected chains
-            z = draft_contexts(self.target, self.state, self.dstate.tokens, groups, self.plan.contexts)
+            drafted = self.state.tokens if self.chain_only else self.dstate.tokens
+            z = draft_contexts(self.target, self.state, drafted, groups, self.plan.contexts)
             verdict = verify_tokens(self.target, self.rule, z, guidance, chain, x_T, noises, u,
                                     self.config.temperature, self.generator, self.drafter, zq,
                                     self.config.head_window)
@@ -370,7 +385,7 @@ def generate_continuous(target: MARAdapter, cond: Tensor, drafter: MARAdapter | 
     if drafter is not None and config.temperature <= 0:
         raise ValueError(f"speculative decoding needs temperature > 0 (the heads' transitions must be Gaussians), "
                          f"got {config.temperature}; use drafter=None for deterministic chains")
-    plan = plan_run(config, target, rule, drafter is not None)
+    plan = plan_run(config, target, rule, drafter is not None, getattr(drafter, "chain_only", False))
     t0 = time.perf_counter()
     with torch.no_grad():
         run = _Run(target, drafter, rule, cond, config, plan)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from specdec.adapters.mar import HeadChain, MARAdapter, MARState
-from specdec.continuous import GaussianChain
+from specdec.continuous import GaussianChain, HeadReference
 from specdec.protocols import ContinuousRule
 
 CONTEXTS = ("pre_draft", "per_step", "union")
@@ -114,17 +114,44 @@ def _step(adapter: MARAdapter, z: Tensor, x: Tensor, chain_index: Tensor, cfg_k)
     return mean[:, 0], logvar[:, 0]
 
 
-def speculate_chains(target: MARAdapter, drafter: MARAdapter, zp: Tensor, zq: Tensor, cfg_k: Tensor | float,
+def _first_transition(target: MARAdapter, zp: Tensor, cfg_k, x_T: Tensor, noise: Tensor,
+                      temperature: float) -> tuple[Tensor, HeadReference]:
+    """The target's own first transition from x_T [M, D] (one head call): -> (x_1 [M, D], the reference the frozen
+    drafter reuses). Its last step (S = 1) is noiseless: then x_1 is the token."""
+    S = target.num_steps
+    mean, logvar = _step(target, zp, x_T[:, None], torch.zeros(len(x_T), 1, dtype=torch.long, device=x_T.device),
+                         cfg_k)
+    mean, logvar = mean[:, 0], logvar[:, 0]
+    x = mean if S == 1 else mean + torch.exp(0.5 * logvar) * noise * temperature
+    return x, HeadReference(x_T, torch.zeros(len(x_T), dtype=torch.long, device=x_T.device), mean, logvar)
+
+
+def _model_proposals(drafter: MARAdapter, zq: Tensor, x: Tensor, at: Tensor, eps: Tensor, cfg_k,
+                     temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """A drafter head's w transitions from x [n, D] at chain indices at [n, w] -> states [n, w+1, D], means and
+    logvars [n, w, D] (one drafter head call per transition)."""
+    states, mq, lq = [x], [], []
+    for i in range(at.shape[1]):
+        mean, logvar = _step(drafter, zq, states[-1][:, None], at[:, i:i + 1], cfg_k)
+        mq.append(mean[:, 0])
+        lq.append(logvar[:, 0])
+        states.append(mean[:, 0] + torch.exp(0.5 * logvar[:, 0]) * eps[:, i] * temperature)
+    return torch.stack(states, 1), torch.stack(mq, 1), torch.stack(lq, 1)
+
+
+def speculate_chains(target: MARAdapter, drafter, zp: Tensor, zq: Tensor | None, cfg_k: Tensor | float,
                      x_T: Tensor, first: HeadChain | None, noises: Tensor, u: Tensor, temperature: float,
                      rule: ContinuousRule, generator: torch.Generator, window: int) -> tuple[Tensor, Tensor, Tensor]:
     """The target head's chains at M positions, sampled speculatively over their transitions (arXiv 2501.05370)
     from x_T [M, D] with the shared noises [M, S, D] and uniforms [M, S]. Each round, from the exact state x_j:
-    the drafter's head proposes `window` transitions (round one: its recorded chain `first` [M, 1, S, ...] when
-    given, which is exactly that), the target's head evaluates all window + 1 states in ONE call, `rule`
-    verifies them in order; a rejection at r leaves the exact corrected x_{j+r+1}; all passed: the target's own
-    next transition is free (the bonus), or the token (its mean at x_{S-1}, the noiseless last step) when the
-    window reached x_{S-1}. Noises and uniforms of transitions after a rejection were read by no decision, so they
-    are reused. zp, zq: per-position conditions of target and drafter [M or 2M, 1, C]; cfg_k float or [M].
+    the drafter proposes `window` transitions (a MARAdapter: its head, round one its recorded chain `first`
+    [M, 1, S, ...] when given, which is exactly that; a chain-only drafter such as `drafters.FrozenHeadDrafter`:
+    from the target's last evaluation, after one target call at x_T), the target's head evaluates all window + 1
+    states in ONE call, `rule` verifies them in order; a rejection at r leaves the exact corrected x_{j+r+1}; all
+    passed: the target's own next transition is free (the bonus), or the token (its mean at x_{S-1}, the noiseless
+    last step) when the window reached x_{S-1}. Noises and uniforms of transitions after a rejection were read by
+    no decision, so they are reused. zp, zq: per-position conditions of target and drafter [M or 2M, 1, C] (zq
+    None for a chain-only drafter); cfg_k float or [M].
     -> (tokens [M, D], first_rejected LongTensor [M]: chain index of the first rejected transition, S - 1 = none,
     counts LongTensor [5]: target head calls, drafter head calls, transitions drafted, accepted, fallbacks)."""
     S, M, last = noises.shape[1], noises.shape[0], noises.shape[1] - 1
@@ -132,6 +159,13 @@ def speculate_chains(target: MARAdapter, drafter: MARAdapter, zp: Tensor, zq: Te
     out, first_rejected = torch.zeros_like(x), torch.full_like(j, last)
     counts = torch.zeros(5, dtype=torch.long, device=x.device)
     offsets, log_t2 = torch.arange(window + 1, device=x.device), 2 * math.log(temperature)
+    chain_only, ref = getattr(drafter, "chain_only", False), None
+    if chain_only:
+        x, ref = _first_transition(target, zp, cfg_k, x_T, noises[:, 0], temperature)
+        counts[0] += 1
+        if last == 0:
+            return x, first_rejected, counts
+        j = j + 1
     while idx.numel():                                                               # one host sync per round
         zp_i, c_i, n = _rows(zp, idx, M), _cfg_at(cfg_k, idx), idx.numel()
         at = (j[:, None] + offsets).clamp_max(last)                                  # chain index of each state
@@ -140,14 +174,10 @@ def speculate_chains(target: MARAdapter, drafter: MARAdapter, zp: Tensor, zq: Te
             states, mq, lq = (t[:, 0, :k] for t, k in ((first.states, window + 1), (first.means, window),
                                                        (first.logvars, window)))
             first = None
+        elif chain_only:
+            states, mq, lq = drafter.propose(target, ref, x, at[:, :window], eps[:, :window], temperature)
         else:
-            states, mq, lq = [x], [], []
-            for i in range(window):
-                mean, logvar = _step(drafter, _rows(zq, idx, M), states[-1][:, None], at[:, i:i + 1], c_i)
-                mq.append(mean[:, 0])
-                lq.append(logvar[:, 0])
-                states.append(mean[:, 0] + torch.exp(0.5 * logvar[:, 0]) * eps[:, i] * temperature)
-            states, mq, lq = torch.stack(states, 1), torch.stack(mq, 1), torch.stack(lq, 1)   # [n, w (+1), D]
+            states, mq, lq = _model_proposals(drafter, _rows(zq, idx, M), x, at[:, :window], eps, c_i, temperature)
             counts[1] += window
         mp, lp = _step(target, zp_i, states, at, c_i)
         m = (last - j).clamp(max=window)                                             # transitions inside the chain
@@ -163,6 +193,9 @@ def speculate_chains(target: MARAdapter, drafter: MARAdapter, zp: Tensor, zq: Te
         out[idx[done]] = mp[rows, m][done]
         first_rejected[idx] = torch.where(rejected & (first_rejected[idx] == last), j + r, first_rejected[idx])
         bonus = mp[rows, m] + torch.exp(0.5 * lp[rows, m]) * noises[idx, (j + m).clamp_max(last - 1)] * temperature
+        if chain_only:                       # the target's evaluation just before the next state: x_{j+r} or x_{j+m}
+            o = torch.where(rejected, r, m)
+            ref = HeadReference(states[rows, o], j + o, mp[rows, o], lp[rows, o]).rows(~done)
         x = torch.where(rejected[:, None], verdict.state[:, 0], bonus)
         j = torch.where(rejected, j + r + 1, j + m + 1)
         counts += torch.stack([torch.ones_like(m[0]), torch.zeros_like(m[0]), m.sum(), torch.minimum(r, m).sum(),
@@ -189,7 +222,8 @@ def verify_tokens(target: MARAdapter, rule: ContinuousRule, z: Tensor, cfg_k: Te
     flat = lambda t: t.reshape(M, 1, *t.shape[2:])                               # [B, N, ...] -> [M, 1, ...]
     if rule.target_at_draft_states:
         window = S - 1 if window is None else min(window, S - 1)
-        tokens, first, counts = speculate_chains(target, drafter, zf, per_position(zq), cf, flat(x_T)[:, 0], fc,
+        zqf = None if zq is None else per_position(zq)                         # None: a chain-only drafter
+        tokens, first, counts = speculate_chains(target, drafter, zf, zqf, cf, flat(x_T)[:, 0], fc,
                                                  flat(noises)[:, 0], flat(u)[:, 0], temperature, rule, generator,
                                                  window)
         return TokenVerdict(tokens.reshape(B, N, D), first.reshape(B, N), S - 1, counts)

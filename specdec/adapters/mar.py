@@ -277,6 +277,19 @@ class MARAdapter:
                                                           self._variance(variance), self.clip_x0)
         return mean.reshape(b, n, m, d), logvar.reshape(b, n, m, d)
 
+    @torch.no_grad()
+    def head_reuse(self, ref_x: Tensor, ref_t: Tensor, ref_mean: Tensor, ref_logvar: Tensor, x: Tensor, t: Tensor,
+                   predict: str = "x0") -> tuple[Tensor, Tensor]:
+        """p(x_{t-1} | x_t) with the head's prediction at an earlier state reused, no network call (the frozen
+        drafter, `drafters.frozen_head`): ref_x, ref_mean, ref_logvar [..., D] one transition this head made at
+        respaced steps ref_t LongTensor [...]; x [..., D] at steps t [...] -> (mean, logvar) [..., D]. The same
+        variance and x0 clamp as `head_transition` (see `DiffLoss.reuse`)."""
+        d = self.token_dim
+        flat = lambda a: a.reshape(-1, d).float()
+        mean, logvar = self.model.diffloss.reuse(flat(ref_x), ref_t.reshape(-1), flat(ref_mean), flat(ref_logvar),
+                                                 flat(x), t.reshape(-1), predict, self._variance(None), self.clip_x0)
+        return mean.reshape(x.shape), logvar.reshape(x.shape)
+
     # ---- randomness and schedules ---------------------------------------------------------------------------------
     def draw_noise(self, batch: int, generator: torch.Generator | None = None) -> MARNoise:
         """All the noise of `batch` generations, per position (x_T first, then the step noises)."""
