@@ -94,22 +94,27 @@ class EagleTreeDrafter(EagleFeatures, TreeModelDrafter):
 
 
 class EagleDynamicTreeDrafter(EagleFeatures, DynamicTreeDrafter):
-    """EAGLE-2's dynamic draft tree from an EAGLE head; top_k, depth, total_tokens as DynamicTreeDrafter."""
+    """EAGLE-2's dynamic draft tree from an EAGLE head; top_k, depth, total_tokens, drafts as DynamicTreeDrafter
+    ("argmax": EAGLE-2's; "sample": siblings drawn without replacement)."""
 
-    def __init__(self, head: EagleHead | EagleAdapter, top_k: int = 10, depth: int = 4, total_tokens: int = 59):
-        super().__init__(_adapter(head), top_k=top_k, depth=depth, total_tokens=total_tokens, draft_cfg=1.0)
+    def __init__(self, head: EagleHead | EagleAdapter, top_k: int = 10, depth: int = 4, total_tokens: int = 59,
+                 drafts: str = "argmax"):
+        super().__init__(_adapter(head), top_k=top_k, depth=depth, total_tokens=total_tokens, draft_cfg=1.0,
+                         drafts=drafts)
 
 
-def eagle(head: EagleHead | EagleAdapter, tree: str = "chain", k: int = 4, drafts: str = "sample",
+def eagle(head: EagleHead | EagleAdapter, tree: str = "chain", k: int = 4, drafts: str | None = None,
           top_k: int = 10, total_tokens: int = 59):
     """The registry's `eagle` drafter. tree: "chain" (k drafts), "static:<shape>" (e.g. "static:binary-3";
-    drafts as TreeModelDrafter) or "dynamic" (EAGLE-2: top_k, depth k, total_tokens)."""
+    drafts as TreeModelDrafter) or "dynamic" (EAGLE-2: top_k, depth k, total_tokens). drafts: None means
+    "sample" for chains and static trees, "argmax" (EAGLE-2's) for dynamic trees."""
     if tree == "chain":
-        return EagleDrafter(head, k=k, drafts=drafts)
+        return EagleDrafter(head, k=k, drafts=drafts or "sample")
     if isinstance(tree, str) and tree.startswith("static:"):
-        return EagleTreeDrafter(head, shape=tree.split(":", 1)[1], drafts=drafts)
+        return EagleTreeDrafter(head, shape=tree.split(":", 1)[1], drafts=drafts or "sample")
     if tree == "dynamic":
-        return EagleDynamicTreeDrafter(head, top_k=top_k, depth=k, total_tokens=total_tokens)
+        return EagleDynamicTreeDrafter(head, top_k=top_k, depth=k, total_tokens=total_tokens,
+                                       drafts=drafts or "argmax")
     raise ValueError(f"tree must be 'chain', 'static:<shape>' (e.g. 'static:binary-3') or 'dynamic', got {tree!r}")
 
 

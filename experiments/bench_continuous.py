@@ -12,6 +12,8 @@ there, so the bench resumes; a batch with any row missing is re-timed whole, sin
            and vs target-only at K/2, K/4; counters (target backbone passes and head calls per image, mean
            accepted length, token and transition acceptance, fallbacks) and the seconds spent in the target's and
            the drafter's backbones and heads
+  acceptance  (untimed, batch 8) CSpD's token acceptance vs gamma, the exact rule's transition acceptance vs head
+           window with the zoo drafter and the frozen drafter
   quality  per method, --quality-images images (independent seeds): feature-space Frechet distance against
            held-out crops (from 200 images on), and the energy distance of whole-image token latents against
            target-only at K (another seed) with its label-permutation null (p-value; target-only vs itself gives
@@ -168,6 +170,29 @@ def quality(bundle, ms, base: LoopConfig, n: int, chunk: int, common: dict, done
               f"p {row['token_energy_p']:.2f})  FD {fd if fd is None else round(fd, 2)}", flush=True)
 
 
+def acceptance(bundle, base: LoopConfig, gammas: list[int], windows: list[int], batch: int, common: dict,
+               done: set, out: Path) -> None:
+    """Untimed: CSpD's token acceptance vs gamma (T = 1, 42) and the exact rule's transition acceptance vs head
+    window (zoo drafter, frozen drafter), one generation of `batch` images each."""
+    ms = [ContinuousMethod(f"CSpD T={T:g} g={g}", "cspd", dict(CSPD, inner_temperature=T, gamma=g))
+          for T in (1.0, 42.0) for g in gammas]
+    ms += [ContinuousMethod(f"exact g=1 w={w}", "gaussian_chain", loop=dict(gamma=1, head_window=w)) for w in windows]
+    ms += [ContinuousMethod(f"exact frozen w={w}", **dict(FROZEN, loop=dict(gamma=1, head_window=w)))
+           for w in windows]
+    cond = torch.arange(batch) % len(bundle.classes)
+    for m in ms:
+        if ("acceptance", batch, m.label) in done:
+            continue
+        drafter, rule, config = build(m, bundle, base)
+        res = generate_continuous(bundle.target, cond, drafter, rule, replace(config, seed=2000), decode=False)
+        row = {**common, "phase": "acceptance", "batch": batch, "method": m.label, "drafter": m.drafter_label,
+               "head_window": config.head_window, **stats_fields(res)}
+        append_row(out, row)
+        print(f"  acceptance {m.label:22s} token {row['acceptance_rate']:.3f}  transition "
+              f"{row['transition_acceptance']:.3f}  head calls/img {row['target_head_calls_per_image']:.0f}",
+              flush=True)
+
+
 # ---- plot ---------------------------------------------------------------------------------------------------------
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
@@ -188,12 +213,15 @@ def plot(rows: list[dict], path: Path) -> None:
         ax[0][0].annotate(m, (x, y), fontsize=7)
     ax[0][0].set(xlabel="speedup vs target-only at K (batch 1)", ylabel=key, title="speed vs quality")
     ax[0][0].legend(fontsize=7)
-    for prefix, field in (("CSpD T=1 ", "acceptance_rate"), ("CSpD T=42", "acceptance_rate"),
-                          ("exact", "transition_acceptance")):
-        sel = sorted((r["gamma"], r[field]) for r in b1.values() if r["method"].startswith(prefix))
+    acc = [r for r in rows if r["phase"] == "acceptance"]
+    for prefix, field, x in (("CSpD T=1 ", "acceptance_rate", "gamma"), ("CSpD T=42", "acceptance_rate", "gamma"),
+                             ("exact g=1 w", "transition_acceptance", "head_window"),
+                             ("exact frozen", "transition_acceptance", "head_window")):
+        sel = sorted((r[x], r[field]) for r in acc if r["method"].startswith(prefix))
         if sel:
-            ax[0][1].plot(*zip(*sel), "o-", label=f"{prefix.strip()} ({field.replace('_', ' ')})")
-    ax[0][1].set(xlabel="gamma (AR steps drafted per round)", ylabel="acceptance", title="acceptance vs gamma")
+            ax[0][1].plot(*zip(*sel), "o-", label=f"{prefix.strip()} ({field.replace('_', ' ')} vs {x})")
+    ax[0][1].set(xscale="log", xlabel="gamma (CSpD: AR steps per round) / head window (exact: transitions per "
+                 "target head call)", ylabel="acceptance", title="acceptance vs gamma and head window")
     ax[0][1].legend(fontsize=7)
     for m in dict.fromkeys(r["method"] for r in speed_rows):
         sel = sorted((r["batch"], r["speedup"]) for r in speed_rows if r["method"] == m)
@@ -222,6 +250,8 @@ def main(argv=None) -> None:
     p.add_argument("--gammas", default="2,4,8", help="CSpD gammas")
     p.add_argument("--exact-gammas", default="1,2,4", help="the exact rule with the zoo drafter")
     p.add_argument("--frozen-windows", default="2,4", help="the exact rule with the frozen drafter: head windows")
+    p.add_argument("--acceptance-gammas", default="2,4,8", help="untimed acceptance phase: CSpD gammas")
+    p.add_argument("--acceptance-windows", default="1,2,4,8", help="untimed acceptance phase: exact head windows")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quality-images", type=int, default=256)
     p.add_argument("--chunk", type=int, default=64, help="images per call in the quality phase")
@@ -257,6 +287,9 @@ def main(argv=None) -> None:
                   f"speedup {row['speedup']:.2f}x  MAL {row['mean_accepted_length']:.2f}  "
                   f"acc {row['acceptance_rate']:.2f} / trans {row['transition_acceptance']:.2f}", flush=True)
         print(f"speed, batch {batch}: {time.perf_counter() - t0:.0f} s", flush=True)
+    if not args.smoke:
+        ints = lambda text: [int(v) for v in text.split(",") if v]
+        acceptance(bundle, base, ints(args.acceptance_gammas), ints(args.acceptance_windows), 8, common, done, out)
     quality(bundle, ms, base, n_quality, min(args.chunk, n_quality), common, done, out)
     plot(read_rows(out), args.out / "speed_quality.png")
     print(f"wrote {out} and {args.out / 'speed_quality.png'}")

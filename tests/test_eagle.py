@@ -107,12 +107,13 @@ def test_a_static_eagle_chain_tree_drafts_what_the_eagle_chain_drafts(target):
     assert torch.equal(chain.stats.acceptance_map, tree.stats.acceptance_map)
 
 
-@pytest.mark.parametrize("tree", ["chain", "static:binary-2", "dynamic"])
-def test_eagle_decoding_is_exact(tree):
+@pytest.mark.parametrize("tree,drafts", [("chain", None), ("static:binary-2", None), ("dynamic", None),
+                                         ("dynamic", "sample")])
+def test_eagle_decoding_is_exact(tree, drafts):
     """Sequence-level chi-square against the enumerated joint law (V = 5, T = 4), with CFG."""
     target = tiny_gpt(vocab=5, grid=(2, 2), dim=32, heads=2, classes=2, sharpen=15.0)
     params = {"top_k": 2, "total_tokens": 5, "k": 2} if tree == "dynamic" else {"k": 3}
-    drafter = eagle(head_for(target, seed=1), tree=tree, **params)
+    drafter = eagle(head_for(target, seed=1), tree=tree, drafts=drafts, **params)
     fit, res = fit_of(target, drafter, Sampling(cfg_scale=2.0), n=12000)
     assert fit.p_value > 1e-3, str(fit)
     assert fit.tvd < 2 * fit.tvd_noise + 1e-3, str(fit)

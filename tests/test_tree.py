@@ -464,6 +464,23 @@ def test_bounded_lantern_on_trees_emits_its_relaxed_target_within_delta():
     assert float((lantern.n_accepted > 0).float().mean()) > float((exact.n_accepted > 0).float().mean())
 
 
+@pytest.mark.parametrize("top_k,depth,total", [(2, 3, 5), (3, 3, 12)])
+def test_dynamic_trees_with_sampled_siblings_are_exact(top_k, depth, total):
+    """Children drawn without replacement, the budget cutting inside sibling groups (candidates 10 / 30 > kept):
+    sequence-level chi-square against the enumerated joint law (V = 5, T = 4), with CFG."""
+    from drafters import DynamicTreeDrafter
+    from specdec import Sampling
+    from helpers import fit_of, perturbed_copy
+
+    small = tiny_gpt(vocab=5, grid=(2, 2), dim=32, heads=2, classes=2, sharpen=15.0)
+    drafter = DynamicTreeDrafter(perturbed_copy(small, 0.8), top_k=top_k, depth=depth, total_tokens=total,
+                                 drafts="sample")
+    fit, res = fit_of(small, drafter, Sampling(cfg_scale=2.0), n=12000)
+    assert fit.p_value > 1e-3, str(fit)
+    assert fit.tvd < 2 * fit.tvd_noise + 1e-3, str(fit)
+    assert res.stats.mean_accepted_length > 1.2
+
+
 def test_dynamic_trees_are_exact_and_greedy_equals_ar(target):
     import specdec
     from drafters import DynamicTreeDrafter
