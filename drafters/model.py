@@ -21,7 +21,8 @@ rows. Any q is lossless with the exact rule as long as the drafts are drawn from
 
 compile=True runs each draft token (model call, q, the draw) as one torch.compile graph: a small drafter's step is
 mostly per-call overhead, which the graph removes (the zoo drafter: about half the time per token). It needs a
-model with a static KV cache (the project's GPT, LlamaGen); the first step of each shape pays the compilation.
+model with a static KV cache (the project's GPT, LlamaGen, an EAGLE head); the first step of each shape pays the
+compilation.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class ModelDrafter(Drafter):
         self._token_step = draft_token
         if compile:
             from specdec.adapters.static import StaticCacheAdapter
-            if not isinstance(model, StaticCacheAdapter):
+            if not (isinstance(model, StaticCacheAdapter) or getattr(model, "compilable", False)):
                 raise TypeError(f"compile=True needs a draft model with a static KV cache (GPTAdapter, "
                                 f"LlamaGenAdapter); {type(model).__name__} is not one: use compile=False")
             self._token_step = torch.compile(draft_token, fullgraph=True, dynamic=False)

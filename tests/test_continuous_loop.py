@@ -319,7 +319,9 @@ def test_continuous_demo_rows_and_cli(pair, tmp_path, monkeypatch):
     fields = {"method", "drafter", "rule", "k", "mean_accepted_length", "target_forwards_per_image", "speedup",
               "feature_fd", "lossless", "latency_s", "throughput_images_per_s", "target_head_s"}
     assert all(fields <= set(r) for r in rows)
-    assert [r["lossless"] for r in rows] == [True, False, False, True]             # MAR, CSpD T=1 / 42, exact
+    # MAR, CSpD T=1 / 42, exact with the drafter MAR, exact with the frozen drafter
+    assert [r["lossless"] for r in rows] == [True, False, False, True, True]
+    assert rows[-1]["drafter"] == "frozen head (x0)" and rows[-1]["target_head_calls_per_image"] < 4 * 10
     assert rows[0]["mean_accepted_length"] == 4.0 and rows[1]["mean_accepted_length"] > 4.0
     from specdec.zoo import continuous
     monkeypatch.setattr(continuous, "available", lambda directory=None: False)

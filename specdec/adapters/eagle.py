@@ -43,6 +43,7 @@ class EagleAdapter(ARModel):
 
     supports_trees = True
     supports_cfg = False
+    compilable = True            # static cache and feature buffers: a draft step is one graph (ModelDrafter compile)
 
     def __init__(self, head: EagleHead):
         if not isinstance(head, EagleHead):
