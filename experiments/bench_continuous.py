@@ -220,8 +220,8 @@ def plot(rows: list[dict], path: Path) -> None:
         sel = sorted((r[x], r[field]) for r in acc if r["method"].startswith(prefix))
         if sel:
             ax[0][1].plot(*zip(*sel), "o-", label=f"{prefix.strip()} ({field.replace('_', ' ')} vs {x})")
-    ax[0][1].set(xscale="log", xlabel="gamma (CSpD: AR steps per round) / head window (exact: transitions per "
-                 "target head call)", ylabel="acceptance", title="acceptance vs gamma and head window")
+    ax[0][1].set(xscale="log", xlabel="gamma (CSpD) / head window (exact)", ylabel="acceptance",
+                 title="acceptance vs gamma and head window (batch 8)")
     ax[0][1].legend(fontsize=7)
     for m in dict.fromkeys(r["method"] for r in speed_rows):
         sel = sorted((r["batch"], r["speedup"]) for r in speed_rows if r["method"] == m)
