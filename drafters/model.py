@@ -59,7 +59,8 @@ class ModelDrafter(Drafter):
         self._token_step = draft_token
         if compile:
             from specdec.adapters.static import StaticCacheAdapter
-            if not (isinstance(model, StaticCacheAdapter) or getattr(model, "compilable", False)):
+            if model is not None and not (isinstance(model, StaticCacheAdapter)          # None: params alone
+                                          or getattr(model, "compilable", False)):
                 raise TypeError(f"compile=True needs a draft model with a static KV cache (GPTAdapter, "
                                 f"LlamaGenAdapter); {type(model).__name__} is not one: use compile=False")
             self._token_step = torch.compile(draft_token, fullgraph=True, dynamic=False)
