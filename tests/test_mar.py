@@ -525,3 +525,15 @@ def test_x0_clip_option(mar):
     for bad in (0.0, -1.0, float("inf"), "1"):
         with pytest.raises(ValueError, match="clip_x0"):
             MARAdapter(mar.model, clip_x0=bad)
+
+
+def test_time_table_cache_follows_the_weights():
+    head = MAR(MARConfig.named("mar_tiny")).diffloss
+    with torch.no_grad():
+        first = head.time_table()
+        assert head.time_table() is first                                  # cached without autograd
+        head.net.time_embed.mlp[0].bias.add_(1.0)                          # an in-place update (optimiser, load)
+        again = head.time_table()
+    assert again is not first and not torch.equal(again, first)
+    torch.testing.assert_close(again, head.net.time_embed(head.const("timestep_map")).detach())
+    assert head.time_table().requires_grad                                 # with autograd: never the cache
