@@ -151,7 +151,8 @@ def speculate_chains(target: MARAdapter, drafter, zp: Tensor, zq: Tensor | None,
     passed: the target's own next transition is free (the bonus), or the token (its mean at x_{S-1}, the noiseless
     last step) when the window reached x_{S-1}. Noises and uniforms of transitions after a rejection were read by
     no decision, so they are reused. zp, zq: per-position conditions of target and drafter [M or 2M, 1, C] (zq
-    None for a chain-only drafter); cfg_k float or [M].
+    None for a chain-only drafter); cfg_k float or [M]. Host syncs per round: one to drop finished positions, plus
+    the rule's (GaussianChainRule: its finite check; its residual loop only where variances differ).
     -> (tokens [M, D], first_rejected LongTensor [M]: chain index of the first rejected transition, S - 1 = none,
     counts LongTensor [5]: target head calls, drafter head calls, transitions drafted, accepted, fallbacks)."""
     S, M, last = noises.shape[1], noises.shape[0], noises.shape[1] - 1
@@ -166,7 +167,7 @@ def speculate_chains(target: MARAdapter, drafter, zp: Tensor, zq: Tensor | None,
         if last == 0:
             return x, first_rejected, counts
         j = j + 1
-    while idx.numel():                                                               # one host sync per round
+    while idx.numel():              # host syncs per round: this compaction's one, plus the rule's (see the doc)
         zp_i, c_i, n = _rows(zp, idx, M), _cfg_at(cfg_k, idx), idx.numel()
         at = (j[:, None] + offsets).clamp_max(last)                                  # chain index of each state
         eps = noises[idx[:, None], at]
@@ -190,17 +191,19 @@ def speculate_chains(target: MARAdapter, drafter, zp: Tensor, zq: Tensor | None,
         r, rows = verdict.first_rejected[:, 0], torch.arange(n, device=x.device)
         rejected = r < m
         done = ~rejected & (j + m == last)
-        out[idx[done]] = mp[rows, m][done]
+        out[idx] = torch.where(done[:, None], mp[rows, m], out[idx])
         first_rejected[idx] = torch.where(rejected & (first_rejected[idx] == last), j + r, first_rejected[idx])
         bonus = mp[rows, m] + torch.exp(0.5 * lp[rows, m]) * noises[idx, (j + m).clamp_max(last - 1)] * temperature
         if chain_only:                       # the target's evaluation just before the next state: x_{j+r} or x_{j+m}
             o = torch.where(rejected, r, m)
-            ref = HeadReference(states[rows, o], j + o, mp[rows, o], lp[rows, o]).rows(~done)
+            ref = HeadReference(states[rows, o], j + o, mp[rows, o], lp[rows, o])
         x = torch.where(rejected[:, None], verdict.state[:, 0], bonus)
         j = torch.where(rejected, j + r + 1, j + m + 1)
         counts += torch.stack([torch.ones_like(m[0]), torch.zeros_like(m[0]), m.sum(), torch.minimum(r, m).sum(),
                                (verdict.fallbacks[:, 0] * rejected).sum()])
-        idx, x, j = idx[~done], x[~done], j[~done]
+        keep = (~done).nonzero()[:, 0]                                               # the round's host sync
+        idx, x, j = idx[keep], x[keep], j[keep]
+        ref = ref if ref is None else ref.rows(keep)
     return out, first_rejected, counts
 
 
