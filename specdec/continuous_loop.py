@@ -206,11 +206,9 @@ def check_models(target, drafter, rule) -> None:
         raise TypeError(f"the rule ({type(rule).__name__}) is {kind}, not a ContinuousRule: it decides over [V] "
                         f"token probabilities; use verifiers.CSpDRule or verifiers.GaussianChainRule here")
     if getattr(drafter, "chain_only", False):
-        if rule is None or not getattr(rule, "target_at_draft_states", False):
-            raise ValueError(f"the {getattr(drafter, 'name', type(drafter).__name__)} drafter proposes head "
-                             f"transitions only (no tokens), so it needs a rule that verifies transitions at the "
-                             f"drafted states: verifiers.GaussianChainRule(), not "
-                             f"{type(rule).__name__ if rule is not None else 'no rule'}")
+        if not getattr(rule, "target_at_draft_states", False):
+            raise ValueError(f"the {drafter.name} drafter proposes head transitions only (no tokens): it needs a "
+                             f"rule that verifies them, verifiers.GaussianChainRule(), not {rule!r}")
         return
     if drafter is None:
         if rule is not None:
