@@ -1,7 +1,9 @@
 """One draft token through `ModelDrafter`'s step, eager against compiled (`torch.compile` of the model call, q and
-the draw), on the zoo's drafter at batch 1, with a cache half full. Median of interleaved rounds.
+the draw), at batch 1: the zoo's drafter with a cache half full, or (--drafter eagle) the zoo's EAGLE head after one
+image (it drafts unguided). Median of interleaved rounds.
 
     python experiments/bench_drafter_step.py --threads 1 --cfg 3
+    python experiments/bench_drafter_step.py --threads 2 --drafter eagle
 """
 from __future__ import annotations
 
@@ -21,13 +23,22 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--drafter", choices=("model", "eagle"), default="model")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     threads = set_threads(args.threads)
     bundle = specdec.zoo.load()
-    model, sampling = bundle.drafter_model, Sampling(cfg_scale=args.cfg)
-    state, _ = model.start(torch.tensor([1]), sampling, 150)
-    model.forward(state, torch.zeros(1, 60, dtype=torch.long))
+    if args.drafter == "eagle":
+        from drafters.eagle import eagle
+        drafter = eagle(bundle.eagle_head, k=4)
+        specdec.generate(bundle.target, torch.tensor([1]), drafter=drafter, sampling=Sampling(cfg_scale=args.cfg),
+                         seed=0, decode=False)
+        model, state, sampling = drafter.model, drafter.state, drafter.sampling
+        state.cache.set_lengths(torch.tensor([60]))
+    else:
+        model, sampling = bundle.drafter_model, Sampling(cfg_scale=args.cfg)
+        state, _ = model.start(torch.tensor([1]), sampling, 150)
+        model.forward(state, torch.zeros(1, 60, dtype=torch.long))
     base = state.cache.lengths.clone()
     feed, u = torch.zeros(1, 1, dtype=torch.long), torch.full((1,), 0.5)
     compiled = torch.compile(draft_token, fullgraph=True, dynamic=False)
@@ -42,7 +53,8 @@ def main(argv=None) -> None:
         step(compiled)()
     timings, _ = interleaved_rounds([step(draft_token), step(compiled)], args.rounds)
     eager, fast = (1e3 * statistics.median(t.seconds) for t in timings)
-    print(f"zoo drafter, batch 1, cfg {args.cfg:g}, {threads} threads: draft token step {eager:.3f} ms eager, "
+    print(f"zoo {args.drafter} drafter, batch 1, cfg {args.cfg:g}, {threads} threads: draft token step "
+          f"{eager:.3f} ms eager, "
           f"{fast:.3f} ms compiled ({eager / fast:.2f}x)")
 
 
