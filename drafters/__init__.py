@@ -6,4 +6,5 @@ from drafters.lookup import LookupDrafter
 from drafters.model import ModelDrafter
 from drafters.model_tree import TreeModelDrafter
 
-__all__ = ["ModelDrafter", "TreeModelDrafter", "JacobiDrafter", "LookupDrafter", "DynamicTreeDrafter", "FrozenHeadDrafter"]
+__all__ = ["ModelDrafter", "TreeModelDrafter", "JacobiDrafter", "LookupDrafter", "DynamicTreeDrafter",
+           "FrozenHeadDrafter"]

@@ -8,7 +8,7 @@ A continuous token is the end of the target head's ancestral chain x_{j+1} = mu_
 (`specdec.continuous`). After the target has evaluated its mean at an exact state x_r, its prediction there
 (x0_hat, or eps) is known; the drafter rolls the next transitions out with the shared noises as if the network
 kept predicting it: mu_q(x, t) = posterior mean at (x, t) with x0_hat (predict="x0") or eps (predict="eps") held
-fixed, read back from the target's own mean through the diffusion schedule (`DiffLoss.reuse`). The variance is the
+fixed, read back from the target's own mean through the diffusion schedule (`DiffLoss.frozen`). The variance is the
 schedule's sigma_t, as the target's with a fixed head variance: drafter and target share every transition's
 covariance, so the exact rule's reflection coupling applies and the token's law is exactly the target's. (With a
 learned variance the drafted variance is the reference's, the rule's residual loop keeps the law exact.)
@@ -23,10 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
-from specdec.continuous import HeadReference
+from specdec.continuous import HeadReference, roll_transitions
 
 PREDICTIONS = ("x0", "eps")
 
@@ -49,15 +48,9 @@ class FrozenHeadDrafter:
     def propose(self, target, ref: HeadReference, x: Tensor, steps: Tensor, noises: Tensor,
                 temperature: float) -> tuple[Tensor, Tensor, Tensor]:
         """Roll out w transitions from the exact states x [n, D] at chain indices steps LongTensor [n, w] with the
-        shared noises [n, w, D] (scaled by temperature * sigma), every mean from the target's reused prediction
-        (`target.head_reuse`). -> (states [n, w+1, D] (states[:, 0] = x), means [n, w, D], logvars [n, w, D])."""
+        shared noises [n, w, D] (scaled by temperature * sigma), every mean from the target's prediction at the
+        reference, read back once (`target.head_frozen`).
+        -> (states [n, w+1, D] (states[:, 0] = x), means [n, w, D], logvars [n, w, D])."""
         S = target.num_steps
-        states, means, logvars = [x], [], []
-        ref_t = S - 1 - ref.index
-        for i in range(steps.shape[1]):
-            mean, logvar = target.head_reuse(ref.state, ref_t, ref.mean, ref.logvar, states[-1], S - 1 - steps[:, i],
-                                             self.predict)
-            means.append(mean)
-            logvars.append(logvar)
-            states.append(mean + torch.exp(0.5 * logvar) * noises[:, i] * temperature)
-        return torch.stack(states, 1), torch.stack(means, 1), torch.stack(logvars, 1)
+        head = target.head_frozen(ref.state, S - 1 - ref.index, ref.mean, ref.logvar, self.predict)
+        return roll_transitions(lambda state, step: head(state, S - 1 - step), x, steps, noises, temperature)

@@ -44,7 +44,8 @@ from specdec.adapters.mar import MARAdapter  # noqa: E402
 from specdec.bench.results import append_row, read_rows  # noqa: E402
 from specdec.bench.timing import set_threads  # noqa: E402
 from specdec.continuous import energy_test  # noqa: E402
-from specdec.continuous_demo import FROZEN, ContinuousMethod, build, run_methods, stats_fields  # noqa: E402
+from specdec.continuous_demo import (ContinuousMethod, build, frozen_method, run_methods,  # noqa: E402
+                                     stats_fields)
 from specdec.continuous_loop import LoopConfig, generate_continuous  # noqa: E402
 from specdec.models.mar import MAR, MARConfig  # noqa: E402
 from specdec.models.mar.diffloss import DiffLoss, SimpleMLPAdaLN  # noqa: E402
@@ -60,8 +61,7 @@ def methods(gammas: list[int], exact_gammas: list[int], fewer: list[float],
         out += [ContinuousMethod(f"CSpD T={T:g} g={g}", "cspd", dict(CSPD, inner_temperature=T, gamma=g))
                 for g in gammas]
     out += [ContinuousMethod(f"exact g={g}", "gaussian_chain", loop=dict(gamma=g)) for g in exact_gammas]
-    out += [ContinuousMethod(f"exact frozen w={w}", **dict(FROZEN, loop=dict(gamma=1, head_window=w)))
-            for w in frozen_windows]
+    out += [frozen_method(w) for w in frozen_windows]
     return out
 
 
@@ -177,8 +177,7 @@ def acceptance(bundle, base: LoopConfig, gammas: list[int], windows: list[int], 
     ms = [ContinuousMethod(f"CSpD T={T:g} g={g}", "cspd", dict(CSPD, inner_temperature=T, gamma=g))
           for T in (1.0, 42.0) for g in gammas]
     ms += [ContinuousMethod(f"exact g=1 w={w}", "gaussian_chain", loop=dict(gamma=1, head_window=w)) for w in windows]
-    ms += [ContinuousMethod(f"exact frozen w={w}", **dict(FROZEN, loop=dict(gamma=1, head_window=w)))
-           for w in windows]
+    ms += [frozen_method(w) for w in windows]
     cond = torch.arange(batch) % len(bundle.classes)
     for m in ms:
         if ("acceptance", batch, m.label) in done:

@@ -216,6 +216,21 @@ def at_steps(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(2, idx.reshape(*idx.shape, *([1] * len(rest))).expand(*idx.shape, *rest))
 
 
+def roll_transitions(transition: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, steps: Tensor,
+                     noises: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """A proposer's w transitions from the exact states x [n, D] at chain indices steps LongTensor [n, w], with the
+    shared noises [n, w, D]: x_{i+1} = mean + temperature * exp(logvar / 2) * noise, where transition(x [n, D],
+    step LongTensor [n]) -> (mean, logvar) [n, D] is the proposer's head (one call per transition).
+    -> (states [n, w+1, D] (states[:, 0] = x), means [n, w, D], logvars [n, w, D])."""
+    states, means, logvars = [x], [], []
+    for i in range(steps.shape[1]):
+        mean, logvar = transition(states[-1], steps[:, i])
+        means.append(mean)
+        logvars.append(logvar)
+        states.append(mean + torch.exp(0.5 * logvar) * noises[:, i] * temperature)
+    return torch.stack(states, 1), torch.stack(means, 1), torch.stack(logvars, 1)
+
+
 def rollout(mean_fn: MeanFn, x0: Tensor, steps: Tensor, noises: Tensor, log_vars: Tensor,
             noiseless_last: bool = False) -> GaussianChain:
     """Run a head's ancestral chain from x0 [B, n, D] over the chain indices steps LongTensor [B, n, m]:

@@ -58,7 +58,14 @@ class ContinuousMethod:
 
 CSPD = dict(prefill_ratio=0.15)
 DRAFTERS = ("zoo", "frozen_head")
-FROZEN = dict(rule="gaussian_chain", loop=dict(gamma=1, head_window=4), drafter="frozen_head")
+
+
+def frozen_method(window: int = 4) -> ContinuousMethod:
+    """The exact rule with the frozen drafter, `window` head transitions per target head call."""
+    return ContinuousMethod(f"exact frozen w={window}", "gaussian_chain", loop=dict(gamma=1, head_window=window),
+                            drafter="frozen_head")
+
+
 DEMO_METHODS = (
     ContinuousMethod("MAR target-only"),
     ContinuousMethod("MAR target-only, half the steps", steps_ratio=0.5),
@@ -68,7 +75,7 @@ DEMO_METHODS = (
     ContinuousMethod("CSpD T=42 g=8", "cspd", dict(CSPD, inner_temperature=42.0, gamma=8)),
     ContinuousMethod("exact g=1", "gaussian_chain", loop=dict(gamma=1)),
     ContinuousMethod("exact g=2", "gaussian_chain", loop=dict(gamma=2)),
-    ContinuousMethod("exact frozen w=4", **FROZEN),
+    frozen_method(4),
 )
 QUICK_METHODS = tuple(DEMO_METHODS[i] for i in (0, 2, 4, 6, 8))
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from specdec.adapters.mar import HeadChain, MARAdapter, MARState
-from specdec.continuous import GaussianChain, HeadReference
+from specdec.continuous import GaussianChain, HeadReference, roll_transitions
 from specdec.protocols import ContinuousRule
 
 CONTEXTS = ("pre_draft", "per_step", "union")
@@ -130,13 +130,10 @@ def _model_proposals(drafter: MARAdapter, zq: Tensor, x: Tensor, at: Tensor, eps
                      temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """A drafter head's w transitions from x [n, D] at chain indices at [n, w] -> states [n, w+1, D], means and
     logvars [n, w, D] (one drafter head call per transition)."""
-    states, mq, lq = [x], [], []
-    for i in range(at.shape[1]):
-        mean, logvar = _step(drafter, zq, states[-1][:, None], at[:, i:i + 1], cfg_k)
-        mq.append(mean[:, 0])
-        lq.append(logvar[:, 0])
-        states.append(mean[:, 0] + torch.exp(0.5 * logvar[:, 0]) * eps[:, i] * temperature)
-    return torch.stack(states, 1), torch.stack(mq, 1), torch.stack(lq, 1)
+    def head(state: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
+        mean, logvar = _step(drafter, zq, state[:, None], step[:, None], cfg_k)
+        return mean[:, 0], logvar[:, 0]
+    return roll_transitions(head, x, at, eps, temperature)
 
 
 def speculate_chains(target: MARAdapter, drafter, zp: Tensor, zq: Tensor | None, cfg_k: Tensor | float,

@@ -278,17 +278,15 @@ class MARAdapter:
         return mean.reshape(b, n, m, d), logvar.reshape(b, n, m, d)
 
     @torch.no_grad()
-    def head_reuse(self, ref_x: Tensor, ref_t: Tensor, ref_mean: Tensor, ref_logvar: Tensor, x: Tensor, t: Tensor,
-                   predict: str = "x0") -> tuple[Tensor, Tensor]:
-        """p(x_{t-1} | x_t) with the head's prediction at an earlier state reused, no network call (the frozen
-        drafter, `drafters.frozen_head`): ref_x, ref_mean, ref_logvar [..., D] one transition this head made at
-        respaced steps ref_t LongTensor [...]; x [..., D] at steps t [...] -> (mean, logvar) [..., D]. The same
-        variance and x0 clamp as `head_transition` (see `DiffLoss.reuse`)."""
-        d = self.token_dim
-        flat = lambda a: a.reshape(-1, d).float()
-        mean, logvar = self.model.diffloss.reuse(flat(ref_x), ref_t.reshape(-1), flat(ref_mean), flat(ref_logvar),
-                                                 flat(x), t.reshape(-1), predict, self._variance(None), self.clip_x0)
-        return mean.reshape(x.shape), logvar.reshape(x.shape)
+    def head_frozen(self, ref_x: Tensor, ref_t: Tensor, ref_mean: Tensor, ref_logvar: Tensor, predict: str = "x0"):
+        """The head with its prediction at earlier states held fixed, no network call (the frozen drafter,
+        `drafters.frozen_head`): ref_x, ref_mean, ref_logvar [n, D] one transition this head made at each of n
+        positions, at respaced steps ref_t LongTensor [n]. The prediction is read back once; -> transition(x [n, D],
+        t LongTensor [n]) -> (mean, logvar) [n, D], with the same variance and x0 clamp as `head_transition`
+        (see `DiffLoss.frozen`)."""
+        f = lambda a: a.float()
+        return self.model.diffloss.frozen(f(ref_x), ref_t, f(ref_mean), f(ref_logvar), predict, self._variance(None),
+                                          self.clip_x0)
 
     # ---- randomness and schedules ---------------------------------------------------------------------------------
     def draw_noise(self, batch: int, generator: torch.Generator | None = None) -> MARNoise:

@@ -273,24 +273,31 @@ class DiffLoss(nn.Module):
     def reuse(self, ref_x: Tensor, ref_t: Tensor, ref_mean: Tensor, ref_logvar: Tensor, x: Tensor, t: Tensor,
               predict: str = "x0", variance: str = "learned", clip: float | None = None) -> tuple[Tensor, Tensor]:
         """The transition at x [N, D], step t [N], with the network's prediction at (ref_x [N, D], ref_t [N]) reused
-        instead of a new call: no network. The prediction is read back from that step's (ref_mean, ref_logvar)
-        [N, D] through the schedule: x0_hat = (mean - coef2 x) / coef1 (the clamped x0 when clipping), and
+        instead of a new call: `frozen(...)(x, t)`. -> (mean, logvar) [N, D]."""
+        return self.frozen(ref_x, ref_t, ref_mean, ref_logvar, predict, variance, clip)(x, t)
+
+    def frozen(self, ref_x: Tensor, ref_t: Tensor, ref_mean: Tensor, ref_logvar: Tensor, predict: str = "x0",
+               variance: str = "learned", clip: float | None = None):
+        """The network's prediction at (ref_x [N, D], ref_t [N]) read back once from that step's (ref_mean,
+        ref_logvar) [N, D] through the schedule: x0_hat = (mean - coef2 x) / coef1 (the clamped x0 when clipping);
         predict="x0" keeps x0_hat, predict="eps" keeps eps = (recip x - x0_hat) / recipm1. The variance: a fixed
-        one is the schedule's at t (what the network would give); "learned" re-applies the reference's v
-        (read back from its log-variance) at t. -> (mean, logvar) [N, D]."""
+        one is the schedule's at t (what the network would give); "learned" re-applies the reference's v (read
+        back from its log-variance). -> transition(x [N, D], t [N]) -> (mean, logvar) [N, D], no network."""
         at = lambda name, s: self.const(name)[s][:, None]
         if predict not in ("x0", "eps"):
             raise ValueError(f"predict must be 'x0' or 'eps' (which prediction to reuse), got {predict!r}")
         x0 = (ref_mean - at("coef2", ref_t) * ref_x) / at("coef1", ref_t)
-        v = torch.zeros_like(x)
+        v = torch.zeros_like(x0)
         if variance == "learned":
             lo, hi = at("posterior_logvar", ref_t), at("log_betas", ref_t)
             v = 2 * (ref_logvar - lo) / (hi - lo).abs().clamp_min(1e-12).copysign(hi - lo) - 1
-        if predict == "eps":            # float64: x0_hat = recip x - recipm1 eps cancels at recip_T ~ 2e4
-            d = lambda name, s: at(name, s).double()
-            eps = (d("recip", ref_t) * ref_x.double() - x0.double()) / d("recipm1", ref_t)
-            x0 = (d("recip", t) * x.double() - d("recipm1", t) * eps).to(x.dtype)
-        return self._posterior(x, t, x0, v, variance, clip)
+        if predict == "x0":
+            return lambda x, t: self._posterior(x, t, x0, v, variance, clip)
+        # float64: x0_hat = recip x - recipm1 eps cancels at recip_T ~ 2e4
+        d = lambda name, s: at(name, s).double()
+        eps = (d("recip", ref_t) * ref_x.double() - x0.double()) / d("recipm1", ref_t)
+        return lambda x, t: self._posterior(x, t, (d("recip", t) * x.double() - d("recipm1", t) * eps).to(x.dtype),
+                                            v, variance, clip)
 
     def transition(self, x: Tensor, t: Tensor, c: Tensor, cfg_k: Tensor | float = 1.0,
                    variance: str = "learned", clip: float | None = None) -> tuple[Tensor, Tensor]:
