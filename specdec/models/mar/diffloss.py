@@ -214,10 +214,9 @@ class DiffLoss(nn.Module):
         """[S, W]: the time embedding of every respaced step t (at its original timestep). Without autograd it is
         cached until the time embedder's weights change (their in-place version counters), device or dtype: a
         speculative chain calls the head once per round, and this table is a tenth of a one-state call."""
-        params = list(self.net.time_embed.parameters())
         if torch.is_grad_enabled():
             return self.net.time_embed(self.const("timestep_map"))
-        key = tuple((id(q), q._version, q.device, q.dtype) for q in params)
+        key = tuple((id(q), q._version, q.device, q.dtype) for q in self.net.time_embed.parameters())
         if getattr(self, "_times_key", None) != key:
             self._times, self._times_key = self.net.time_embed(self.const("timestep_map")), key
         return self._times
