@@ -136,14 +136,19 @@ def verify_inputs(tree: DraftTree, n_done: Tensor, last: Tensor, slot0: Tensor) 
 def static_shape(spec) -> list[tuple[int, ...]]:
     """A static tree shape as child-rank paths, shallowest first (path (0, 1): the second child of the first child
     of the root). spec: a list of paths, or a preset name: "chain-K" (K nodes in a line), "binary-D" (every node
-    has 2 children, depth D), "spine-D" (the best path to depth D plus the runner-up at every level: 2D nodes)."""
+    has 2 children, depth D), "spine-D" (the best path to depth D plus the runner-up at every level: 2D nodes),
+    "seqs-KxL" (K drafts of L tokens that part at the root: SpecTr's k-SEQ setting, K L nodes)."""
     if isinstance(spec, str):
         kind, _, n = spec.partition("-")
-        if kind not in ("chain", "binary", "spine") or not n.isdigit() or int(n) < 1:
-            raise ValueError(f"unknown tree shape {spec!r}; use chain-K, binary-D, spine-D or a list of child-rank "
-                             f"paths such as [[0], [1], [0, 0]]")
-        n = int(n)
-        if kind == "chain":
+        drafts, _, length = n.partition("x")
+        seqs = kind == "seqs" and drafts.isdigit() and length.isdigit() and min(int(drafts), int(length)) >= 1
+        if not seqs and (kind not in ("chain", "binary", "spine") or not n.isdigit() or int(n) < 1):
+            raise ValueError(f"unknown tree shape {spec!r}; use chain-K, binary-D, spine-D, seqs-KxL or a list of "
+                             f"child-rank paths such as [[0], [1], [0, 0]]")
+        n = 0 if seqs else int(n)
+        if seqs:
+            paths = [(r,) + (0,) * d for d in range(int(length)) for r in range(int(drafts))]
+        elif kind == "chain":
             paths = [(0,) * d for d in range(1, n + 1)]
         elif kind == "spine":
             paths = [(0,) * (d - 1) + (r,) for d in range(1, n + 1) for r in (0, 1)]

@@ -242,15 +242,16 @@ def test_model_tree_greedy_equals_ar_and_beats_its_chain(target):
     assert tree.stats.mean_accepted_length > chain.stats.mean_accepted_length
 
 
-@pytest.mark.parametrize("rule_name", ["exact", "spectr"])
-def test_iid_sibling_trees_are_exact_under_recursive_rejection_and_spectr(rule_name):
+@pytest.mark.parametrize("rule_name, shape", [("exact", [[0], [1], [2], [0, 0], [0, 1]]),
+                                               ("spectr", [[0], [1], [2], [0, 0], [0, 1]]), ("spectr", "seqs-3x2")])
+def test_iid_sibling_trees_are_exact_under_recursive_rejection_and_spectr(rule_name, shape):
     from drafters.model_tree import TreeModelDrafter
     from specdec import Sampling
     from specdec.registry import make_rule
     from helpers import fit_of, perturbed_copy
 
     target = tiny_gpt(vocab=5, grid=(2, 2), dim=32, heads=2, classes=2, sharpen=15.0)
-    drafter = TreeModelDrafter(perturbed_copy(target, 0.8), shape=[[0], [1], [2], [0, 0], [0, 1]], drafts="iid")
+    drafter = TreeModelDrafter(perturbed_copy(target, 0.8), shape=shape, drafts="iid")
     fit, res = fit_of(target, drafter, Sampling(cfg_scale=2.0), n=20000, rule=make_rule(rule_name))
     assert fit.p_value > 1e-3, str(fit)
     assert fit.tvd < 2 * fit.tvd_noise + 1e-3, str(fit)
@@ -282,6 +283,18 @@ def test_spectr_accepts_at_least_as_often_as_recursive_rejection_with_k_iid_draf
         if k >= 2:
             assert got >= float((exact.n_accepted > 0).float().mean()) - 0.01, k
     assert SpecTrRule().lossless and SpecTrRule().distortion_bound(False) == 0.0
+
+
+def test_k_draft_shapes_part_at_the_root_and_run_as_chains():
+    from specdec.tree import shape_parents, static_shape
+
+    paths = static_shape("seqs-3x2")                 # SpecTr's k-SEQ setting: 3 drafts of 2 tokens
+    assert paths == [(0,), (1,), (2,), (0, 0), (1, 0), (2, 0)]
+    assert shape_parents(paths) == ([-1, -1, -1, 0, 1, 2], [0, 1, 2, 0, 0, 0], [1, 1, 1, 2, 2, 2])
+    assert static_shape("seqs-1x3") == static_shape("chain-3")
+    for bad in ("seqs-0x2", "seqs-3", "seqs-3x", "seqs-ax2"):
+        with pytest.raises(ValueError, match="seqs-KxL"):
+            static_shape(bad)
 
 
 def test_a_tree_larger_than_the_cache_room_is_refused(target):
