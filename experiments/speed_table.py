@@ -1,8 +1,9 @@
 """The README's speed table from `specdec bench --preset zoo-speed` (and, optionally, zoo-throughput) rows: per
 method and CFG scale, MAL and target forwards per image at batch 1, the latency speedup over AR at batch 1 (median,
-with the rounds' min-max), and the throughput speedup at batch 8 (and 64).
+with the rounds' min-max), and the throughput speedup at batch 8 (and 64). --mal adds MAL at the larger batches
+(over all their images: less noisy than one image's).
 
-    python experiments/speed_table.py docs/results/zoo-speed.jsonl [docs/results/zoo-throughput.jsonl]
+    python experiments/speed_table.py docs/results/zoo-speed.jsonl [docs/results/zoo-throughput.jsonl] [--mal]
 """
 from __future__ import annotations
 
@@ -36,11 +37,13 @@ def speedup_cell(row: dict | None, spread: bool) -> str:
 
 
 def main(paths: list[str]) -> None:
-    rows = rows_of(paths)
+    mal = "--mal" in paths
+    rows = rows_of([p for p in paths if p != "--mal"])
     batches = sorted({r["batch"] for r in rows})
     labels = list(dict.fromkeys(r["label"] for r in rows))
     index = {(r["label"], r["sampling"]["cfg_scale"], r["batch"]): r for r in rows}
     head = ["method", "guarantee", "cfg", "MAL (b=1)", "target fwd / image", "latency b=1 vs AR (min-max)"]
+    head += [f"MAL (b={b})" for b in batches if b != 1 and mal]
     head += [f"throughput b={b} vs AR" for b in batches if b != 1]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -51,6 +54,8 @@ def main(paths: list[str]) -> None:
                 continue
             cells = [label, guarantee(one), f"{cfg:g}", f"{one['mean_accepted_length']:.2f}",
                      f"{one['target_forwards_per_image']:.1f}", speedup_cell(one, True)]
+            cells += [f"{index[(label, cfg, b)]['mean_accepted_length']:.2f}" if (label, cfg, b) in index else "-"
+                      for b in batches if b != 1 and mal]
             cells += [speedup_cell(index.get((label, cfg, b)), False) for b in batches if b != 1]
             print("| " + " | ".join(cells) + " |")
     flagged = [r for r in rows if r.get("reliability")]
