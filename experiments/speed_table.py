@@ -1,7 +1,7 @@
 """The README's speed table from `specdec bench --preset zoo-speed` (and, optionally, zoo-throughput) rows: per
 method and CFG scale, MAL and target forwards per image at batch 1, the latency speedup over AR at batch 1 (median,
 with the rounds' min-max), and the throughput speedup at batch 8 (and 64). --mal adds MAL at the larger batches
-(over all their images: less noisy than one image's).
+(over all their images, less noisy than one image's, with its standard error where the rows have one).
 
     python experiments/speed_table.py docs/results/zoo-speed.jsonl [docs/results/zoo-throughput.jsonl] [--mal]
 """
@@ -36,6 +36,14 @@ def speedup_cell(row: dict | None, spread: bool) -> str:
     return s
 
 
+def mal_cell(row: dict | None) -> str:
+    """MAL, with its standard error over the batch's images where the row has one."""
+    if row is None:
+        return "-"
+    se = row.get("mean_accepted_length_se")
+    return f"{row['mean_accepted_length']:.2f}" + (f" +- {se:.2f}" if se else "")
+
+
 def main(paths: list[str]) -> None:
     mal = "--mal" in paths
     rows = rows_of([p for p in paths if p != "--mal"])
@@ -54,8 +62,7 @@ def main(paths: list[str]) -> None:
                 continue
             cells = [label, guarantee(one), f"{cfg:g}", f"{one['mean_accepted_length']:.2f}",
                      f"{one['target_forwards_per_image']:.1f}", speedup_cell(one, True)]
-            cells += [f"{index[(label, cfg, b)]['mean_accepted_length']:.2f}" if (label, cfg, b) in index else "-"
-                      for b in batches if b != 1 and mal]
+            cells += [mal_cell(index.get((label, cfg, b))) for b in batches if b != 1 and mal]
             cells += [speedup_cell(index.get((label, cfg, b)), False) for b in batches if b != 1]
             print("| " + " | ".join(cells) + " |")
     flagged = [r for r in rows if r.get("reliability")]

@@ -110,6 +110,7 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
     if drafter is not None:
         drafter.start(ctx)
     counters = torch.zeros(5, dtype=torch.long, device=device)   # forwards, drafted, accepted, committed, steps
+    row_forwards = torch.zeros(B, dtype=torch.long, device=device)
     acc_pos = torch.zeros(k, dtype=torch.long, device=device)
     drafted_pos = torch.zeros(k, dtype=torch.long, device=device)
     offsets = torch.arange(k + 1, device=device)
@@ -165,6 +166,7 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         accepted_mask = drafted_mask & (offsets[None, :k] < n_acc[:, None])
         counters += torch.stack([active.sum(), drafted_mask.sum(), accepted_mask.sum(), committed.sum(),
                                  active.any().long()])
+        row_forwards += active
         acc_pos += accepted_mask.sum(0)
         drafted_pos += drafted_mask.sum(0)
         n_done += torch.where(active, n_acc + 1, 0)
@@ -184,7 +186,8 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         draft_forwards=drafter.forwards if drafter is not None else 0,
         drafted=drafted, accepted=accepted, committed=committed_total, steps=steps,
         accepted_per_position=acc_pos.cpu(), drafted_per_position=drafted_pos.cpu(),
-        acceptance_map=from_draft[:, :T].cpu(), target_s=target_s, draft_s=draft_s)
+        acceptance_map=from_draft[:, :T].cpu(), forwards_per_row=row_forwards.cpu(), target_s=target_s,
+        draft_s=draft_s)
     images = target.decode(out) if decode else None
     stats.wall_s = time.perf_counter() - t_wall
     if bar:

@@ -104,3 +104,16 @@ def token_histogram_tvd(tokens_a: Tensor, tokens_b: Tensor, vocab: int) -> float
     if ha.sum() == 0 or hb.sum() == 0:
         raise ValueError("both token sets must be non-empty")
     return float(0.5 * (ha / ha.sum() - hb / hb.sum()).abs().sum())
+
+
+def mal_standard_error(forwards: Tensor, committed: int) -> float | None:
+    """The standard error of a batch's mean accepted length (MAL) from its images' spread: forwards [n] target
+    forwards of each image (`SpecStats.forwards_per_row`), each image committing `committed` tokens. The batch's MAL
+    is the ratio n c / sum f_b, with delta-method standard error sqrt(sum_b (c - MAL f_b)^2 / (n (n - 1))) / mean(f).
+    None for fewer than 2 images (one image has no spread)."""
+    n = forwards.numel()
+    if n < 2:
+        return None
+    f = forwards.double()
+    mal = n * committed / float(f.sum())
+    return float(((committed - mal * f).pow(2).sum() / (n * (n - 1))).sqrt() / f.mean())

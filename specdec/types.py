@@ -69,6 +69,8 @@ class SpecStats:
     accepted_per_position:[k] how many times draft position j was accepted
     drafted_per_position: [k] how many times draft position j was proposed
     acceptance_map:       BoolTensor [B, T]: token t of row b was committed from a draft
+    forwards_per_row:     LongTensor [B]: target_forwards of each row (their spread gives MAL's standard error,
+                          `specdec.metrics.mal_standard_error`)
     """
 
     batch_size: int = 0
@@ -82,6 +84,7 @@ class SpecStats:
     accepted_per_position: Tensor | None = None
     drafted_per_position: Tensor | None = None
     acceptance_map: Tensor | None = None
+    forwards_per_row: Tensor | None = None
     wall_s: float = 0.0
     target_s: float = 0.0
     draft_s: float = 0.0

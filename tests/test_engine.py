@@ -242,3 +242,21 @@ def test_stats_are_returned_as_data(target, unrelated):
     assert res.stats.acceptance_map.shape == (2, target.num_tokens)
     assert int(res.stats.acceptance_map.sum()) == res.stats.accepted
     assert res.stats.draft_forwards > 0 and len(d["acceptance_per_position"]) == 3
+
+
+def test_per_row_forwards_and_the_standard_error_of_mal(target, unrelated):
+    from specdec.metrics import mal_standard_error
+
+    res = specdec.generate(target, torch.tensor([0, 1, 2, 1]), drafter=ModelDrafter(unrelated, k=3), seed=0)
+    st, c = res.stats, target.num_tokens - 1
+    assert st.forwards_per_row.shape == (4,) and int(st.forwards_per_row.sum()) == st.target_forwards
+    # a row's forwards: its committed tokens less those from drafts, plus at most its last, window-cut forward
+    own = c - st.acceptance_map.sum(1)
+    assert ((st.forwards_per_row - own) >= 0).all() and ((st.forwards_per_row - own) <= 1).all()
+    # the delta-method standard error of the ratio MAL = n c / sum f, by hand for f = (10, 20, 30, 40), c = 60
+    f = torch.tensor([10, 20, 30, 40])
+    mal = 4 * 60 / 100
+    se = math.sqrt(sum((60 - mal * x) ** 2 for x in (10, 20, 30, 40)) / (4 * 3)) / 25
+    assert mal_standard_error(f, 60) == pytest.approx(se)
+    assert mal_standard_error(torch.full((5,), 7), 21) == 0.0          # no spread, no error
+    assert mal_standard_error(torch.tensor([9]), 21) is None           # one image has no spread

@@ -221,6 +221,9 @@ def measure_row(gen: _PerGenerator, run: dict, cfg: BenchConfig, scorers: list, 
     drafted = sum(s.drafted for s in m.stats)
     accepted = sum(s.accepted for s in m.stats)
     acc_map = torch.cat([s.acceptance_map for s in m.stats]).float().mean(0)
+    rows = [s.forwards_per_row for s in m.stats]
+    mal_se = None if any(r is None for r in rows) else \
+        metrics.mal_standard_error(torch.cat(rows), m.stats[0].num_tokens - 1)
     b_tf = sum(s.target_forwards for s in base.stats)
     draft_s = sum(s.draft_s for s in m.stats)
     wall_s_gen = sum(s.wall_s for s in m.stats)
@@ -256,6 +259,7 @@ def measure_row(gen: _PerGenerator, run: dict, cfg: BenchConfig, scorers: list, 
         "threads": torch.get_num_threads(), "num_processes": dist.num_processes,
         "process_index": dist.process_index,
         "mean_accepted_length": _r6(committed / tf if tf else 0.0),
+        "mean_accepted_length_se": _r6(mal_se),
         "acceptance_rate": _r6(accepted / drafted if drafted else 0.0),
         "acceptance_per_position": _per_position(m.stats),
         "target_forwards_per_image": _r6(tf / n), "step_compression": _r6(b_tf / tf if tf else None),
