@@ -10,7 +10,7 @@ prediction. Per step, the drafter first feeds the last k + 1 committed pairs wit
 verification just computed them: `ctx.hidden`), since the pairs it drafted last step carried its own predictions;
 then it drafts from its predictions:
   tree="chain":           k tokens, one head call each (ModelDrafter's loop; drafts "sample" or "argmax");
-  tree="static:<shape>":  a static tree ("spine-4", "binary-3", child-rank paths; drafters.model_tree);
+  tree="static:<shape>":  a static tree ("spine-4", "binary-3", "seqs-4x4", child-rank paths; drafters.model_tree);
   tree="dynamic":         EAGLE-2's dynamic tree (top_k, depth, total_tokens; drafters.dynamic_tree).
 The head drafts unguided (it sees the conditional features only); trained on the target's samples at the user's
 cfg scale (experiments/train_eagle.py), its q approximates the guided p. Guarantee: LOSSLESS with a lossless rule

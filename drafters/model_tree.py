@@ -4,17 +4,17 @@
 Notation: p = target distribution, q = draft distribution (both after specdec.sampling), x = draft token, B batch,
 V vocabulary, N tree nodes, D tree depth (the most tokens a step can accept).
 
-The shape is fixed (`specdec.tree.static_shape`: "chain-K", "spine-D", "binary-D" or child-rank paths). Each step
-the drafter feeds its committed tail as a chain (q at the root), then expands the tree level by level: the nodes of
-a level that have children are fed in one forward (tree attention over their ancestors, `forward_tree_part`), and
-each of them draws its children from its q in rank order:
+The shape is fixed (`specdec.tree.static_shape`: "chain-K", "spine-D", "binary-D", "seqs-KxL" or child-rank
+paths). Each step the drafter feeds its committed tail as a chain (q at the root), then expands the tree level by
+level: the nodes of a level that have children are fed in one forward (tree attention over their ancestors,
+`forward_tree_part`), and each of them draws its children from its q in rank order:
   drafts="sample": without replacement; child r's law is q with the r earlier siblings removed and renormalised
                    (the sequential q the tree rule tests it against);
   drafts="iid":    independently from q (i.i.d. siblings, each tested against q; what SpecTr's k-SEQ needs);
   drafts="argmax": the r-th most likely token, q one-hot (deterministic drafts).
 Under greedy sampling (temperature 0) every q is one-hot, so siblings are always the top-ranked tokens (ranked by
-the drafter's temperature-1 law). D draft forwards per step whatever N. Guarantee: LOSSLESS with the exact rule's recursive rejection
-(verifiers/_tree.py), for either kind of siblings.
+the drafter's temperature-1 law). D draft forwards per step whatever N. Guarantee: LOSSLESS with the exact rule's
+recursive rejection (verifiers/_tree.py), for every kind of siblings, and with SpecTr's k-SEQ for i.i.d. ones.
 """
 from __future__ import annotations
 
