@@ -8,8 +8,8 @@ from other processes hits all methods alike; min / median / max per method. A sp
 Quality, on the batch: the samples' NLL under the target, and the feature-space Frechet distance against held-out
 crops of the same classes, shown only from 200 images on (below that its noise exceeds the differences).
 Writes into the output folder:
-  table.json      the rows (MAL, acceptance, target forwards per image, latency, speedup and its bound, throughput,
-                  NLL, FD) and the setup (sampling, seed, threads, device)
+  table.json      the rows (MAL and its standard error over the images, acceptance, target forwards per image,
+                  latency, speedup and its bound, throughput, NLL, FD) and the setup (sampling, seed, threads, device)
   samples.png     the images of every method, one row each (same seeds)
   acceptance.png  per-position share of tokens committed from drafts, one panel per speculative method
 """
@@ -154,7 +154,9 @@ def measure_methods(bundle, methods: list[Method], cond: torch.Tensor, sampling:
             metrics.frechet_distance(metrics.extract_features(res.images, bundle.features), real_feats)
         rows.append({"method": method.label, "drafter": method.drafter or "-", "rule": method.rule,
                      "k": method.drafter_params.get("k", method.drafter_params.get("window", 0)),
-                     "mean_accepted_length": st.mean_accepted_length, "acceptance_rate": st.acceptance_rate,
+                     "mean_accepted_length": st.mean_accepted_length,
+                     "mean_accepted_length_se": metrics.mal_standard_error(st.forwards_per_row, st.num_tokens - 1),
+                     "acceptance_rate": st.acceptance_rate,
                      "target_forwards_per_image": st.target_forwards_per_image,
                      "latency_s": lat.as_dict(), "speedup": speedup, "speedup_bound": bound,
                      "reliability": reliability(speedup, bound, lat, latency[0]),

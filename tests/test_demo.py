@@ -23,6 +23,7 @@ def test_demo_quick_writes_its_files(tmp_path, capsys):
     spec = rows["exact + model k=4"]
     assert 1.0 < spec["mean_accepted_length"] <= 5.0
     assert spec["target_forwards_per_image"] < 143
+    assert rows["AR"]["mean_accepted_length_se"] == 0.0 and 0.0 < spec["mean_accepted_length_se"] < 1.0
     for name in ("samples.png", "acceptance.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000

@@ -114,6 +114,7 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         out.append({"method": r["label"][:36], "rule": r["rule"], "k": int(r.get("k") or 0),
                     "mean_accepted_length": r["mean_accepted_length"] or 0.0,
+                    "mean_accepted_length_se": r.get("mean_accepted_length_se"),
                     "target_forwards_per_image": r["target_forwards_per_image"] or 0.0,
                     "speedup": r["speedup"] or 0.0, "reliability": r.get("reliability"),
                     "feature_fd": r["feature_fd"] if r["feature_fd"] is not None else float("nan"),
@@ -122,12 +123,12 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per method: rule, k, mean accepted length, target forwards per image, speedup (with its
-    min-max range when the row has latency rounds against the first row, and '!' when it is flagged unreliable), FD,
-    NLL. A row with its own "baseline" (timed against something else than the first row) shows no range; a row
+    """One line per method: rule, k, mean accepted length and its standard error over the images ('-' where the row
+    has none), target forwards per image, speedup (with its min-max range when the row has latency rounds against
+    the first row, and '!' when it is flagged unreliable), FD, NLL. A row with its own "baseline" (timed against something else than the first row) shows no range; a row
     without a mean accepted length (block routing) shows '-'."""
-    head = (f"{'method':36s} {'rule':16s} {'k':>3s} {'MAL':>5s} {'fwd/img':>8s} {'speedup':>8s} {'range':>11s} "
-            f"{'FD':>7s} {'NLL':>6s}")
+    head = (f"{'method':36s} {'rule':16s} {'k':>3s} {'MAL':>5s} {'+-':>5s} {'fwd/img':>8s} {'speedup':>8s} "
+            f"{'range':>11s} {'FD':>7s} {'NLL':>6s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         fd = r.get("feature_fd")
@@ -138,7 +139,8 @@ def format_table(rows: list[dict]) -> str:
             span = f"{base / r['latency_s']['max_s']:.2f}-{base / r['latency_s']['min_s']:.2f}"
         flag = "!" if r.get("reliability") else " "
         mal = "-" if r["mean_accepted_length"] is None else f"{r['mean_accepted_length']:.2f}"
-        lines.append(f"{r['method']:36s} {r['rule']:16s} {r['k']:3d} {mal:>5s} "
+        se = "-" if r.get("mean_accepted_length_se") is None else f"{r['mean_accepted_length_se']:.2f}"
+        lines.append(f"{r['method']:36s} {r['rule']:16s} {r['k']:3d} {mal:>5s} {se:>5s} "
                      f"{r['target_forwards_per_image']:8.1f} {r['speedup']:6.2f}x{flag} {span:>11s} {fd:>7s} "
                      f"{r['nll']:6.3f}")
     return "\n".join(lines)
