@@ -50,6 +50,9 @@ class TreeModelDrafter(ModelDrafter):
         self.shape = paths
         self.tree_size = len(paths)
         self.max_children = max(ranks) + 1
+        # i.i.d. siblings that drew the same token share their prefix: a lossless rule pools their children, at most
+        # the widest level of the shape (not for siblings drawn without replacement or top-ranked: they differ)
+        self.pool = max(depths.count(d) for d in set(depths)) if drafts == "iid" else 0
         # the shape is static: which nodes each level draws (in rank order) and feeds is known here, once
         self.drawn = {d: sorted((i for i in range(len(paths)) if depths[i] == d), key=lambda i: ranks[i])
                       for d in range(1, self.k + 1)}
@@ -118,4 +121,4 @@ class TreeModelDrafter(ModelDrafter):
             self.forwards += 1
             parent_q[:, feed_nodes + 1] = to_probs(out.cond, out.uncond, self.rank_sampling, ctx.token_mask)
         return DraftTree(tokens, self.parents.expand(B, N).clone(), torch.full((B,), N, device=n.device), q,
-                         self.k, self.max_children)
+                         self.k, self.max_children, self.pool)

@@ -295,6 +295,10 @@ def test_k_draft_shapes_part_at_the_root_and_run_as_chains():
     for bad in ("seqs-0x2", "seqs-3", "seqs-3x", "seqs-ax2"):
         with pytest.raises(ValueError, match="seqs-KxL"):
             static_shape(bad)
+    from drafters.model_tree import TreeModelDrafter
+    # i.i.d. siblings may repeat a token, and a lossless rule pools the repeats' children: at most a level's width
+    assert [TreeModelDrafter(None, shape, drafts).pool for shape, drafts in
+            (("seqs-3x2", "iid"), ("binary-3", "iid"), ("binary-3", "sample"), ("seqs-3x2", "argmax"))] == [3, 8, 0, 0]
 
 
 def test_a_tree_larger_than_the_cache_room_is_refused(target):
@@ -514,3 +518,25 @@ def test_dynamic_trees_are_exact_and_greedy_equals_ar(target):
     assert torch.equal(ar.tokens, dyn.tokens) and dyn.stats.target_forwards < ar.stats.target_forwards
     with pytest.raises(ValueError, match="cache room"):
         specdec.generate(target, cond, drafter=DynamicTreeDrafter(draft, top_k=4, depth=4, total_tokens=8))
+
+
+@pytest.mark.parametrize("rule_name", ["exact", "spectr"])
+def test_pooled_iid_siblings_test_every_duplicates_children(rule_name):
+    from specdec.random import RowStreams
+    from specdec.registry import make_rule
+    from specdec.tree import DraftTree
+
+    # V = 4: y = 0, w = 2, z = 3. Two i.i.d. root drafts both drew y; below them one draft each: w under node 0,
+    # z under node 1. p is one-hot: y at the root, z after y. Standing on node 0 alone, w is rejected (depth 1);
+    # pooling the duplicates' children also tests z, which the residual (or rho* = 1.5 for SpecTr) accepts surely.
+    B, V = 64, 4
+    tokens = torch.tensor([[0, 0, 2, 3]]).expand(B, -1).clone()
+    parents = torch.tensor([[-1, -1, 0, 1]]).expand(B, -1).clone()
+    q = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, .5, .5], [0, 0, .5, .5]]).expand(B, -1, -1).clone()
+    p = torch.tensor([[1., 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 1], [.25] * 4, [.25] * 4]).expand(B, -1, -1)
+    at = RowStreams(0, torch.arange(B)).at(torch.zeros(B, dtype=torch.long))
+    rule = make_rule(rule_name)
+    alone = rule.verify_tree(DraftTree(tokens, parents, torch.full((B,), 4), q, 2, 2), p, at)
+    pooled = rule.verify_tree(DraftTree(tokens, parents, torch.full((B,), 4), q, 2, 2, pool=2), p, at)
+    assert (alone.n_accepted == 1).all() and (alone.next_token == 3).all()
+    assert (pooled.n_accepted == 2).all() and (pooled.node == 3).all()    # the path root -> node 1 -> node 3

@@ -12,6 +12,12 @@ earlier siblings removed and renormalised for siblings drawn without replacement
 (top-k) siblings. With that q_i each test is exact speculative sampling against the current residual, so the
 committed token's law is p_c: LOSSLESS for all three kinds (a chain is the special case of one child per node).
 
+Pooling (trees of i.i.d. siblings, `DraftTree.pool`): siblings that drew the same token share their prefix, and
+the draws below each of them are i.i.d. from the same law given everything a level's decision reads (a decision at
+depth d reads depth-d tokens and uniforms only). So, as SpecTr's k-SEQ does over whole sequences, the walk may stand
+on all of them at once and test the children of every one as that prefix's siblings: still lossless, more draws per
+level. The walk then descends into the accepted child (whose ancestors are the path committed).
+
 Work is vectorised over the batch; the loops run over depth and sibling rank (small), never over rows or vocabulary.
 Uniforms: the accept test of the r-th sibling at depth d reads tag "accept" (r = 0, as the chain rule does) or
 "accept<r>" at position n + d; the committed token reads "sample" at n + a when it is a bonus (a = accepted depth,
@@ -62,19 +68,36 @@ def recursive_select(x: Tensor, q_kids: Tensor, has: Tensor, p: Tensor, u: Tenso
     return pick, residual
 
 
+def pooled_children(parents: Tensor, valid: Tensor, members: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """The children of a set of nodes, members BoolTensor [B, N + 1] (column 0: the root, 1 + i: node i), in node
+    order, at most K: -> (children LongTensor [B, K] padded with -1, BoolTensor [B, N]: which nodes are children)."""
+    B, N = parents.shape
+    child = valid & members.gather(1, parents + 1)                                    # [B, N]
+    idx = torch.arange(N, device=parents.device)
+    kids = torch.where(child, idx, N).sort(-1).values[:, :K]
+    if kids.shape[1] < K:
+        kids = torch.cat([kids, kids.new_full((B, K - kids.shape[1]), N)], 1)
+    return torch.where(kids < N, kids, -1), child
+
+
 def tree_walk(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, target_probs: Tensor,
-              rng: Randomness, max_depth: int, max_children: int, select=recursive_select) -> TreeVerdict:
+              rng: Randomness, max_depth: int, max_children: int, select=recursive_select,
+              pool: int = 0) -> TreeVerdict:
     """Walk down a batch of trees from the root: at each node `select` accepts one child (descend into it) or none
     (commit a token from the residual it returns and stop); a node with no children commits a bonus from its
     target law. tokens, parents [B, N], valid [B, N], q [B, N, V] (each node's law; None = one-hot),
     target_probs [B, 1 + N, V] (row 0: the root's output, row 1 + i: node i's); max_depth, max_children: static
-    bounds of the tree's shape -> TreeVerdict."""
+    bounds of the tree's shape; pool: 0, or (i.i.d. siblings, a lossless `select`) the most nodes of one depth: the
+    walk stands on every sibling that drew the accepted token and tests all their children (the module doc)
+    -> TreeVerdict."""
     B, N = tokens.shape
     V = target_probs.shape[-1]
     dev = tokens.device
     rows = torch.arange(B, device=dev)
-    K = max_children
-    table = children_table(parents, valid, K)                                # [B, N + 1, K]
+    K = pool or max_children
+    table = None if pool else children_table(parents, valid, K)              # [B, N + 1, K]
+    members = torch.zeros(B, N + 1, dtype=torch.bool, device=dev)            # pooling: the nodes the walk stands on
+    members[:, 0] = True
     u_accept = torch.stack([rng.uniform("accept" if r == 0 else f"accept{r}", max_depth) for r in range(K)], -1)
     cur = torch.full((B,), -1, dtype=torch.long, device=dev)                 # the node the walk stands on
     law = target_probs[:, 0]                                                 # what a stop at cur commits from
@@ -82,7 +105,10 @@ def tree_walk(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, 
     walking = torch.ones(B, dtype=torch.bool, device=dev)
     depth = torch.zeros(B, dtype=torch.long, device=dev)
     for d in range(max_depth):
-        kids = table[rows, cur + 1]                                          # [B, K]
+        if pool:
+            kids, child = pooled_children(parents, valid, members, K)        # [B, K], [B, N]
+        else:
+            kids = table[rows, cur + 1]                                      # [B, K]
         has = walking[:, None] & (kids >= 0)
         c = kids.clamp_min(0)
         x = tokens.gather(1, c)
@@ -93,6 +119,9 @@ def tree_walk(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, 
         law = torch.where(stop_here[:, None], residual, law)
         rejected = rejected | (stop_here & has.any(1))
         cur = torch.where(moved, kids.gather(1, pick.clamp_min(0)[:, None])[:, 0], cur)
+        if pool:                        # stand on every child that drew the accepted token: same prefix, same law
+            same = child & (tokens == tokens.gather(1, cur.clamp_min(0)[:, None]))
+            members = torch.cat([torch.zeros_like(members[:, :1]), same], 1)
         depth = depth + moved.long()
         walking = walking & moved
     law = torch.where(walking[:, None], target_probs[rows, cur + 1], law)    # walked to the bottom: a bonus
@@ -103,6 +132,6 @@ def tree_walk(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, 
 
 
 def recursive_rejection(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, target_probs: Tensor,
-                        rng: Randomness, max_depth: int, max_children: int) -> TreeVerdict:
+                        rng: Randomness, max_depth: int, max_children: int, pool: int = 0) -> TreeVerdict:
     """`tree_walk` with recursive rejection over siblings (the module doc): lossless given sequential q."""
-    return tree_walk(tokens, parents, valid, q, target_probs, rng, max_depth, max_children, recursive_select)
+    return tree_walk(tokens, parents, valid, q, target_probs, rng, max_depth, max_children, recursive_select, pool)

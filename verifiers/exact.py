@@ -35,7 +35,7 @@ class ExactRule(AcceptanceRule):
         """Recursive rejection over the tree's siblings (verifiers._tree): lossless for i.i.d., without-replacement
         and deterministic siblings, given each node's sequential q."""
         return recursive_rejection(tree.tokens, tree.parents, tree.valid(), tree.q, target_probs, rng,
-                                   tree.max_depth, tree.max_children)
+                                   tree.max_depth, tree.max_children, tree.pool)
 
     @staticmethod
     def single_step_law(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,8 @@ Guarantee: emitting v by acceptance has probability min(q(v), p(v)/rho) (1 - (1 
 min(rho* q(v), p(v)); with the residual (p - rho* q)+ the committed token's law is exactly p. P(some draft accepted)
 = 1 - (1 - beta*)^k, at least the single-draft sum_v min(p, q). k = 1 is standard speculative sampling, so chains are
 verified exactly as by the exact rule. The children must be i.i.d. draws from their parent's q (e.g.
-`TreeModelDrafter(drafts="iid")`); trees are walked level by level as in verifiers/_tree.py.
+`TreeModelDrafter(drafts="iid")`); trees are walked level by level as in verifiers/_tree.py, which pools the children
+of every sibling that drew the accepted token (k-SEQ over whole sequences: the drafts that agree so far stay in).
 """
 from __future__ import annotations
 
@@ -64,4 +65,4 @@ class SpecTrRule(ExactRule):
 
     def verify_tree(self, tree, target_probs: Tensor, rng: Randomness) -> TreeVerdict:
         return tree_walk(tree.tokens, tree.parents, tree.valid(), tree.q, target_probs, rng, tree.max_depth,
-                         tree.max_children, kseq_select)
+                         tree.max_children, kseq_select, tree.pool)
