@@ -109,8 +109,8 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
                         first.hidden)
     if drafter is not None:
         drafter.start(ctx)
-    counters = torch.zeros(5, dtype=torch.long, device=device)   # forwards, drafted, accepted, committed, steps
-    row_forwards = torch.zeros(B, dtype=torch.long, device=device)
+    counters = torch.zeros(4, dtype=torch.long, device=device)   # drafted, accepted, committed, steps
+    row_forwards = torch.zeros(B, dtype=torch.long, device=device)   # target forwards per row
     acc_pos = torch.zeros(k, dtype=torch.long, device=device)
     drafted_pos = torch.zeros(k, dtype=torch.long, device=device)
     offsets = torch.arange(k + 1, device=device)
@@ -164,8 +164,7 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         committed = torch.minimum(n_acc + 1, T - n_done) * active
         drafted_mask = in_image[:, :k]
         accepted_mask = drafted_mask & (offsets[None, :k] < n_acc[:, None])
-        counters += torch.stack([active.sum(), drafted_mask.sum(), accepted_mask.sum(), committed.sum(),
-                                 active.any().long()])
+        counters += torch.stack([drafted_mask.sum(), accepted_mask.sum(), committed.sum(), active.any().long()])
         row_forwards += active
         acc_pos += accepted_mask.sum(0)
         drafted_pos += drafted_mask.sum(0)
@@ -179,7 +178,8 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         draft_s += (t1 - t0) + (t4 - t3)
         target_s += t2 - t1
 
-    forwards, drafted, accepted, committed_total, steps = counters.tolist()
+    drafted, accepted, committed_total, steps = counters.tolist()
+    forwards = int(row_forwards.sum())
     out = tokens[:, :T].clone()
     stats = SpecStats(
         batch_size=B, num_tokens=T, target_forwards=forwards,

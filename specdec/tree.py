@@ -142,15 +142,15 @@ def static_shape(spec) -> list[tuple[int, ...]]:
     has 2 children, depth D), "spine-D" (the best path to depth D plus the runner-up at every level: 2D nodes),
     "seqs-KxL" (K drafts of L tokens that part at the root: SpecTr's k-SEQ setting, K L nodes)."""
     if isinstance(spec, str):
-        kind, _, n = spec.partition("-")
-        drafts, _, length = n.partition("x")
-        seqs = kind == "seqs" and drafts.isdigit() and length.isdigit() and min(int(drafts), int(length)) >= 1
-        if not seqs and (kind not in ("chain", "binary", "spine") or not n.isdigit() or int(n) < 1):
+        kind, _, size = spec.partition("-")
+        sizes = size.split("x") if kind == "seqs" else [size]          # seqs-KxL: two sizes; the others one
+        if kind not in ("chain", "binary", "spine", "seqs") or len(sizes) != (2 if kind == "seqs" else 1) \
+                or not all(s.isdigit() and int(s) >= 1 for s in sizes):
             raise ValueError(f"unknown tree shape {spec!r}; use chain-K, binary-D, spine-D, seqs-KxL or a list of "
                              f"child-rank paths such as [[0], [1], [0, 0]]")
-        n = 0 if seqs else int(n)
-        if seqs:
-            paths = [(r,) + (0,) * d for d in range(int(length)) for r in range(int(drafts))]
+        n, length = int(sizes[0]), int(sizes[-1])
+        if kind == "seqs":
+            paths = [(r,) + (0,) * d for d in range(length) for r in range(n)]
         elif kind == "chain":
             paths = [(0,) * d for d in range(1, n + 1)]
         elif kind == "spine":

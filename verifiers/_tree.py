@@ -71,12 +71,10 @@ def recursive_select(x: Tensor, q_kids: Tensor, has: Tensor, p: Tensor, u: Tenso
 def pooled_children(parents: Tensor, valid: Tensor, members: Tensor, K: int) -> tuple[Tensor, Tensor]:
     """The children of a set of nodes, members BoolTensor [B, N + 1] (column 0: the root, 1 + i: node i), in node
     order, at most K: -> (children LongTensor [B, K] padded with -1, BoolTensor [B, N]: which nodes are children)."""
-    B, N = parents.shape
+    N = parents.shape[1]
     child = valid & members.gather(1, parents + 1)                                    # [B, N]
     idx = torch.arange(N, device=parents.device)
-    kids = torch.where(child, idx, N).sort(-1).values[:, :K]
-    if kids.shape[1] < K:
-        kids = torch.cat([kids, kids.new_full((B, K - kids.shape[1]), N)], 1)
+    kids = torch.where(child, idx, N).sort(-1).values[:, :K]                          # K <= N
     return torch.where(kids < N, kids, -1), child
 
 
@@ -94,10 +92,11 @@ def tree_walk(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, 
     V = target_probs.shape[-1]
     dev = tokens.device
     rows = torch.arange(B, device=dev)
-    K = pool or max_children
-    table = None if pool else children_table(parents, valid, K)              # [B, N + 1, K]
-    members = torch.zeros(B, N + 1, dtype=torch.bool, device=dev)            # pooling: the nodes the walk stands on
-    members[:, 0] = True
+    K = min(pool, N) if pool else max_children
+    if pool:                                                                 # the nodes the walk stands on: the root
+        members = (torch.arange(N + 1, device=dev) == 0).expand(B, -1)
+    else:
+        table = children_table(parents, valid, K)                            # [B, N + 1, K]
     u_accept = torch.stack([rng.uniform("accept" if r == 0 else f"accept{r}", max_depth) for r in range(K)], -1)
     cur = torch.full((B,), -1, dtype=torch.long, device=dev)                 # the node the walk stands on
     law = target_probs[:, 0]                                                 # what a stop at cur commits from

@@ -125,8 +125,9 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     """One line per method: rule, k, mean accepted length and its standard error over the images ('-' where the row
     has none), target forwards per image, speedup (with its min-max range when the row has latency rounds against
-    the first row, and '!' when it is flagged unreliable), FD, NLL. A row with its own "baseline" (timed against something else than the first row) shows no range; a row
-    without a mean accepted length (block routing) shows '-'."""
+    the first row, and '!' when it is flagged unreliable), FD, NLL. A row with its own "baseline" (timed against
+    something else than the first row) shows no range; a row without a mean accepted length (block routing) shows
+    '-'."""
     head = (f"{'method':36s} {'rule':16s} {'k':>3s} {'MAL':>5s} {'+-':>5s} {'fwd/img':>8s} {'speedup':>8s} "
             f"{'range':>11s} {'FD':>7s} {'NLL':>6s}")
     lines = [head, "-" * len(head)]
