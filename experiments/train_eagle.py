@@ -9,9 +9,10 @@ Data generation is part of the script (the reference repositories do not ship th
   3. train: pairs (h_t + noise, x_t) -> predicted h_{t+1}; loss = soft cross-entropy of the target's output head on
      the prediction against p_{t+1} (renormalised top-k) + --feat-weight * smooth-L1(prediction, h_{t+1}). Uniform
      noise on the input features (EAGLE's +-0.1) teaches the head to read its own imperfect predictions, which it
-     drafts from after the first token;
-  4. card: held-out one-token acceptance sum_v min(p, q) with true features, and the same for the second drafted
-     token, fed the head's own first prediction.
+     drafts from after the first token; --unroll L > 1 adds EAGLE-3's training-time test: the same loss for every
+     pair drafted as the 2nd..L-th token, reading the head's own chain of predictions in drafting's context;
+  4. card: held-out acceptance sum_v min(p, q) of the first drafted token (true features) and of the second (its
+     input the head's own prediction, its context as drafting gives it).
 
     python experiments/train_eagle.py --zoo-dir specdec/zoo/weights --samples-dir runs/zoo_v2 --minutes 15
 
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from specdec import zoo  # noqa: E402
-from specdec.models.eagle import EagleConfig, EagleHead  # noqa: E402
+from specdec.models.eagle import EagleConfig, EagleHead, unrolled  # noqa: E402
 from specdec.sampling import Sampling, to_probs  # noqa: E402
 from specdec.zoo import data  # noqa: E402
 import train_zoo  # noqa: E402
@@ -40,42 +41,44 @@ from zoo_distill import target_samples, teacher_set  # noqa: E402
 
 
 def eagle_loss(head: EagleHead, embed, out_head, h, tokens, top_p, top_i, noise: float, feat_weight: float,
-               g: torch.Generator | None = None):
-    """Batch of sequences: h [B, T, H], tokens [B, T], top-k labels [B, T, K] -> (loss, soft CE, feature loss)."""
+               g: torch.Generator | None = None, levels: int = 1):
+    """Batch of sequences: h [B, T, H], tokens [B, T], top-k labels [B, T, K] -> (loss, soft CE, feature loss),
+    each the mean over `levels` draft depths (1: teacher-forced only; more: EAGLE-3's training-time test, pair t at
+    depth l reading the head's own chain of predictions, models.eagle.unrolled); pairs t < l are left out."""
     B, T, _ = h.shape
     h = h.float()
     inputs = h
     if noise > 0:
         inputs = h + (torch.rand(h.shape, generator=g) * 2 - 1) * noise
-    pred = head(inputs[:, :-1], embed[tokens[:, :-1]], torch.arange(T - 1).expand(B, -1))   # predicts h_1..h_{T-1}
-    logp = (pred @ out_head.T).float().log_softmax(-1)
+    preds = unrolled(head, inputs[:, :-1], embed[tokens[:, :-1]], levels)   # [L, B, T-1, H]: predict h_1..h_{T-1}
     target_p = top_p[:, 1:].float()
     target_p = target_p / target_p.sum(-1, keepdim=True)
-    ce = -(target_p * logp.gather(-1, top_i[:, 1:].long())).sum(-1).mean()
-    feat = F.smooth_l1_loss(pred, h[:, 1:])
+    ce = feat = 0.0
+    for level, pred in enumerate(preds):
+        logp = (pred[:, level:] @ out_head.T).float().log_softmax(-1)
+        ce = ce + -(target_p[:, level:] * logp.gather(-1, top_i[:, 1 + level:].long())).sum(-1).mean() / levels
+        feat = feat + F.smooth_l1_loss(pred[:, level:], h[:, 1 + level:]) / levels
     return ce + feat_weight * feat, ce, feat
 
 
 @torch.no_grad()
 def acceptance(head: EagleHead, embed, out_head, target_model, tokens, classes, cfg: float) -> dict[str, float]:
-    """Held-out sum_v min(p, q) of the first drafted token (true features) and of the second (fed the head's own
-    prediction for the first), p the full guided law."""
+    """Held-out sum_v min(p, q), p the full guided law: of the first drafted token (true features), of the second
+    (its context as drafting gives it: models.eagle.unrolled), and of every pair fed the head's own prediction of
+    its feature in an all-predicted context (the figure earlier cards report)."""
     x = torch.cat([target_model.cls_emb(classes)[:, None], target_model.tok_emb(tokens[:, :-1])], 1)
     B, T = tokens.shape
     h = target_model.trunk(x, torch.arange(T).expand(B, -1), None)
     uncond = target_model.forward_train(tokens, torch.full_like(classes, target_model.null_class))
-    p = to_probs(target_model.head(h), uncond if cfg != 1 else None, Sampling(cfg_scale=cfg))
-    pos = torch.arange(T - 1).expand(B, -1)
-    pred = head(h[:, :-1], embed[tokens[:, :-1]], pos)                       # predicts h_1..h_{T-1}
-    q1 = (pred @ out_head.T).softmax(-1)
-    first = torch.minimum(p[:, 1:], q1).sum(-1).mean()
-    # second token: pair t+1 fed (prediction of h_{t+1}, x_{t+1}); one teacher-forced pass over interleaved
-    # positions is not causal-correct, so run it as EAGLE drafts: true features up to t, the prediction at t+1
-    feats = torch.cat([h[:, :1], pred], 1)                                    # [B, T, H]: h_0, then predictions
-    mixed = head(feats[:, :-1], embed[tokens[:, :-1]], pos)                  # pair t reads the predicted h_t
-    q2 = (mixed @ out_head.T).softmax(-1)
-    second = torch.minimum(p[:, 1:], q2).sum(-1).mean()
-    return dict(first_token=round(float(first), 4), own_features_every_pair=round(float(second), 4))
+    p = to_probs(target_model.head(h), uncond if cfg != 1 else None, Sampling(cfg_scale=cfg))[:, 1:]
+    emb = embed[tokens[:, :-1]]
+    first, second = unrolled(head, h[:, :-1], emb, 2)                       # predict h_1..h_{T-1}
+
+    def overlap(pred, skip=0):
+        return round(float(torch.minimum(p[:, skip:], (pred[:, skip:] @ out_head.T).softmax(-1)).sum(-1).mean()), 4)
+
+    mixed = head(torch.cat([h[:, :1], first[:, :-1]], 1), emb, torch.arange(T - 1).expand(B, -1))
+    return dict(first_token=overlap(first), second_token=overlap(second, 1), own_features_every_pair=overlap(mixed))
 
 
 def main(argv=None) -> None:
@@ -95,6 +98,8 @@ def main(argv=None) -> None:
     ap.add_argument("--noise", type=float, default=0.1)
     ap.add_argument("--feat-weight", type=float, default=0.5)
     ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--unroll", type=int, default=1,
+                    help="draft depths trained per pair (EAGLE-3's training-time test; 1: teacher-forced only)")
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--steps", default="auto")
     ap.add_argument("--ckpt-every", type=int, default=100)
@@ -138,7 +143,7 @@ def main(argv=None) -> None:
         idx = torch.randint(len(tokens), (args.batch,), generator=g)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             loss, ce, feat = eagle_loss(head, embed, out_head, h[idx], tokens[idx].long(), top_p[idx], top_i[idx],
-                                        args.noise, args.feat_weight, g)
+                                        args.noise, args.feat_weight, g, args.unroll)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -150,7 +155,8 @@ def main(argv=None) -> None:
     card = dict(config=asdict(cfg), seed=args.seed, batch=args.batch, lr=args.lr,
                 data=dict(samples=f"{args.samples} samples of the target at cfg {args.cfg:g} (self-distillation)",
                           labels=f"the target's guided law at cfg {args.cfg:g}, top {args.topk} renormalised",
-                          input_noise=f"uniform +-{args.noise}", feature_loss_weight=args.feat_weight),
+                          input_noise=f"uniform +-{args.noise}", feature_loss_weight=args.feat_weight,
+                          draft_depths_trained=args.unroll),
                 target_sha256=zoo.read_card("target", args.zoo_dir)["sha256"],
                 optimizer="AdamW(0.9, 0.95), warm-up 50 + cosine to 10%, grad clip 1.0",
                 precision="bfloat16 autocast, float32 master weights" if args.bf16 else "float32",

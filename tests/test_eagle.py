@@ -156,3 +156,29 @@ def test_eagle_from_the_registry_and_a_bench_config():
         res = specdec.generate(bundle.target, torch.tensor([0, 1]), drafter=drafter, sampling=Sampling(cfg_scale=3.0),
                                seed=0, decode=False)
         assert res.tokens.shape == (2, 16)
+
+
+def test_unrolled_training_forward_equals_drafting_context():
+    """The training-time test's masked forward gives, at every depth, exactly what drafting computes: the true pairs
+    up to the last committed one, then the head's own chain of predictions, one autoregressive call per draft."""
+    from specdec.models.eagle import unrolled, unrolled_mask
+
+    torch.manual_seed(0)
+    head = EagleHead(EagleConfig(dim=32, n_heads=4, n_layers=2, max_len=16)).eval()
+    n, levels = 7, 3
+    h, emb = torch.randn(2, n, 32), torch.randn(2, n, 32)
+    with torch.no_grad():
+        preds = unrolled(head, h, emb, levels)                          # [L, B, n, H]
+        assert preds.shape == (levels, 2, n, 32)
+        for last_true in range(n):
+            feats, out = list(h[:, :last_true + 1].unbind(1)), []
+            for depth in range(levels):
+                t = last_true + depth
+                if t >= n:
+                    break
+                y = head(torch.stack(feats, 1), emb[:, :t + 1], torch.arange(t + 1).expand(2, -1))[:, -1]
+                torch.testing.assert_close(preds[depth, :, t], y, rtol=1e-5, atol=1e-5)
+                feats.append(y)                                        # the next draft reads this prediction
+    mask = unrolled_mask(n, levels)
+    assert mask.shape == (levels * n, levels * n) and mask.any(-1).all()   # no row without a key
+    assert torch.equal(mask[:n, :n], torch.ones(n, n).tril().bool()) and not mask[:n, n:].any()

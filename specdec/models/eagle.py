@@ -10,7 +10,9 @@ tied to the target it was trained on (the hidden size is checked).
 
 Drafting feeds true features for committed tokens and the head's own predictions for drafted ones, exactly as in
 training (`experiments/train_eagle.py` teaches the head on the target's features with a small input noise, so its
-own predictions are inputs it can use).
+own predictions are inputs it can use). `unrolled` goes further, as EAGLE-3's training-time test (Li et al.,
+arXiv 2503.01840): it runs the head on its own predicted features in the very context drafting gives them, so the
+second and later draft tokens are trained, not only the first.
 """
 from __future__ import annotations
 
@@ -73,7 +75,42 @@ class EagleHead(nn.Module):
 
     def forward(self, features: Tensor, embeddings: Tensor, positions: Tensor, cache: StaticKVCache | None = None,
                 slots: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """Pairs at logical positions [B, n]. cache None: causal over the n pairs (training); else K/V are written
+        """Pairs at logical positions [B, n]. cache None: over the n pairs themselves (training), causal or as `mask`
+        [n, n] allows; else K/V are written
         to `slots` (default: the positions) and attention follows `mask` (default: the causal prefix)."""
         x = self.fuse(torch.cat([features, embeddings.to(features.dtype)], -1))
         return run_blocks(self.blocks, self.norm, self.cfg.blocks, x, positions, cache, slots, mask)
+
+
+def unrolled_mask(n: int, levels: int, device=None) -> Tensor:
+    """Boolean [levels * n, levels * n] attention mask (True: attend) over `levels` copies of n pairs, copy l
+    holding pair t as drafted l tokens after the last committed pair t - l (copy 0: true features, causal). Copy l
+    pair t sees what drafting shows it: the true pairs j <= t - l and its own chain, the copy-m pair t - l + m for
+    1 <= m <= l. Pairs t < l have no such chain (their rows are well defined but meaningless: leave them out)."""
+    t = torch.arange(n, device=device)
+    level = torch.arange(levels, device=device)
+    row_l, row_t = level[:, None, None, None], t[None, :, None, None]        # [L, n, 1, 1]
+    col_m, col_j = level[None, None, :, None], t[None, None, None, :]        # [1, 1, L, n]
+    true_context = (col_m == 0) & (col_j <= row_t - row_l)
+    own_chain = (col_m >= 1) & (col_m <= row_l) & (col_j == row_t - row_l + col_m)
+    return (true_context | own_chain).reshape(levels * n, levels * n)
+
+
+def unrolled(head: EagleHead, features: Tensor, embeddings: Tensor, levels: int) -> Tensor:
+    """Training-time test: features h_0..h_{n-1} [B, n, H] and embeddings of x_0..x_{n-1} [B, n, H] -> predictions
+    [levels, B, n, H], level l at pair t being the head's prediction of h_{t+1} when pair t is its (l+1)-th draft,
+    its input feature the level-(l-1) prediction of h_t. One forward over all levels gives the result; the levels'
+    input features come from cheaper forwards before it, without gradient (the chain is not differentiated
+    through, which halves the cost of a training step). Level 0 is the plain teacher-forced forward. Pairs t < l
+    at level l are meaningless (see `unrolled_mask`)."""
+    B, n, H = features.shape
+    positions = torch.arange(n, device=features.device).repeat(levels).expand(B, -1)
+    mask = unrolled_mask(n, levels, features.device)
+    inputs = [features]
+    for level in range(1, levels + 1):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and level == levels):
+            out = head(torch.cat(inputs, 1), embeddings.repeat(1, level, 1), positions[:, :level * n],
+                       mask=mask[:level * n, :level * n]).view(B, level, n, H)
+        if level < levels:        # copy `level` reads the previous copy's prediction of h_t at pair t
+            inputs.append(torch.cat([features[:, :1], out[:, level - 1, :-1]], 1))
+    return out.transpose(0, 1)

@@ -96,8 +96,8 @@ class Attention(nn.Module):
         B, n, _ = x.shape
         q, k, v = self.qkv(x).view(B, n, 3, self.cfg.n_heads, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
         q, k = rotary(q, inputs.cos, inputs.sin), rotary(k, inputs.cos, inputs.sin)
-        if inputs.cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if inputs.cache is None:       # training: causal, or the given mask over the n inputs themselves
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, is_causal=inputs.mask is None)
         else:
             k_all, v_all = inputs.cache.write(layer, k, v, inputs.slots)
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=inputs.mask)
@@ -121,8 +121,9 @@ class Block(nn.Module):
 
 def run_blocks(blocks: nn.ModuleList, norm: RMSNorm, cfg: GPTConfig, x: Tensor, positions: Tensor,
                cache: StaticKVCache | None, slots: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-    """x [B, n, dim] at logical positions [B, n] through `blocks` and the final norm (cache None: causal over x;
-    else written to `slots`, default the positions, attending what `mask` allows, default the causal prefix)."""
+    """x [B, n, dim] at logical positions [B, n] through `blocks` and the final norm (cache None: over x itself,
+    causal or as `mask` [n, n] allows; else written to `slots`, default the positions, attending what `mask`
+    allows, default the causal prefix)."""
     cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_base, x.dtype)
     if mask is None and cache is not None:
         mask = cache.attention_mask(positions)
