@@ -82,6 +82,7 @@ def test_rows_have_every_figure(small_cfg, tmp_path, one_thread):
         assert len(r["acceptance_map"]) == 16 and r["grid"] == [4, 4]
         assert (tmp_path / r["image_path"]).is_file()
         assert "mean_brightness" in r["scores"] and "feature_fd" in r["metric"]
+        assert r["weights"] == {}                 # tiny random generator: no zoo cards to name
         if r["is_baseline"]:
             assert r["mean_accepted_length"] == 1.0 and r["tvd_vs_baseline"] == 0.0 and r["speedup"] == 1.0
             assert r["distortion_bound"] == 0.0

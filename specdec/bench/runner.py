@@ -274,6 +274,9 @@ def measure_row(gen: _PerGenerator, run: dict, cfg: BenchConfig, scorers: list, 
         "scores": scores, "metric": metric_names(scorers),
         "grid": list(bundle.target.grid), "acceptance_map": [round(float(x), 3) for x in acc_map],
         "image_path": image_path, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        # which weights measured it (sha256 prefixes of the zoo cards; empty for generators without cards)
+        "weights": {name: str(card.get("sha256", ""))[:12]
+                    for name, card in (getattr(bundle, "cards", None) or {}).items()},
     }
 
 
