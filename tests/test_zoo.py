@@ -183,7 +183,7 @@ def test_certify_cli_reports_the_exact_emitted_tv_on_zoo_pairs(capsys):
 
 # Deterministic figures of zoo v2 (4 images of classes 0-3, CFG 3, seed 0): target forwards per image and MAL. They
 # change only when the weights or the decoding arithmetic change; the realism and overlap figures are on the cards.
-ZOO_FIGURES = {"eagle": (69.5, 2.0576), "model": (74.25, 1.9259)}
+ZOO_FIGURES = {"eagle": (63.5, 2.2520), "model": (74.25, 1.9259)}
 
 
 @pytest.mark.parametrize("name", sorted(ZOO_FIGURES))
