@@ -182,3 +182,5 @@ def test_unrolled_training_forward_equals_drafting_context():
     mask = unrolled_mask(n, levels)
     assert mask.shape == (levels * n, levels * n) and mask.any(-1).all()   # no row without a key
     assert torch.equal(mask[:n, :n], torch.ones(n, n).tril().bool()) and not mask[:n, n:].any()
+    with pytest.raises(ValueError, match="levels >= 1"):
+        unrolled(head, h, emb, 0)

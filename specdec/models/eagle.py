@@ -76,8 +76,8 @@ class EagleHead(nn.Module):
     def forward(self, features: Tensor, embeddings: Tensor, positions: Tensor, cache: StaticKVCache | None = None,
                 slots: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """Pairs at logical positions [B, n]. cache None: over the n pairs themselves (training), causal or as `mask`
-        [n, n] allows; else K/V are written
-        to `slots` (default: the positions) and attention follows `mask` (default: the causal prefix)."""
+        [n, n] allows; else K/V are written to `slots` (default: the positions) and attention follows `mask`
+        (default: the causal prefix)."""
         x = self.fuse(torch.cat([features, embeddings.to(features.dtype)], -1))
         return run_blocks(self.blocks, self.norm, self.cfg.blocks, x, positions, cache, slots, mask)
 
@@ -101,8 +101,10 @@ def unrolled(head: EagleHead, features: Tensor, embeddings: Tensor, levels: int)
     [levels, B, n, H], level l at pair t being the head's prediction of h_{t+1} when pair t is its (l+1)-th draft,
     its input feature the level-(l-1) prediction of h_t. One forward over all levels gives the result; the levels'
     input features come from cheaper forwards before it, without gradient (the chain is not differentiated
-    through, which halves the cost of a training step). Level 0 is the plain teacher-forced forward. Pairs t < l
+    through, which about halves the cost of a training step). Level 0 is the plain teacher-forced forward. Pairs t < l
     at level l are meaningless (see `unrolled_mask`)."""
+    if levels < 1:
+        raise ValueError(f"unrolled needs levels >= 1 (draft depths to train), got {levels}")
     B, n, H = features.shape
     positions = torch.arange(n, device=features.device).repeat(levels).expand(B, -1)
     mask = unrolled_mask(n, levels, features.device)
