@@ -179,14 +179,15 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         target_s += t2 - t1
 
     drafted, accepted, committed_total, steps = counters.tolist()
-    forwards = int(row_forwards.sum())
+    forwards_per_row = row_forwards.cpu()            # one transfer; the total is its sum, on the host
+    forwards = int(forwards_per_row.sum())
     out = tokens[:, :T].clone()
     stats = SpecStats(
         batch_size=B, num_tokens=T, target_forwards=forwards,
         draft_forwards=drafter.forwards if drafter is not None else 0,
         drafted=drafted, accepted=accepted, committed=committed_total, steps=steps,
         accepted_per_position=acc_pos.cpu(), drafted_per_position=drafted_pos.cpu(),
-        acceptance_map=from_draft[:, :T].cpu(), forwards_per_row=row_forwards.cpu(), target_s=target_s,
+        acceptance_map=from_draft[:, :T].cpu(), forwards_per_row=forwards_per_row, target_s=target_s,
         draft_s=draft_s)
     images = target.decode(out) if decode else None
     stats.wall_s = time.perf_counter() - t_wall

@@ -221,9 +221,9 @@ def measure_row(gen: _PerGenerator, run: dict, cfg: BenchConfig, scorers: list, 
     drafted = sum(s.drafted for s in m.stats)
     accepted = sum(s.accepted for s in m.stats)
     acc_map = torch.cat([s.acceptance_map for s in m.stats]).float().mean(0)
-    rows = [s.forwards_per_row for s in m.stats]
-    mal_se = None if any(r is None for r in rows) else \
-        metrics.mal_standard_error(torch.cat(rows), m.stats[0].num_tokens - 1)
+    per_row = [s.forwards_per_row for s in m.stats]
+    mal_se = None if any(f is None for f in per_row) else \
+        metrics.mal_standard_error(torch.cat(per_row), m.stats[0].num_tokens - 1)
     b_tf = sum(s.target_forwards for s in base.stats)
     draft_s = sum(s.draft_s for s in m.stats)
     wall_s_gen = sum(s.wall_s for s in m.stats)
