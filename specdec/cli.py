@@ -16,6 +16,7 @@ from specdec.bench.config import BenchConfigError, preset_names
 from specdec.bench.runner import bench_command
 from specdec.certify import certify_command
 from specdec.demo import DemoError, run_demo
+from specdec.precision import DTYPES
 from specdec.report import report_command
 
 
@@ -51,6 +52,9 @@ def demo_cmd(args) -> int:
         classes = [int(c) if c.isdigit() else c for c in (c.strip() for c in args.classes.split(",")) if c]
         if args.video and args.continuous:
             raise UsageError("specdec: --video and --continuous are two different demos; pass one of them")
+        if args.continuous and args.dtype not in (None, "float32"):
+            raise UsageError("specdec: the continuous demo computes in float32 only; drop --dtype (or use it with "
+                             "the image or --video demo)")
         if args.continuous:
             from specdec.continuous_demo import run_continuous_demo
             return run_continuous_demo(args.out if args.out != "specdec-demo" else "specdec-demo-continuous",
@@ -62,11 +66,12 @@ def demo_cmd(args) -> int:
             return run_video_demo(args.out if args.out != "specdec-demo" else "specdec-demo-video",
                                   quick=args.quick, classes=classes or None, per_class=args.per_class,
                                   seed=args.seed, temperature=args.temperature, top_k=args.top_k, cfg=args.cfg,
-                                  repeats=args.repeats, fd_real=args.fd_real, threads=args.threads)
+                                  repeats=args.repeats, fd_real=args.fd_real, threads=args.threads,
+                                  dtype=args.dtype)
         return run_demo(args.out, quick=args.quick, classes=classes or None,
                         per_class=args.per_class, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                         cfg=args.cfg, repeats=args.repeats, fd_real=args.fd_real, threads=args.threads,
-                        rule=args.rule or None, rule_params=_json_params(args.params))
+                        rule=args.rule or None, rule_params=_json_params(args.params), dtype=args.dtype)
     except DemoError as e:
         raise UsageError(f"specdec: {e}")
 
@@ -91,7 +96,8 @@ def bench_cmd(args) -> int:
     check_range("--threads", args.threads, 0, what=" (0 = the physical cores)")
     try:
         return bench_command(args.config, args.preset, out=args.out, repeats=args.repeats, max_rows=args.max_rows,
-                             dry_run=args.dry_run, progress=not args.no_progress, threads=args.threads)
+                             dry_run=args.dry_run, progress=not args.no_progress, threads=args.threads,
+                             dtype=args.dtype)
     except BenchConfigError as e:
         raise UsageError(f"specdec bench: {e}")
 
@@ -126,6 +132,9 @@ def parser() -> argparse.ArgumentParser:
                                               "module:Class or path/to/file.py:Class")
     d.add_argument("--params", default="", help='JSON parameters of --rule, e.g. \'{"delta": 0.1}\'')
     d.add_argument("--fd-real", type=int, default=256, help="held-out real crops for the Frechet distance")
+    d.add_argument("--dtype", default=None, choices=tuple(DTYPES),
+                   help="what the zoo's generators compute in (default float32; bfloat16: how generators run on "
+                        "accelerators, and fast on CPUs with AVX512-BF16)")
     d.set_defaults(func=demo_cmd)
 
     c = sub.add_parser("certify", help="estimate what a rule does to the output distribution")
@@ -147,6 +156,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true", help="list the configurations and exit")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--threads", type=int, default=0, help="torch threads (default 0: the physical cores)")
+    b.add_argument("--dtype", default=None, choices=tuple(DTYPES),
+                   help="what the generative models compute in, for every run (default: the config's [sweep] dtype, "
+                        "float32 when it has none); bfloat16 is how generators run on accelerators")
     b.set_defaults(func=bench_cmd)
 
     r = sub.add_parser("report", help="plots + Markdown table from bench JSON lines")

@@ -25,8 +25,9 @@ MAX_IMAGE_ROWS = 60
 
 def _group(r: dict) -> str:
     s = r.get("sampling", {})
+    dtype = r.get("dtype") or "float32"
     return (f"{r.get('generator')} T={s.get('temperature')} top-k={s.get('top_k')} cfg={s.get('cfg_scale')} "
-            f"B={r.get('batch')}")
+            f"B={r.get('batch')}" + ("" if dtype == "float32" else f" {dtype}"))
 
 
 def _curve_key(r: dict, multi: bool) -> str:

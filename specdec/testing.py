@@ -87,9 +87,11 @@ class TinyBundle:
         return (torch.rand(n, 3, self.pixels, self.pixels, generator=g) * 2 - 1)
 
 
-def tiny_random_bundle(vocab: int = 64, grid=(4, 4), classes: int = 3, seed: int = 0) -> TinyBundle:
+def tiny_random_bundle(vocab: int = 64, grid=(4, 4), classes: int = 3, seed: int = 0,
+                       dtype: str | torch.dtype | None = None) -> TinyBundle:
     """Random target (2 layers, width 64) and a noisy copy as drafter, both with 3x sharpened heads; decode = a fixed
-    random colour per token, upsampled to 8x8 pixels."""
+    random colour per token, upsampled to 8x8 pixels. dtype: what the target, drafter and EAGLE head compute in
+    (made in float32 first, so every dtype holds the same weights, rounded)."""
     g = torch.Generator().manual_seed(seed)
     target_model = tiny_gpt(vocab, grid, classes=classes, seed=seed).model
     draft_model = _noisy_copy(target_model, 0.3, lambda p: torch.randn(p.shape, generator=g))
@@ -105,10 +107,13 @@ def tiny_random_bundle(vocab: int = 64, grid=(4, 4), classes: int = 3, seed: int
         img = torch.nn.functional.interpolate(img, size=(pixels, pixels), mode="bilinear", align_corners=False)
         return torch.tanh(img)
 
-    target = GPTAdapter(target_model, grid=tuple(grid), codebook=codebook, decode=decode)
-    drafter = GPTAdapter(draft_model, grid=tuple(grid), codebook=codebook, decode=decode)
     from specdec.models.eagle import EagleConfig, EagleHead
+    from specdec.precision import as_dtype
     torch.manual_seed(seed)
     eagle = EagleHead(EagleConfig(dim=target_model.cfg.dim, n_heads=target_model.cfg.n_heads)).eval()
+    for module in (target_model, draft_model, eagle):
+        module.to(as_dtype(dtype))
+    target = GPTAdapter(target_model, grid=tuple(grid), codebook=codebook, decode=decode)
+    drafter = GPTAdapter(draft_model, grid=tuple(grid), codebook=codebook, decode=decode)
     return TinyBundle(target, drafter, None, FakeFeatureNet(), [f"c{i}" for i in range(classes)], target_model,
                       pixels, eagle)

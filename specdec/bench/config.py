@@ -21,6 +21,7 @@ crossed too):
     cfg = [3.0]
     batch = [4]
     seed = [0]
+    dtype = ["float32"]        # what the generative models compute in: float32, bfloat16, float16
 
     [[method]]
     label = "exact + model k={k}"     # a str.format template over the params ({d[k]}, {r[neighbours]}), or a
@@ -30,8 +31,9 @@ crossed too):
 
 Every (generator, sampling, batch, seed) group gets a plain-AR baseline run automatically. A run is a JSON-ready
 dict (label, generator, drafter, drafter_params, rule, rule_params, sampling, batch, images, seed, classes,
-n_classes, key). Its key is the sha1 of the canonical JSON of what is generated (not the label, not the number of
-repeats), so a rerun skips finished rows.
+n_classes, dtype, key). Its key is the sha1 of the canonical JSON of what is generated (not the label, not the number
+of repeats; the dtype only when it is not float32, so rows measured before the dtype existed keep their keys), so a
+rerun skips finished rows.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ import torch
 
 from specdec.bench.generators import BenchConfigError, check_generator, load_scorer
 from specdec.geometry import TokenGeometry
+from specdec.precision import DEFAULT_DTYPE, as_dtype, dtype_name
 from specdec.registry import DRAFTERS, RULES, geometry_source, resolve
 from specdec.sampling import Sampling
 
@@ -56,9 +59,10 @@ __all__ = ["BenchConfig", "BenchConfigError", "config_key", "family", "load_conf
 
 TOP_KEYS = {"name", "description", "generator", "repeats", "images", "classes", "n_classes", "fd_real",
             "save_images", "scorers", "warmup", "sweep", "method"}
-SWEEP_KEYS = {"generator", "temperature", "top_k", "top_p", "cfg", "batch", "seed"}
+SWEEP_KEYS = {"generator", "temperature", "top_k", "top_p", "cfg", "batch", "seed", "dtype"}
 METHOD_KEYS = {"label", "drafter", "drafter_params", "rule", "rule_params"}
-SWEEP_DEFAULTS = {"temperature": [1.0], "top_k": [0], "top_p": [1.0], "cfg": [3.0], "batch": [4], "seed": [0]}
+SWEEP_DEFAULTS = {"temperature": [1.0], "top_k": [0], "top_p": [1.0], "cfg": [3.0], "batch": [4], "seed": [0],
+                  "dtype": [DEFAULT_DTYPE]}
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,8 @@ def config_key(run: dict) -> str:
     # `neighbours` was called `k` before: hashing the old spelling gives both spellings of a configuration one key
     # and keeps rows written before the rename resumable
     ident["rule_params"] = {("k" if n == "neighbours" else n): v for n, v in run["rule_params"].items()}
+    if run.get("dtype", DEFAULT_DTYPE) != DEFAULT_DTYPE:
+        ident["dtype"] = run["dtype"]
     return hashlib.sha1(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
@@ -240,6 +246,10 @@ def parse_config(raw: dict) -> BenchConfig:
         _check_int(b, "batch", 1)
     for s in sweep["seed"]:
         _check_int(s, "seed", 0)
+    try:
+        sweep["dtype"] = [dtype_name(as_dtype(d)) for d in sweep["dtype"]]
+    except ValueError as e:
+        raise BenchConfigError(f"[sweep] {e}") from e
     repeats = raw.get("repeats", 3)
     _check_int(repeats, "repeats", 1)
     images = raw.get("images", 0)
@@ -256,13 +266,14 @@ def parse_config(raw: dict) -> BenchConfig:
     methods = _methods(raw)
 
     runs, seen = [], set()
-    for gen, samp, batch, seed in itertools.product(sweep["generator"], samplings, sweep["batch"], sweep["seed"]):
+    for gen, samp, batch, seed, dtype in itertools.product(sweep["generator"], samplings, sweep["batch"],
+                                                           sweep["seed"], sweep["dtype"]):
         for label, drafter, dp, rule, rp in methods:
             run = {"label": label, "generator": gen, "drafter": drafter, "drafter_params": dp, "rule": rule,
                    "rule_params": rp, "sampling": {"temperature": float(samp.temperature), "top_k": samp.top_k,
                                                    "top_p": float(samp.top_p), "cfg_scale": float(samp.cfg_scale)},
                    "batch": batch, "images": images or batch, "seed": seed, "classes": classes,
-                   "n_classes": n_classes}
+                   "n_classes": n_classes, "dtype": dtype}
             run["key"] = config_key(run)
             if run["key"] not in seen:
                 seen.add(run["key"])

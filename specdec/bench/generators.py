@@ -1,7 +1,8 @@
 """What a sweep runs on and what it measures besides the built-in metrics: the generator registry and user scorers.
 
-A generator is a name -> a zero-argument function returning a bundle (`specdec.protocols.Bundle`: .target,
-.drafter_model, .features, .classes, .target_gpt, .class_id, .heldout_images). Bundles are loaded once per process.
+A generator is a name -> a function of `dtype` (what the generative models compute in, `specdec.precision`)
+returning a bundle (`specdec.protocols.Bundle`: .target, .drafter_model, .features, .classes, .target_gpt,
+.class_id, .heldout_images). Bundles are loaded once per process and dtype.
 A scorer is a user metric named in a config as "module:callable".
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from specdec.precision import DEFAULT_DTYPE
 from specdec.registry import load_object
 from specdec.testing import tiny_random_bundle
 
@@ -18,21 +20,25 @@ class BenchConfigError(ValueError):
     """A bad bench config: what is wrong and the valid choices."""
 
 
-def _zoo_bundle():
+def _zoo_bundle(dtype):
     import specdec.zoo       # loads weights: only when a sweep asks for the zoo
 
-    return specdec.zoo.load()
+    return specdec.zoo.load(dtype=dtype)
 
 
-def _video_zoo_bundle():
+def _video_zoo_bundle(dtype):
     from specdec.zoo import video     # the video zoo (clips of 8 frames; decode gives filmstrips)
 
-    return video.load()
+    return video.load(dtype=dtype)
 
 
-GENERATORS: dict[str, Callable[[], Any]] = {"zoo": _zoo_bundle, "video-zoo": _video_zoo_bundle,
-                                            "tiny-random": tiny_random_bundle}
-_BUNDLES: dict[str, Any] = {}
+def _tiny_random_bundle(dtype):
+    return tiny_random_bundle(dtype=dtype)
+
+
+GENERATORS: dict[str, Callable[[str], Any]] = {"zoo": _zoo_bundle, "video-zoo": _video_zoo_bundle,
+                                               "tiny-random": _tiny_random_bundle}
+_BUNDLES: dict[tuple[str, str], Any] = {}
 
 
 def check_generator(name: str) -> None:
@@ -40,15 +46,16 @@ def check_generator(name: str) -> None:
         raise BenchConfigError(f"unknown generator {name!r}; valid generators: {', '.join(sorted(GENERATORS))}")
 
 
-def load_generator(name: str):
-    """The bundle of a registered generator, loaded on first use and kept for the rest of the process."""
+def load_generator(name: str, dtype: str = DEFAULT_DTYPE):
+    """The bundle of a registered generator computing in `dtype`, loaded on first use and kept for the rest of the
+    process."""
     check_generator(name)
-    if name not in _BUNDLES:
+    if (name, dtype) not in _BUNDLES:
         try:
-            _BUNDLES[name] = GENERATORS[name]()
+            _BUNDLES[name, dtype] = GENERATORS[name](dtype)
         except Exception as e:   # e.g. the zoo's weights are not trained/installed yet
-            raise BenchConfigError(f"generator {name!r} could not be loaded: {e}") from e
-    return _BUNDLES[name]
+            raise BenchConfigError(f"generator {name!r} could not be loaded in {dtype}: {e}") from e
+    return _BUNDLES[name, dtype]
 
 
 @runtime_checkable

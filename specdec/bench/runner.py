@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from specdec import metrics
-from specdec.bench.config import BenchConfig, BenchConfigError, config_key, family, load_config
+from specdec.bench.config import BenchConfig, BenchConfigError, config_key, family, parse_config, read_config
 from specdec.bench.generators import load_generator, load_scorer
 from specdec.bench.methods import Method, build_method
 from specdec.bench.results import (append_row, check_results_path, finished_keys, format_table, merge_parts,
@@ -37,6 +37,7 @@ from specdec.bench.results import (append_row, check_results_path, finished_keys
 from specdec.bench.timing import Timing, count_bound, interleaved_rounds, reliability, set_threads, step_costs
 from specdec.engine import generate
 from specdec.plots import image_strip
+from specdec.precision import DEFAULT_DTYPE
 from specdec.sampling import Sampling
 
 
@@ -151,7 +152,12 @@ def _measure(gen: _PerGenerator, run: dict, repeats: int, warmup: int) -> _Measu
 
 def _group(run: dict) -> str:
     return json.dumps([run["generator"], run["sampling"], run["batch"], run["images"], run["seed"], run["classes"],
-                       run["n_classes"]], sort_keys=True)
+                       run["n_classes"], _dtype(run)], sort_keys=True)
+
+
+def _dtype(run: dict) -> str:
+    """The run's compute dtype (runs written before the dtype existed are float32)."""
+    return run.get("dtype", DEFAULT_DTYPE)
 
 
 def _baseline_run(run: dict) -> dict:
@@ -309,13 +315,14 @@ def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
 
     bar = tqdm(total=len(cfg.runs), initial=len(cfg.runs) - len(todo), desc=f"configs[{dist.process_index}]",
                position=dist.process_index, disable=not progress, unit="cfg")
-    per_generator: dict[str, _PerGenerator] = {}
+    per_generator: dict[tuple[str, str], _PerGenerator] = {}      # (generator, dtype) -> what it keeps
     written = []
     try:
         for run in mine:
-            if run["generator"] not in per_generator:
-                per_generator[run["generator"]] = _PerGenerator(load_generator(run["generator"]))
-            row = measure_row(per_generator[run["generator"]], run, cfg, scorers, image_dir, out.parent, dist)
+            where = (run["generator"], _dtype(run))
+            if where not in per_generator:
+                per_generator[where] = _PerGenerator(load_generator(*where))
+            row = measure_row(per_generator[where], run, cfg, scorers, image_dir, out.parent, dist)
             append_row(target, row)
             written.append(row)
             bar.update(1)
@@ -335,13 +342,18 @@ def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
 
 
 def bench_command(config: str | None = None, preset: str | None = None, out: str = "", repeats: int = 0,
-                  max_rows: int = 0, dry_run: bool = False, progress: bool = True, threads: int = 0) -> int:
+                  max_rows: int = 0, dry_run: bool = False, progress: bool = True, threads: int = 0,
+                  dtype: str | None = None) -> int:
     """`specdec bench`: list (dry_run) or run a config's configurations, then print the summary table of its rows.
 
     out: results JSONL (default specdec-bench/<config name>.jsonl); repeats / max_rows: 0 = the config's / no limit;
-    threads: torch threads, 0 = the physical cores (recorded in every row).
+    threads: torch threads, 0 = the physical cores (recorded in every row); dtype: what the generative models
+    compute in for every run, replacing the config's [sweep] dtype (None = the config's).
     Raises BenchConfigError for a bad config; an Abort (max_rows) is reported and ends the command normally."""
-    cfg = load_config(config, preset)
+    raw = read_config(config, preset)
+    if dtype:
+        raw["sweep"] = {**raw.get("sweep", {}), "dtype": [dtype]}
+    cfg = parse_config(raw)
     try:
         set_threads(threads)
     except ValueError as e:

@@ -23,12 +23,14 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from specdec.precision import as_dtype
 from specdec.zoo.data import CLASS_NAMES
 from specdec.zoo.features import FeatureConfig, FeatureNet
 from specdec.zoo.vq import VQConfig, VQTokenizer
 
 MODEL_NAMES = ("vq", "features", "target", "drafter")
 OPTIONAL_MODELS = ("eagle",)      # loaded when the weights folder has them
+GENERATIVE_MODELS = ("target", "drafter", "eagle")      # what `load(dtype=...)` casts
 DRAFT_ROOM = 64      # cache slots added to the trained max_len (rotary positions: no weight depends on it) for trees
 __all__ = ["load", "ZooBundle", "ZooError", "heldout_images", "weights_dir", "MODEL_NAMES", "OPTIONAL_MODELS"]
 
@@ -114,8 +116,10 @@ def _config(cls, raw: dict[str, Any]):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
-def load_model(name: str, directory: Path | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """One zoo model in eval mode, weights verified and loaded -> (module, card)."""
+def load_model(name: str, directory: Path | None = None, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = None) -> tuple[nn.Module, dict]:
+    """One zoo model in eval mode, weights verified and loaded -> (module, card). dtype: what it computes in
+    (`specdec.precision`; default float32)."""
     from specdec.models.eagle import EagleConfig, EagleHead
     from specdec.models.gpt import GPT, GPTConfig
     from specdec.models.mar import MAR, MARConfig
@@ -141,7 +145,7 @@ def load_model(name: str, directory: Path | None = None, device: str | torch.dev
     except RuntimeError as e:
         raise ZooError(f"zoo weights {name}.safetensors do not fit the architecture in {name}.json ({e}); "
                        f"retrain the zoo") from e
-    return module.to(device).eval().requires_grad_(False), card
+    return module.to(device=device, dtype=as_dtype(dtype)).eval().requires_grad_(False), card
 
 
 @dataclass(frozen=True)
@@ -172,8 +176,11 @@ class ZooBundle:
         return heldout_images(n, seed, classes)[0]
 
 
-def load(device: str | torch.device = "cpu", directory: str | Path | None = None) -> ZooBundle:
-    """Load and verify the whole zoo. `directory` overrides the package's weights folder (tests, retraining)."""
+def load(device: str | torch.device = "cpu", directory: str | Path | None = None,
+         dtype: str | torch.dtype | None = None) -> ZooBundle:
+    """Load and verify the whole zoo. `directory` overrides the package's weights folder (tests, retraining);
+    dtype: what the generative models (target, drafter, EAGLE head) compute in, "float32" (default) or "bfloat16"
+    (`specdec.precision`); the tokenizer and the feature net stay float32."""
     from specdec.adapters.gpt import GPTAdapter
     directory = Path(directory) if directory is not None else None
     models, cards = {}, {}
@@ -181,7 +188,8 @@ def load(device: str | torch.device = "cpu", directory: str | Path | None = None
         if name in OPTIONAL_MODELS and not ((directory or weights_dir()) / f"{name}.json").is_file():
             models[name] = None
             continue
-        models[name], cards[name] = load_model(name, directory, device)
+        generative = name in GENERATIVE_MODELS
+        models[name], cards[name] = load_model(name, directory, device, dtype if generative else None)
     classes = tuple(cards["target"].get("data", {}).get("classes", CLASS_NAMES))
     tok: VQTokenizer = models["vq"]
     codebook = tok.codebook.detach()

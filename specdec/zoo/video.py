@@ -193,14 +193,16 @@ def available(directory: Path | None = None) -> bool:
     return all((d / f"{name}.json").is_file() for name in MODEL_NAMES)
 
 
-def load(device: str | torch.device = "cpu", directory: str | Path | None = None) -> VideoBundle:
-    """Load and verify the video zoo (and the image zoo's tokenizer and feature net it builds on)."""
+def load(device: str | torch.device = "cpu", directory: str | Path | None = None,
+         dtype: str | torch.dtype | None = None) -> VideoBundle:
+    """Load and verify the video zoo (and the image zoo's tokenizer and feature net it builds on); dtype: what the
+    target and drafter compute in (`specdec.precision`, default float32)."""
     from specdec.adapters.gpt import GPTAdapter
     from specdec.zoo import ZooError, load_model
     directory = Path(directory) if directory is not None else None
     models, cards = {}, {}
     for name in ("vq", "features") + MODEL_NAMES:
-        models[name], cards[name] = load_model(name, directory, device)
+        models[name], cards[name] = load_model(name, directory, device, dtype if name in MODEL_NAMES else None)
     tok = models["vq"]
     side = FRAME // 4
     grid = (FRAMES, side, side)
