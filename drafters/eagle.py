@@ -83,7 +83,8 @@ class EagleDrafter(EagleFeatures, ModelDrafter):
     """A chain of k drafts from an EAGLE head (EagleHead or EagleAdapter); drafts "sample" | "argmax"; compile:
     each draft token (head call, q, the draw) as one torch.compile graph, as ModelDrafter(compile=True)."""
 
-    def __init__(self, head: EagleHead | EagleAdapter, k: int = 4, drafts: str = "sample", compile: bool = False):
+    def __init__(self, head: EagleHead | EagleAdapter, k: int = 4, drafts: str = "sample",
+                 compile: bool | str = False):
         super().__init__(_adapter(head), k=k, drafts=drafts, draft_cfg=1.0, compile=compile)
 
 
@@ -105,11 +106,11 @@ class EagleDynamicTreeDrafter(EagleFeatures, DynamicTreeDrafter):
 
 
 def eagle(head: EagleHead | EagleAdapter, tree: str = "chain", k: int = 4, drafts: str | None = None,
-          top_k: int = 10, total_tokens: int = 59, compile: bool = False):
+          top_k: int = 10, total_tokens: int = 59, compile: bool | str = False):
     """The registry's `eagle` drafter. tree: "chain" (k drafts), "static:<shape>" (e.g. "static:binary-3";
     drafts as TreeModelDrafter) or "dynamic" (EAGLE-2: top_k, depth k, total_tokens). drafts: None means
     "sample" for chains and static trees, "argmax" (EAGLE-2's) for dynamic trees. compile: the chain's draft step
-    as one compiled graph (chains only)."""
+    as one compiled graph (chains only; "freeze" pre-packs the weights, as ModelDrafter)."""
     if compile and tree != "chain":
         raise ValueError(f"compile=True compiles the chain's draft step; tree={tree!r} drafts level by level "
                          f"uncompiled: use tree='chain' or compile=False")

@@ -22,7 +22,7 @@ rows. Any q is lossless with the exact rule as long as the drafts are drawn from
 compile=True runs each draft token (model call, q, the draw) as one torch.compile graph: a small drafter's step is
 mostly per-call overhead, which the graph removes (the zoo drafter: about half the time per token). It needs a
 model with a static KV cache (the project's GPT, LlamaGen, an EAGLE head); the first step of each shape pays the
-compilation.
+compilation. compile="freeze" adds inductor's freezing (weights pre-packed once; see specdec.compiled).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from specdec.adapters.base import check_capacity
+from specdec.compiled import compile_step
 from specdec.protocols import ARModel, Drafter
 from specdec.random import sample_categorical
 from specdec.sampling import Sampling, to_probs
@@ -41,7 +42,7 @@ from specdec.types import Draft, Logits, Verdict
 class ModelDrafter(Drafter):
     """Drafts k tokens per step with `model`, an ARModel over the same image vocabulary as the target."""
 
-    def __init__(self, model: ARModel, k: int = 4, drafts: str = "sample", compile: bool = False,
+    def __init__(self, model: ARModel, k: int = 4, drafts: str = "sample", compile: bool | str = False,
                  draft_cfg: float | None = None):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k (draft tokens per step) must be an integer >= 1, got {k!r}")
@@ -57,13 +58,16 @@ class ModelDrafter(Drafter):
         self.draft_cfg = draft_cfg
         self.forwards = 0
         self._token_step = draft_token
+        if compile not in (False, True, "freeze"):
+            raise ValueError(f"compile must be False, True or 'freeze' (compiled with weights pre-packed), "
+                             f"got {compile!r}")
         if compile:
             from specdec.adapters.static import StaticCacheAdapter
             if model is not None and not (isinstance(model, StaticCacheAdapter)          # None: params alone
                                           or getattr(model, "compilable", False)):
                 raise TypeError(f"compile=True needs a draft model with a static KV cache (GPTAdapter, "
                                 f"LlamaGenAdapter); {type(model).__name__} is not one: use compile=False")
-            self._token_step = torch.compile(draft_token, fullgraph=True, dynamic=False)
+            self._token_step = compile_step(draft_token, freeze=compile == "freeze")
 
     needs_draft_model = True        # the registry passes the bundle's draft model first
 

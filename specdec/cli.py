@@ -16,6 +16,7 @@ from specdec.bench.config import BenchConfigError, preset_names
 from specdec.bench.runner import bench_command
 from specdec.certify import certify_command
 from specdec.demo import DemoError, run_demo
+from specdec.compiled import TARGET_COMPILE
 from specdec.precision import DTYPES
 from specdec.report import report_command
 
@@ -67,7 +68,7 @@ def demo_cmd(args) -> int:
                                   quick=args.quick, classes=classes or None, per_class=args.per_class,
                                   seed=args.seed, temperature=args.temperature, top_k=args.top_k, cfg=args.cfg,
                                   repeats=args.repeats, fd_real=args.fd_real, threads=args.threads,
-                                  dtype=args.dtype)
+                                  dtype=args.dtype, compile=args.compile)
         return run_demo(args.out, quick=args.quick, classes=classes or None,
                         per_class=args.per_class, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                         cfg=args.cfg, repeats=args.repeats, fd_real=args.fd_real, threads=args.threads,
@@ -97,7 +98,7 @@ def bench_cmd(args) -> int:
     try:
         return bench_command(args.config, args.preset, out=args.out, repeats=args.repeats, max_rows=args.max_rows,
                              dry_run=args.dry_run, progress=not args.no_progress, threads=args.threads,
-                             dtype=args.dtype)
+                             dtype=args.dtype, compile=args.compile)
     except BenchConfigError as e:
         raise UsageError(f"specdec bench: {e}")
 
@@ -159,6 +160,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                    help="what the generative models compute in, for every run (default: the config's [sweep] dtype, "
                         "float32 when it has none); bfloat16 is how generators run on accelerators")
+    b.add_argument("--compile", default=None, choices=tuple(TARGET_COMPILE),
+                   help="how the target's decode step runs, for every run (default: the config's [sweep] compile, "
+                        "off when it has none): on = torch.compile, freeze = with weights pre-packed (CPU), "
+                        "cuda-graphs = mode reduce-overhead (GPU)")
     b.set_defaults(func=bench_cmd)
 
     r = sub.add_parser("report", help="plots + Markdown table from bench JSON lines")

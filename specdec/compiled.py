@@ -28,12 +28,15 @@ from specdec.sampling import Sampling
 from specdec.types import Logits
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+RECOMPILE_LIMIT = 64         # graphs of one code object (models x shapes) before dynamo gives up
+# how a bench run (`compile` in a config's [sweep]) runs the target's decode step: (mode, freeze), None = eager
+TARGET_COMPILE = {"off": None, "on": (None, False), "freeze": (None, True), "cuda-graphs": ("reduce-overhead", False)}
 
 
 class CompiledAdapter(ARModel):
     """An adapter whose decode step runs compiled; everything else is the wrapped adapter's (see module doc)."""
 
-    def __init__(self, adapter: StaticCacheAdapter, mode: str | None = None):
+    def __init__(self, adapter: StaticCacheAdapter, mode: str | None = None, freeze: bool = False):
         if not isinstance(adapter, StaticCacheAdapter):
             raise TypeError(f"compile_adapter needs an adapter with a static KV cache (GPTAdapter, LlamaGenAdapter); "
                             f"{type(adapter).__name__} keeps a cache that grows every step, so each step would be "
@@ -42,20 +45,35 @@ class CompiledAdapter(ARModel):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.inner = adapter
         for name in ("vocab_size", "num_tokens", "grid", "max_new_tokens", "supports_cfg", "codebook",
-                     "token_embeddings", "token_mask", "can_decode"):
-            setattr(self, name, getattr(adapter, name))
+                     "token_embeddings", "output_embeddings", "hidden_size", "supports_trees", "token_mask",
+                     "can_decode"):
+            setattr(self, name, getattr(adapter, name, None))
+        self.hidden_size = self.hidden_size or 0
+        self.supports_trees = bool(self.supports_trees)
         self.model = adapter.model
-        self._step = torch.compile(adapter.forward, fullgraph=True, dynamic=False, mode=mode)
+        self._step = compile_step(adapter.forward, mode, freeze)
 
     @property
     def device(self) -> torch.device:
         return self.inner.device
 
-    def start(self, cond, sampling: Sampling, capacity: int) -> tuple[StaticCacheState, Logits]:
+    def start(self, cond, sampling: Sampling, capacity: int,
+              hidden: bool = False) -> tuple[StaticCacheState, Logits]:
+        """As the wrapped adapter's; hidden=True (feature drafters such as EAGLE) makes the compiled step return the
+        last hidden states too (one more graph, compiled on first use)."""
+        if hidden:
+            return self.inner.start(cond, sampling, capacity, hidden=True)
         return self.inner.start(cond, sampling, capacity)
 
     def forward(self, state: StaticCacheState, tokens: Tensor) -> Logits:
         return self._step(state, tokens)
+
+    def forward_tree(self, state: StaticCacheState, tree, last: Tensor, n_done: Tensor) -> Logits:
+        """Draft trees verify through the wrapped adapter, uncompiled (their masks vary with the tree)."""
+        return self.inner.forward_tree(state, tree, last, n_done)
+
+    def commit_tree(self, state: StaticCacheState, tree, path: Tensor) -> None:
+        self.inner.commit_tree(state, tree, path)
 
     def rollback(self, state: StaticCacheState, keep: Tensor) -> None:
         self.inner.rollback(state, keep)
@@ -64,6 +82,23 @@ class CompiledAdapter(ARModel):
         return self.inner.decode(tokens)
 
 
-def compile_adapter(adapter: StaticCacheAdapter, mode: str | None = None) -> CompiledAdapter:
-    """`adapter` with its decode step compiled (mode: torch.compile's; "reduce-overhead" adds CUDA graphs)."""
-    return CompiledAdapter(adapter, mode)
+def compile_step(fn, mode: str | None = None, freeze: bool = False):
+    """fn as one static-shape graph (fullgraph, dynamic=False); freeze: inductor's freezing (see compile_adapter).
+    torch.compile takes a mode or options, not both: freezing goes in with the mode's own options.
+
+    Every model compiled in a process is a new graph of the same code (an adapter's forward, draft_token), and dynamo
+    caps those at `recompile_limit` (8) before a fullgraph compile fails: the cap is raised to RECOMPILE_LIMIT."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    if not freeze:
+        return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+    options = dict(torch._inductor.list_mode_options(mode) if mode else {}, freezing=True)
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+
+
+def compile_adapter(adapter: StaticCacheAdapter, mode: str | None = None, freeze: bool = False) -> CompiledAdapter:
+    """`adapter` with its decode step compiled (mode: torch.compile's; "reduce-overhead" adds CUDA graphs).
+
+    freeze=True: inductor's freezing, which treats the weights as constants and pre-packs them for the CPU's matrix
+    kernels once (on a CPU with AVX512-BF16, a bfloat16 step costs about a quarter less). The compiled step keeps the
+    weights it saw: changing the model's weights afterwards needs a new compile_adapter."""
+    return CompiledAdapter(adapter, mode, freeze)

@@ -58,3 +58,21 @@ def test_cuda_graph_path_equals_eager():
     for _ in range(2):       # the second run replays the captured graphs
         fast = specdec.generate(c_target, cond, drafter=ModelDrafter(c_draft, k=3), seed=1)
         assert torch.equal(eager.tokens, fast.tokens)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_compiled_target_serves_eagle_chains_and_trees_with_the_eager_tokens(freeze):
+    from drafters.eagle import eagle
+    from specdec.testing import tiny_random_bundle
+
+    b = tiny_random_bundle()
+    fast_target = compile_adapter(b.target, freeze=freeze)
+    assert fast_target.hidden_size == b.target.hidden_size and fast_target.supports_trees
+    sampling, cond = Sampling(cfg_scale=3.0), torch.tensor([0, 1])
+    for tree in ("chain", "static:binary-3"):
+        eager = specdec.generate(b.target, cond, drafter=eagle(b.eagle_head, tree=tree, k=3), sampling=sampling,
+                                 seed=2)
+        fast = specdec.generate(fast_target, cond, drafter=eagle(b.eagle_head, tree=tree, k=3), sampling=sampling,
+                                seed=2)
+        assert torch.equal(eager.tokens, fast.tokens), tree
+        assert fast.stats.target_forwards == eager.stats.target_forwards and eager.stats.mean_accepted_length > 1

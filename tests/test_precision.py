@@ -78,11 +78,30 @@ def test_bench_sweeps_dtypes_with_stable_float32_keys(tmp_path):
         parse_config({**SWEEP, "sweep": {"dtype": ["bf16"]}})
 
 
+def test_bench_runs_a_compiled_target_with_the_eager_counts(tmp_path):
+    """compile changes how the target's step runs, not what it computes: same MAL and forwards (float32)."""
+    method = {"label": "exact + eagle", "drafter": "eagle", "drafter_params": {"k": 3, "compile": "freeze"}}
+    cfg = parse_config({**SWEEP, "method": [method], "sweep": {"batch": [2], "compile": ["off", "freeze"]}})
+    assert [r["compile"] for r in cfg.runs] == ["off", "off", "freeze", "freeze"]
+    run_bench(cfg, tmp_path / "res.jsonl", progress=False)
+    rows = {(r["compile"], r["is_baseline"]): r for r in read_rows(tmp_path / "res.jsonl")}
+    assert len(rows) == 4
+    for base in (True, False):
+        off, frozen = rows["off", base], rows["freeze", base]
+        assert off["mean_accepted_length"] == frozen["mean_accepted_length"]
+        assert off["target_forwards_per_image"] == frozen["target_forwards_per_image"]
+    assert rows["off", False]["mean_accepted_length"] > 1
+    with pytest.raises(BenchConfigError, match=r"\[sweep\] compile must be one of off, on, freeze"):
+        parse_config({**SWEEP, "sweep": {"compile": ["fast"]}})
+    with pytest.raises(ValueError, match="compile must be False, True or 'freeze'"):
+        ModelDrafter(None, k=2, compile="fast")
+
+
 def test_bench_and_demo_commands_take_a_dtype(tmp_path, capsys):
     from specdec import cli
     toml = tmp_path / "c.toml"
     toml.write_text('generator = "tiny-random"\n[[method]]\nlabel = "AR"\n')
-    assert cli.main(["bench", str(toml), "--dry-run", "--dtype", "bfloat16"]) == 0
+    assert cli.main(["bench", str(toml), "--dry-run", "--dtype", "bfloat16", "--compile", "freeze"]) == 0
     assert "1 configurations" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["bench", str(toml), "--dry-run", "--dtype", "bf16"])

@@ -22,6 +22,8 @@ crossed too):
     batch = [4]
     seed = [0]
     dtype = ["float32"]        # what the generative models compute in: float32, bfloat16, float16
+    compile = ["off"]          # the target's decode step: off, on (torch.compile), freeze (+ weights pre-packed),
+                               # cuda-graphs (mode reduce-overhead); a chain drafter compiles by its own `compile`
 
     [[method]]
     label = "exact + model k={k}"     # a str.format template over the params ({d[k]}, {r[neighbours]}), or a
@@ -32,8 +34,8 @@ crossed too):
 Every (generator, sampling, batch, seed) group gets a plain-AR baseline run automatically. A run is a JSON-ready
 dict (label, generator, drafter, drafter_params, rule, rule_params, sampling, batch, images, seed, classes,
 n_classes, dtype, key). Its key is the sha1 of the canonical JSON of what is generated (not the label, not the number
-of repeats; the dtype only when it is not float32, so rows measured before the dtype existed keep their keys), so a
-rerun skips finished rows.
+of repeats; the dtype and compile only when they are not the defaults, so rows measured before those existed keep
+their keys), so a rerun skips finished rows.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ from pathlib import Path
 import torch
 
 from specdec.bench.generators import BenchConfigError, check_generator, load_scorer
+from specdec.compiled import TARGET_COMPILE
 from specdec.geometry import TokenGeometry
 from specdec.precision import DEFAULT_DTYPE, as_dtype, dtype_name
 from specdec.registry import DRAFTERS, RULES, geometry_source, resolve
@@ -59,10 +62,10 @@ __all__ = ["BenchConfig", "BenchConfigError", "config_key", "family", "load_conf
 
 TOP_KEYS = {"name", "description", "generator", "repeats", "images", "classes", "n_classes", "fd_real",
             "save_images", "scorers", "warmup", "sweep", "method"}
-SWEEP_KEYS = {"generator", "temperature", "top_k", "top_p", "cfg", "batch", "seed", "dtype"}
+SWEEP_KEYS = {"generator", "temperature", "top_k", "top_p", "cfg", "batch", "seed", "dtype", "compile"}
 METHOD_KEYS = {"label", "drafter", "drafter_params", "rule", "rule_params"}
 SWEEP_DEFAULTS = {"temperature": [1.0], "top_k": [0], "top_p": [1.0], "cfg": [3.0], "batch": [4], "seed": [0],
-                  "dtype": [DEFAULT_DTYPE]}
+                  "dtype": [DEFAULT_DTYPE], "compile": ["off"]}
 
 
 @dataclass(frozen=True)
@@ -185,8 +188,9 @@ def config_key(run: dict) -> str:
     # `neighbours` was called `k` before: hashing the old spelling gives both spellings of a configuration one key
     # and keeps rows written before the rename resumable
     ident["rule_params"] = {("k" if n == "neighbours" else n): v for n, v in run["rule_params"].items()}
-    if run.get("dtype", DEFAULT_DTYPE) != DEFAULT_DTYPE:
-        ident["dtype"] = run["dtype"]
+    for name, default in (("dtype", DEFAULT_DTYPE), ("compile", "off")):
+        if run.get(name, default) != default:
+            ident[name] = run[name]
     return hashlib.sha1(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
@@ -250,6 +254,9 @@ def parse_config(raw: dict) -> BenchConfig:
         sweep["dtype"] = [dtype_name(as_dtype(d)) for d in sweep["dtype"]]
     except ValueError as e:
         raise BenchConfigError(f"[sweep] {e}") from e
+    for c in sweep["compile"]:
+        if c not in TARGET_COMPILE:
+            raise BenchConfigError(f"[sweep] compile must be one of {', '.join(TARGET_COMPILE)}, got {c!r}")
     repeats = raw.get("repeats", 3)
     _check_int(repeats, "repeats", 1)
     images = raw.get("images", 0)
@@ -266,14 +273,14 @@ def parse_config(raw: dict) -> BenchConfig:
     methods = _methods(raw)
 
     runs, seen = [], set()
-    for gen, samp, batch, seed, dtype in itertools.product(sweep["generator"], samplings, sweep["batch"],
-                                                           sweep["seed"], sweep["dtype"]):
+    for gen, samp, batch, seed, dtype, compiled in itertools.product(sweep["generator"], samplings, sweep["batch"],
+                                                                     sweep["seed"], sweep["dtype"], sweep["compile"]):
         for label, drafter, dp, rule, rp in methods:
             run = {"label": label, "generator": gen, "drafter": drafter, "drafter_params": dp, "rule": rule,
                    "rule_params": rp, "sampling": {"temperature": float(samp.temperature), "top_k": samp.top_k,
                                                    "top_p": float(samp.top_p), "cfg_scale": float(samp.cfg_scale)},
                    "batch": batch, "images": images or batch, "seed": seed, "classes": classes,
-                   "n_classes": n_classes, "dtype": dtype}
+                   "n_classes": n_classes, "dtype": dtype, "compile": compiled}
             run["key"] = config_key(run)
             if run["key"] not in seen:
                 seen.add(run["key"])

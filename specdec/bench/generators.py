@@ -2,15 +2,18 @@
 
 A generator is a name -> a function of `dtype` (what the generative models compute in, `specdec.precision`)
 returning a bundle (`specdec.protocols.Bundle`: .target, .drafter_model, .features, .classes, .target_gpt,
-.class_id, .heldout_images). Bundles are loaded once per process and dtype.
+.class_id, .heldout_images). Bundles are loaded once per process and dtype; a compiled target (`compile`) wraps the
+loaded bundle's.
 A scorer is a user metric named in a config as "module:callable".
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from specdec.compiled import TARGET_COMPILE, compile_adapter
 from specdec.precision import DEFAULT_DTYPE
 from specdec.registry import load_object
 from specdec.testing import tiny_random_bundle
@@ -38,7 +41,7 @@ def _tiny_random_bundle(dtype):
 
 GENERATORS: dict[str, Callable[[str], Any]] = {"zoo": _zoo_bundle, "video-zoo": _video_zoo_bundle,
                                                "tiny-random": _tiny_random_bundle}
-_BUNDLES: dict[tuple[str, str], Any] = {}
+_BUNDLES: dict[tuple[str, str, str], Any] = {}        # (name, dtype, compile) -> bundle
 
 
 def check_generator(name: str) -> None:
@@ -46,16 +49,23 @@ def check_generator(name: str) -> None:
         raise BenchConfigError(f"unknown generator {name!r}; valid generators: {', '.join(sorted(GENERATORS))}")
 
 
-def load_generator(name: str, dtype: str = DEFAULT_DTYPE):
-    """The bundle of a registered generator computing in `dtype`, loaded on first use and kept for the rest of the
-    process."""
+def load_generator(name: str, dtype: str = DEFAULT_DTYPE, compile: str = "off"):
+    """The bundle of a registered generator computing in `dtype`, its target's decode step run as `compile` says
+    (`specdec.compiled.TARGET_COMPILE`), loaded on first use and kept for the rest of the process."""
     check_generator(name)
-    if (name, dtype) not in _BUNDLES:
+    if (name, dtype, "off") not in _BUNDLES:
         try:
-            _BUNDLES[name, dtype] = GENERATORS[name](dtype)
+            _BUNDLES[name, dtype, "off"] = GENERATORS[name](dtype)
         except Exception as e:   # e.g. the zoo's weights are not trained/installed yet
             raise BenchConfigError(f"generator {name!r} could not be loaded in {dtype}: {e}") from e
-    return _BUNDLES[name, dtype]
+    if (name, dtype, compile) not in _BUNDLES:
+        bundle = _BUNDLES[name, dtype, "off"]
+        try:
+            target = compile_adapter(bundle.target, *TARGET_COMPILE[compile])
+        except TypeError as e:
+            raise BenchConfigError(f"generator {name!r} cannot run compiled: {e}") from e
+        _BUNDLES[name, dtype, compile] = dataclasses.replace(bundle, target=target)
+    return _BUNDLES[name, dtype, compile]
 
 
 @runtime_checkable

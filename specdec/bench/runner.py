@@ -152,12 +152,12 @@ def _measure(gen: _PerGenerator, run: dict, repeats: int, warmup: int) -> _Measu
 
 def _group(run: dict) -> str:
     return json.dumps([run["generator"], run["sampling"], run["batch"], run["images"], run["seed"], run["classes"],
-                       run["n_classes"], _dtype(run)], sort_keys=True)
+                       run["n_classes"], *_execution(run)], sort_keys=True)
 
 
-def _dtype(run: dict) -> str:
-    """The run's compute dtype (runs written before the dtype existed are float32)."""
-    return run.get("dtype", DEFAULT_DTYPE)
+def _execution(run: dict) -> tuple[str, str]:
+    """How the run executes: (compute dtype, target compile); runs written before those existed: float32, off."""
+    return run.get("dtype", DEFAULT_DTYPE), run.get("compile", "off")
 
 
 def _baseline_run(run: dict) -> dict:
@@ -262,6 +262,7 @@ def measure_row(gen: _PerGenerator, run: dict, cfg: BenchConfig, scorers: list, 
         "k": int(m.drafter.k) if m.drafter is not None else 0,     # draft tokens per step
         "sampling": run["sampling"], "batch": run["batch"], "images": n, "seed": run["seed"],
         "repeats": cfg.repeats, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
+        "compile": _execution(run)[1],
         "threads": torch.get_num_threads(), "num_processes": dist.num_processes,
         "process_index": dist.process_index,
         "mean_accepted_length": _r6(committed / tf if tf else 0.0),
@@ -315,11 +316,11 @@ def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
 
     bar = tqdm(total=len(cfg.runs), initial=len(cfg.runs) - len(todo), desc=f"configs[{dist.process_index}]",
                position=dist.process_index, disable=not progress, unit="cfg")
-    per_generator: dict[tuple[str, str], _PerGenerator] = {}      # (generator, dtype) -> what it keeps
+    per_generator: dict[tuple[str, str, str], _PerGenerator] = {}      # (generator, dtype, compile) -> its state
     written = []
     try:
         for run in mine:
-            where = (run["generator"], _dtype(run))
+            where = (run["generator"], *_execution(run))
             if where not in per_generator:
                 per_generator[where] = _PerGenerator(load_generator(*where))
             row = measure_row(per_generator[where], run, cfg, scorers, image_dir, out.parent, dist)
@@ -343,16 +344,18 @@ def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
 
 def bench_command(config: str | None = None, preset: str | None = None, out: str = "", repeats: int = 0,
                   max_rows: int = 0, dry_run: bool = False, progress: bool = True, threads: int = 0,
-                  dtype: str | None = None) -> int:
+                  dtype: str | None = None, compile: str | None = None) -> int:
     """`specdec bench`: list (dry_run) or run a config's configurations, then print the summary table of its rows.
 
     out: results JSONL (default specdec-bench/<config name>.jsonl); repeats / max_rows: 0 = the config's / no limit;
     threads: torch threads, 0 = the physical cores (recorded in every row); dtype: what the generative models
-    compute in for every run, replacing the config's [sweep] dtype (None = the config's).
+    compute in for every run, replacing the config's [sweep] dtype (None = the config's); compile: the same for
+    how the target's step runs (specdec.compiled.TARGET_COMPILE).
     Raises BenchConfigError for a bad config; an Abort (max_rows) is reported and ends the command normally."""
     raw = read_config(config, preset)
-    if dtype:
-        raw["sweep"] = {**raw.get("sweep", {}), "dtype": [dtype]}
+    for name, value in (("dtype", dtype), ("compile", compile)):
+        if value:
+            raw["sweep"] = {**raw.get("sweep", {}), name: [value]}
     cfg = parse_config(raw)
     try:
         set_threads(threads)
