@@ -101,14 +101,16 @@ class TinyBundle:
         self.target, self.drafter = MARAdapter(model, variance="large"), MARAdapter(other, variance="large")
 
 
-def load_generator(name: str):
+def load_generator(name: str, dtype: str = "float32"):
     if name == "tiny":
+        if dtype != "float32":
+            sys.exit("--generator tiny runs in float32 only (a smoke test); drop --dtype")
         return TinyBundle()
     from specdec.zoo import continuous
     if not continuous.available():
         sys.exit("the continuous zoo is not installed: train it (experiments/train_continuous_zoo.py) or pass "
                  "--generator tiny for a smoke run")
-    return continuous.load()
+    return continuous.load(dtype=dtype)
 
 
 # ---- phases -----------------------------------------------------------------------------------------------------
@@ -256,10 +258,12 @@ def main(argv=None) -> None:
     p.add_argument("--chunk", type=int, default=64, help="images per call in the quality phase")
     p.add_argument("--cfg", type=float, default=0.0, help="guidance (0: the generator's default)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="what the MAR networks compute in (chains and densities stay float32)")
     args = p.parse_args(argv)
     threads = set_threads(args.threads)
     torch.set_grad_enabled(False)
-    bundle = load_generator(args.generator)
+    bundle = load_generator(args.generator, args.dtype)
     base = LoopConfig(num_iter=bundle.num_iter, cfg=args.cfg or bundle.cfg_scale)
     if args.smoke:
         ms = methods([4], [1], [0.5], [4])
@@ -271,6 +275,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "rows.jsonl"
     common = {"generator": args.generator, "device": str(bundle.target.device), "threads": threads,
+              "dtype": args.dtype,
               "cfg": base.cfg, "temperature": base.temperature, "K": base.num_iter,
               "head_steps": bundle.target.num_steps, "tokens_per_image": bundle.target.num_tokens}
     done = {(r["phase"], r["batch"], r["method"]) for r in read_rows(out)} if out.exists() else set()

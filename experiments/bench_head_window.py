@@ -5,6 +5,7 @@ interleaved rounds. A device on which m states cost about one state is where spe
 m states costing ~m steps (compute-bound) leave nothing to save.
 
     python experiments/bench_head_window.py --threads 2
+    python experiments/bench_head_window.py --threads 2 --dtype bfloat16
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ def main(argv=None) -> None:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--states", default="1,2,3,5,9,17", help="states per position per call")
+    ap.add_argument("--dtype", default="float32", help="what the MAR networks compute in (float32, bfloat16)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     threads = set_threads(args.threads)
-    target = continuous.load().target
+    target = continuous.load(dtype=args.dtype).target
     g = torch.Generator().manual_seed(0)
     state = target.prepare(torch.tensor([3]), args.cfg, generator=g)
     positions = state.order[:, :9]
@@ -42,7 +44,7 @@ def main(argv=None) -> None:
         call()
     timings, _ = interleaved_rounds(calls, args.rounds)
     step = 1e3 * statistics.median(timings[0].seconds) / S
-    print(f"continuous zoo target head, 9 positions, cfg {args.cfg:g}, {threads} threads: one chain step "
+    print(f"continuous zoo target head ({args.dtype}), 9 positions, cfg {args.cfg:g}, {threads} threads: one chain step "
           f"{step:.3f} ms")
     for m, t in zip(windows, timings[1:]):
         ms = 1e3 * statistics.median(t.seconds)

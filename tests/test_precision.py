@@ -108,3 +108,21 @@ def test_bench_and_demo_commands_take_a_dtype(tmp_path, capsys):
     assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(cli.UsageError, match="float32 only"):
         cli.main(["demo", "--continuous", "--quick", "--dtype", "bfloat16", "--out", str(tmp_path / "d")])
+
+
+def test_continuous_zoo_networks_in_bfloat16_keep_float32_chains():
+    """MAR networks compute in bf16; the head's transition means, the chain and the autoencoder stay float32, and
+    the exact rule still runs (its law is the bf16 target's)."""
+    from specdec.continuous_loop import generate_continuous
+    from specdec.zoo import continuous
+    from verifiers.gaussian_chain import GaussianChainRule
+    if not continuous.available():
+        pytest.skip("the continuous zoo weights are not in the package")
+    bundle = continuous.load(dtype="bfloat16")
+    for adapter in (bundle.target, bundle.drafter):
+        assert next(adapter.model.parameters()).dtype is torch.bfloat16
+    assert next(bundle.autoencoder.parameters()).dtype is torch.float32
+    res = generate_continuous(bundle.target, torch.tensor([1]), bundle.drafter, GaussianChainRule(),
+                              num_iter=bundle.num_iter, cfg=bundle.cfg_scale, seed=0)
+    assert res.tokens.dtype is torch.float32 and torch.isfinite(res.tokens).all()
+    assert 0.3 < res.tokens.std() < 3 and torch.isfinite(res.images).all()

@@ -96,15 +96,18 @@ def available(directory: str | Path | None = None) -> bool:
     return all((d / f"{name}.json").is_file() for name in MODEL_NAMES)
 
 
-def load(device: str | torch.device = "cpu", directory: str | Path | None = None) -> ContinuousBundle:
+def load(device: str | torch.device = "cpu", directory: str | Path | None = None,
+         dtype: str | torch.dtype | None = None) -> ContinuousBundle:
     """Load and verify (sha256) the continuous zoo. `directory` overrides the package's weights folder; the feature
-    net comes from there when it holds one, else from the package (it belongs to the image zoo)."""
+    net comes from there when it holds one, else from the package (it belongs to the image zoo). dtype: what the
+    target and drafter MAR compute their networks in (`specdec.precision`, default float32); their diffusion
+    chains, densities and the autoencoder stay float32 (the head returns float32 whatever its weights' dtype)."""
     from specdec.adapters.mar import MARAdapter
     from specdec.zoo import ZooError, load_model
     directory = Path(directory) if directory is not None else None
     models, cards = {}, {}
     for name in MODEL_NAMES:
-        models[name], cards[name] = load_model(name, directory, device)
+        models[name], cards[name] = load_model(name, directory, device, dtype if name != "continuous_ae" else None)
     own = directory is not None and (directory / "features.json").is_file()
     features, cards["features"] = load_model("features", directory if own else None, device)
     ae, sampling = models["continuous_ae"], cards["continuous_target"].get("sampling", {})
