@@ -7,10 +7,14 @@ On CPUs with AVX512-BF16 a bfloat16 matrix product with 10 rows costs about what
 in proportion to the rows: the ratio a speculative step pays for its verification.
 
     python experiments/precision_costs.py --threads 2 --out docs/results/precision-costs.json
+    python experiments/precision_costs.py --threads 2 --compile freeze --out docs/results/precision-costs-freeze.json
+
+--compile runs the target's decode step compiled (specdec.compiled.TARGET_COMPILE; the drafters stay eager).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -23,6 +27,7 @@ from drafters.eagle import eagle
 from drafters.model import draft_token
 from specdec import Sampling
 from specdec.bench.timing import set_threads, step_costs
+from specdec.compiled import TARGET_COMPILE, compile_adapter
 from specdec.precision import DTYPES
 
 
@@ -62,18 +67,22 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--out", default="")
+    ap.add_argument("--compile", default="off", choices=tuple(TARGET_COMPILE))
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     threads = set_threads(args.threads)
     names = [d for d in args.dtypes.split(",") if d]
     bundles = {d: specdec.zoo.load(dtype=d) for d in names if d in DTYPES}
+    if args.compile != "off":
+        bundles = {d: dataclasses.replace(b, target=compile_adapter(b.target, *TARGET_COMPILE[args.compile]))
+                   for d, b in bundles.items()}
     passes: dict[str, list[dict]] = {d: [] for d in bundles}
     for p in range(args.passes):
         for d, bundle in bundles.items():
             passes[d].append(measure(bundle, args.cfg, args.rounds))
             print(f"pass {p + 1}/{args.passes} {d}: " + ", ".join(f"{k} {v:.3f}" for k, v in passes[d][-1].items()),
                   flush=True)
-    result = {"cfg": args.cfg, "batch": 1, "threads": threads, "torch": torch.__version__,
+    result = {"cfg": args.cfg, "batch": 1, "threads": threads, "torch": torch.__version__, "compile": args.compile,
               "cpu_bf16": bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
               "date": time.strftime("%Y-%m-%d"),
               "dtypes": {d: {k: round(statistics.median(x[k] for x in runs), 4) for k in runs[0]}

@@ -15,8 +15,8 @@ import sys
 from specdec.bench.config import BenchConfigError, preset_names
 from specdec.bench.runner import bench_command
 from specdec.certify import certify_command
-from specdec.demo import DemoError, run_demo
 from specdec.compiled import TARGET_COMPILE
+from specdec.demo import DemoError, run_demo
 from specdec.precision import DTYPES
 from specdec.report import report_command
 
@@ -68,7 +68,7 @@ def demo_cmd(args) -> int:
                                   quick=args.quick, classes=classes or None, per_class=args.per_class,
                                   seed=args.seed, temperature=args.temperature, top_k=args.top_k, cfg=args.cfg,
                                   repeats=args.repeats, fd_real=args.fd_real, threads=args.threads,
-                                  dtype=args.dtype, compile=args.compile)
+                                  dtype=args.dtype)
         return run_demo(args.out, quick=args.quick, classes=classes or None,
                         per_class=args.per_class, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                         cfg=args.cfg, repeats=args.repeats, fd_real=args.fd_real, threads=args.threads,

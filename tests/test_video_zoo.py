@@ -70,11 +70,13 @@ def test_video_forwards_for_a_seed(bundle, name):
 
 
 def test_demo_video_quick_writes_its_files(tmp_path, capsys):
+    """In bfloat16 (--dtype): the float32 video path is covered by the per-seed forwards above."""
     out = tmp_path / "video"
     code = cli.main(["demo", "--video", "--quick", "--out", str(out), "--per-class", "1", "--classes", "0",
-                     "--repeats", "1", "--threads", "1"])
+                     "--repeats", "1", "--threads", "1", "--dtype", "bfloat16"])
     assert code == 0
     table = json.loads((out / "table.json").read_text())
+    assert table["meta"]["dtype"] == "bfloat16"
     rows = {r["method"]: r for r in table["rows"]}
     assert rows["AR"]["target_forwards_per_image"] == video.FRAMES * (video.FRAME // 4) ** 2 - 1
     for r in table["rows"]:
