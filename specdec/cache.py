@@ -50,9 +50,12 @@ class StaticKVCache:
         """Store k, v [B, heads, n, head_dim] in `slots` [B, n] (a chain's slots are its logical positions; a draft
         tree's nodes take consecutive slots whatever their depth); return the full buffers of this layer."""
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        # advanced indexing on dims (B, S) puts them first: [B, n, heads, head_dim]
-        self.k[layer][rows, :, slots] = k.transpose(1, 2)
-        self.v[layer][rows, :, slots] = v.transpose(1, 2)
+        at = torch.full_like(rows, layer)
+        # one index_put on the whole buffer, not on the layer's view: a compiled step (torch.compile) turns a write
+        # through a view into a copy of the whole buffer every step (at batch 8 four times the step's own cost).
+        # Advanced indexing on dims (layer, B, S) puts them first: [B, n, heads, head_dim]
+        self.k[at, rows, :, slots] = k.transpose(1, 2)
+        self.v[at, rows, :, slots] = v.transpose(1, 2)
         return self.k[layer], self.v[layer]
 
     def tree_mask(self, slot0: Tensor, allowed: Tensor) -> Tensor:
