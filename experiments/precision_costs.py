@@ -1,5 +1,5 @@
-"""What the zoo's decode-step costs look like per compute dtype, at batch 1: the target's one-token step (CFG rows
-included), a verification of 5 and of 16 tokens over that step, one drafter call (the distilled draft model,
+"""What the zoo's decode-step costs look like per compute dtype, at batch 1 (or --batch): the target's one-token step
+(CFG rows included), a verification of 5 and of 16 tokens over that step, one drafter call (the distilled draft model,
 unguided) and one EAGLE draft token over the step. Raw forwards on a half-full cache, the dtypes measured in
 alternating passes (float32, bfloat16, float32, ...), medians over passes.
 
@@ -31,14 +31,14 @@ from specdec.compiled import TARGET_COMPILE, compile_adapter
 from specdec.precision import DTYPES
 
 
-def eagle_token_s(bundle, cfg: float, rounds: int) -> float:
-    """Median seconds of one EAGLE draft token (head call, q, the draw) on a half-full head cache."""
+def eagle_token_s(bundle, cfg: float, rounds: int, cond: torch.Tensor) -> float:
+    """Median seconds of one EAGLE draft token (head call, q, the draw) for the rows of cond on a half-full head
+    cache."""
     drafter = eagle(bundle.eagle_head, k=4)
-    specdec.generate(bundle.target, torch.tensor([1]), drafter=drafter, sampling=Sampling(cfg_scale=cfg), seed=0,
-                     decode=False)
-    model, state = drafter.model, drafter.state
-    half = torch.tensor([bundle.target.num_tokens // 2])
-    feed, u = torch.zeros(1, 1, dtype=torch.long), torch.full((1,), 0.5)
+    specdec.generate(bundle.target, cond, drafter=drafter, sampling=Sampling(cfg_scale=cfg), seed=0, decode=False)
+    model, state, B = drafter.model, drafter.state, len(cond)
+    half = torch.full((B,), bundle.target.num_tokens // 2)
+    feed, u = torch.zeros(B, 1, dtype=torch.long), torch.full((B,), 0.5)
     times = []
     for i in range(rounds + 5):
         state.cache.set_lengths(half)
@@ -49,14 +49,14 @@ def eagle_token_s(bundle, cfg: float, rounds: int) -> float:
     return statistics.median(times)
 
 
-def measure(bundle, cfg: float, rounds: int) -> dict[str, float]:
-    cond = torch.tensor([1])
+def measure(bundle, cfg: float, rounds: int, batch: int) -> dict[str, float]:
+    cond = torch.arange(batch) % 4
     t_step, t_verify5 = step_costs(bundle.target, cond, Sampling(cfg_scale=cfg), 5, rounds)
     _, t_verify16 = step_costs(bundle.target, cond, Sampling(cfg_scale=cfg), 16, rounds)
     d_step, _ = step_costs(bundle.drafter_model, cond, Sampling(), 2, rounds)
     return {"target_step_ms": 1e3 * t_step, "verify5_over_step": t_verify5 / t_step,
             "verify16_over_step": t_verify16 / t_step, "drafter_call_over_step": d_step / t_step,
-            "eagle_token_over_step": eagle_token_s(bundle, cfg, rounds) / t_step}
+            "eagle_token_over_step": eagle_token_s(bundle, cfg, rounds, cond) / t_step}
 
 
 def main(argv=None) -> None:
@@ -64,6 +64,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1, help="images per call")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--out", default="")
@@ -79,10 +80,10 @@ def main(argv=None) -> None:
     passes: dict[str, list[dict]] = {d: [] for d in bundles}
     for p in range(args.passes):
         for d, bundle in bundles.items():
-            passes[d].append(measure(bundle, args.cfg, args.rounds))
+            passes[d].append(measure(bundle, args.cfg, args.rounds, args.batch))
             print(f"pass {p + 1}/{args.passes} {d}: " + ", ".join(f"{k} {v:.3f}" for k, v in passes[d][-1].items()),
                   flush=True)
-    result = {"cfg": args.cfg, "batch": 1, "threads": threads, "torch": torch.__version__, "compile": args.compile,
+    result = {"cfg": args.cfg, "batch": args.batch, "threads": threads, "torch": torch.__version__, "compile": args.compile,
               "cpu_bf16": bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
               "date": time.strftime("%Y-%m-%d"),
               "dtypes": {d: {k: round(statistics.median(x[k] for x in runs), 4) for k in runs[0]}
