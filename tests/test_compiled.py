@@ -76,3 +76,23 @@ def test_compiled_target_serves_eagle_chains_and_trees_with_the_eager_tokens(fre
                                 seed=2)
         assert torch.equal(eager.tokens, fast.tokens), tree
         assert fast.stats.target_forwards == eager.stats.target_forwards and eager.stats.mean_accepted_length > 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_target_serves_eagle_with_the_eager_tokens():
+    """The EAGLE drafter copies the target's hidden states out of each replay (observe) before the next one
+    overwrites the graph's output buffers."""
+    from drafters.eagle import eagle
+    from specdec.testing import tiny_random_bundle
+
+    b = tiny_random_bundle()
+    b.target_gpt.cuda()
+    b.eagle_head.cuda()
+    from specdec.adapters.gpt import GPTAdapter
+    target = GPTAdapter(b.target_gpt, grid=b.target.grid)
+    fast = compile_adapter(target, "reduce-overhead")
+    cond, sampling = torch.tensor([0, 1]), Sampling(cfg_scale=3.0)
+    eager = specdec.generate(target, cond, drafter=eagle(b.eagle_head, k=3), sampling=sampling, seed=3)
+    for _ in range(2):
+        out = specdec.generate(fast, cond, drafter=eagle(b.eagle_head, k=3), sampling=sampling, seed=3)
+        assert torch.equal(eager.tokens, out.tokens)
