@@ -59,7 +59,7 @@ class EagleFeatures:
         self.n_prev = ctx.n_done.clone()
         start = (n - width).clamp_min(0)
         self.model.rollback(self.state, start)
-        logits = self.model.forward(self.state, ctx.tokens.gather(1, start[:, None] + self.window[:width]))
+        logits = self._feed(self.model, self.state, ctx.tokens.gather(1, start[:, None] + self.window[:width]))
         self.forwards += 1
         self.model.rollback(self.state, n)
         at = (n - 1 - start)[:, None, None].expand(-1, 1, logits.cond.shape[-1])

@@ -22,7 +22,8 @@ rows. Any q is lossless with the exact rule as long as the drafts are drawn from
 compile=True runs each draft token (model call, q, the draw) as one torch.compile graph: a small drafter's step is
 mostly per-call overhead, which the graph removes (the zoo drafter: about half the time per token). It needs a
 model with a static KV cache (the project's GPT, LlamaGen, an EAGLE head); the first step of each shape pays the
-compilation. compile="freeze" adds inductor's freezing (weights pre-packed once; see specdec.compiled).
+compilation. The catch-up feed before the first draft token is compiled as well (one graph per width).
+compile="freeze" adds inductor's freezing (weights pre-packed once; see specdec.compiled).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class ModelDrafter(Drafter):
         self.drafts = drafts
         self.draft_cfg = draft_cfg
         self.forwards = 0
-        self._token_step = draft_token
+        self._token_step, self._feed = draft_token, feed_tokens
         if compile not in (False, True, "freeze"):
             raise ValueError(f"compile must be False, True or 'freeze' (compiled with weights pre-packed), "
                              f"got {compile!r}")
@@ -68,6 +69,7 @@ class ModelDrafter(Drafter):
                 raise TypeError(f"compile=True needs a draft model with a static KV cache (GPTAdapter, "
                                 f"LlamaGenAdapter); {type(model).__name__} is not one: use compile=False")
             self._token_step = compile_step(draft_token, freeze=compile == "freeze")
+            self._feed = compile_step(feed_tokens, freeze=compile == "freeze")
 
     needs_draft_model = True        # the registry passes the bundle's draft model first
 
@@ -108,7 +110,7 @@ class ModelDrafter(Drafter):
         self.first = False
         self.model.rollback(self.state, ctx.park(ctx.n_done - n_feed))
         feed = ctx.tokens.gather(1, ctx.n_done[:, None] - n_feed + self.offsets[:n_feed])
-        logits = self.model.forward(self.state, feed)
+        logits = self._feed(self.model, self.state, feed)
         self.forwards += 1
         return Logits(logits.cond[:, -1:], None if logits.uncond is None else logits.uncond[:, -1:])
 
@@ -132,6 +134,12 @@ class ModelDrafter(Drafter):
 
     def observe(self, verdict: Verdict, target_probs: Tensor) -> None:
         """Nothing to do: the next proposal rolls the cache back from ctx.n_done."""
+
+
+def feed_tokens(model: ARModel, state, tokens: Tensor) -> Logits:
+    """The draft model's forward over tokens [B, n] (the catch-up feed before the first draft token); a function of
+    its own so that compile=True compiles it too (one graph per width)."""
+    return model.forward(state, tokens)
 
 
 def draft_token(model: ARModel, state, feed: Tensor, u: Tensor | None, sampling: Sampling,
