@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from specdec.bench.results import read_rows
+from specdec.bench.results import execution_tag, read_rows
 from specdec.plots import _plt, acceptance_heatmaps
 
 MAX_IMAGE_ROWS = 60
@@ -25,9 +25,9 @@ MAX_IMAGE_ROWS = 60
 
 def _group(r: dict) -> str:
     s = r.get("sampling", {})
-    dtype = r.get("dtype") or "float32"
+    tag = execution_tag(r)
     return (f"{r.get('generator')} T={s.get('temperature')} top-k={s.get('top_k')} cfg={s.get('cfg_scale')} "
-            f"B={r.get('batch')}" + ("" if dtype == "float32" else f" {dtype}"))
+            f"B={r.get('batch')}" + (f" {tag}" if tag else ""))
 
 
 def _curve_key(r: dict, multi: bool) -> str:

@@ -74,6 +74,10 @@ def test_bench_sweeps_dtypes_with_stable_float32_keys(tmp_path):
         ("bfloat16", False), ("bfloat16", True), ("float32", False), ("float32", True)]
     for r in rows:          # each method timed against the AR baseline of its own dtype
         assert r["config"]["dtype"] == r["dtype"] and r["speedup"] > 0
+    from specdec.bench.results import summary_rows
+    assert sorted(m["method"] for m in summary_rows(rows)) == [
+        "AR [bfloat16]", "AR [float32]", "exact + model [bfloat16]", "exact + model [float32]"]
+    assert [m["method"] for m in summary_rows(rows[:1])] == [rows[0]["label"]]     # one way: labels as they are
     with pytest.raises(BenchConfigError, match=r"\[sweep\] dtype must be one of"):
         parse_config({**SWEEP, "sweep": {"dtype": ["bf16"]}})
 

@@ -108,11 +108,21 @@ def merge_parts(out: Path) -> int:
     return added
 
 
+def execution_tag(row: dict) -> str:
+    """How a row ran when not the default: "bfloat16", "compiled freeze", "bfloat16 compiled on", or ""."""
+    dtype, compiled = row.get("dtype") or "float32", row.get("compile") or "off"
+    return " ".join(([dtype] if dtype != "float32" else []) + ([f"compiled {compiled}"] if compiled != "off" else []))
+
+
 def summary_rows(rows: list[dict]) -> list[dict]:
-    """Bench rows in the shape `format_table` prints."""
+    """Bench rows in the shape `format_table` prints; when the rows ran in more than one way (dtype, compile), each
+    method names how, e.g. "AR [bfloat16]"."""
+    tags = [execution_tag(r) for r in rows]
+    mixed = len(set(tags)) > 1
     out = []
-    for r in rows:
-        out.append({"method": r["label"][:36], "rule": r["rule"], "k": int(r.get("k") or 0),
+    for r, tag in zip(rows, tags):
+        method = f"{r['label']} [{tag or 'float32'}]" if mixed else r["label"]
+        out.append({"method": method[:36], "rule": r["rule"], "k": int(r.get("k") or 0),
                     "mean_accepted_length": r["mean_accepted_length"] or 0.0,
                     "mean_accepted_length_se": r.get("mean_accepted_length_se"),
                     "target_forwards_per_image": r["target_forwards_per_image"] or 0.0,
