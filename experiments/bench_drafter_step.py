@@ -18,6 +18,15 @@ from specdec import Sampling
 from specdec.bench.timing import interleaved_rounds, set_threads
 
 
+def eagle_draft_state(bundle, cfg: float, cond: torch.Tensor):
+    """The zoo's EAGLE head bound to its target after one generation of cond at guidance cfg (its true features
+    written, as mid-decode) -> (head adapter, its state, its sampling): what `draft_token` is called with."""
+    from drafters.eagle import eagle
+    drafter = eagle(bundle.eagle_head, k=4)
+    specdec.generate(bundle.target, cond, drafter=drafter, sampling=Sampling(cfg_scale=cfg), seed=0, decode=False)
+    return drafter.model, drafter.state, drafter.sampling
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=0)
@@ -29,11 +38,7 @@ def main(argv=None) -> None:
     threads = set_threads(args.threads)
     bundle = specdec.zoo.load()
     if args.drafter == "eagle":
-        from drafters.eagle import eagle
-        drafter = eagle(bundle.eagle_head, k=4)
-        specdec.generate(bundle.target, torch.tensor([1]), drafter=drafter, sampling=Sampling(cfg_scale=args.cfg),
-                         seed=0, decode=False)
-        model, state, sampling = drafter.model, drafter.state, drafter.sampling
+        model, state, sampling = eagle_draft_state(bundle, args.cfg, torch.tensor([1]))
         state.cache.set_lengths(torch.tensor([60]))
     else:
         model, sampling = bundle.drafter_model, Sampling(cfg_scale=args.cfg)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import specdec
-from drafters.eagle import eagle
+from bench_drafter_step import eagle_draft_state          # experiments/, the script's own folder
 from drafters.model import draft_token
 from specdec import Sampling
 from specdec.bench.timing import set_threads, step_costs
@@ -34,16 +34,15 @@ from specdec.precision import DTYPES
 def eagle_token_s(bundle, cfg: float, rounds: int, cond: torch.Tensor) -> float:
     """Median seconds of one EAGLE draft token (head call, q, the draw) for the rows of cond on a half-full head
     cache."""
-    drafter = eagle(bundle.eagle_head, k=4)
-    specdec.generate(bundle.target, cond, drafter=drafter, sampling=Sampling(cfg_scale=cfg), seed=0, decode=False)
-    model, state, B = drafter.model, drafter.state, len(cond)
+    model, state, sampling = eagle_draft_state(bundle, cfg, cond)
+    B = len(cond)
     half = torch.full((B,), bundle.target.num_tokens // 2)
     feed, u = torch.zeros(B, 1, dtype=torch.long), torch.full((B,), 0.5)
     times = []
     for i in range(rounds + 5):
         state.cache.set_lengths(half)
         t0 = time.perf_counter()
-        draft_token(model, state, feed, u, drafter.sampling, None)
+        draft_token(model, state, feed, u, sampling, None)
         if i >= 5:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)

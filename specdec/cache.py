@@ -31,6 +31,9 @@ class StaticKVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        # the write's row and per-layer index tensors [B, 1], made once instead of per layer and step
+        self._rows = torch.arange(batch, device=device)[:, None]
+        self._layer_rows = torch.arange(layers, device=device)[:, None, None].repeat(1, batch, 1)
         self.max_len = max_len
         self.prefix_valid: Tensor | None = None
         # keep_hidden: the model stores its last forward's final hidden states [B, n, dim] in `hidden` (for
@@ -49,8 +52,7 @@ class StaticKVCache:
     def write(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v [B, heads, n, head_dim] in `slots` [B, n] (a chain's slots are its logical positions; a draft
         tree's nodes take consecutive slots whatever their depth); return the full buffers of this layer."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        at = torch.full_like(rows, layer)
+        rows, at = self._rows, self._layer_rows[layer]
         # one index_put on the whole buffer, not on the layer's view: a compiled step (torch.compile) turns a write
         # through a view into a copy of the whole buffer every step (at batch 8 four times the step's own cost).
         # Advanced indexing on dims (layer, B, S) puts them first: [B, n, heads, head_dim]

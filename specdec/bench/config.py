@@ -51,7 +51,8 @@ from pathlib import Path
 import torch
 
 from specdec.bench.generators import BenchConfigError, check_generator, load_scorer
-from specdec.compiled import TARGET_COMPILE
+from specdec.bench.results import execution
+from specdec.compiled import DEFAULT_COMPILE, TARGET_COMPILE
 from specdec.geometry import TokenGeometry
 from specdec.precision import DEFAULT_DTYPE, as_dtype, dtype_name
 from specdec.registry import DRAFTERS, RULES, geometry_source, resolve
@@ -65,7 +66,7 @@ TOP_KEYS = {"name", "description", "generator", "repeats", "images", "classes", 
 SWEEP_KEYS = {"generator", "temperature", "top_k", "top_p", "cfg", "batch", "seed", "dtype", "compile"}
 METHOD_KEYS = {"label", "drafter", "drafter_params", "rule", "rule_params"}
 SWEEP_DEFAULTS = {"temperature": [1.0], "top_k": [0], "top_p": [1.0], "cfg": [3.0], "batch": [4], "seed": [0],
-                  "dtype": [DEFAULT_DTYPE], "compile": ["off"]}
+                  "dtype": [DEFAULT_DTYPE], "compile": [DEFAULT_COMPILE]}
 
 
 @dataclass(frozen=True)
@@ -188,9 +189,9 @@ def config_key(run: dict) -> str:
     # `neighbours` was called `k` before: hashing the old spelling gives both spellings of a configuration one key
     # and keeps rows written before the rename resumable
     ident["rule_params"] = {("k" if n == "neighbours" else n): v for n, v in run["rule_params"].items()}
-    for name, default in (("dtype", DEFAULT_DTYPE), ("compile", "off")):
-        if run.get(name, default) != default:
-            ident[name] = run[name]
+    for name, value, default in zip(("dtype", "compile"), execution(run), (DEFAULT_DTYPE, DEFAULT_COMPILE)):
+        if value != default:
+            ident[name] = value
     return hashlib.sha1(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 

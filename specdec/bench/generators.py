@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from specdec.compiled import TARGET_COMPILE, compile_adapter
+from specdec.compiled import DEFAULT_COMPILE, TARGET_COMPILE, compile_adapter
 from specdec.precision import DEFAULT_DTYPE
 from specdec.registry import load_object
 from specdec.testing import tiny_random_bundle
@@ -49,17 +49,17 @@ def check_generator(name: str) -> None:
         raise BenchConfigError(f"unknown generator {name!r}; valid generators: {', '.join(sorted(GENERATORS))}")
 
 
-def load_generator(name: str, dtype: str = DEFAULT_DTYPE, compile: str = "off"):
+def load_generator(name: str, dtype: str = DEFAULT_DTYPE, compile: str = DEFAULT_COMPILE):
     """The bundle of a registered generator computing in `dtype`, its target's decode step run as `compile` says
     (`specdec.compiled.TARGET_COMPILE`), loaded on first use and kept for the rest of the process."""
     check_generator(name)
-    if (name, dtype, "off") not in _BUNDLES:
+    if (name, dtype, DEFAULT_COMPILE) not in _BUNDLES:
         try:
-            _BUNDLES[name, dtype, "off"] = GENERATORS[name](dtype)
+            _BUNDLES[name, dtype, DEFAULT_COMPILE] = GENERATORS[name](dtype)
         except Exception as e:   # e.g. the zoo's weights are not trained/installed yet
             raise BenchConfigError(f"generator {name!r} could not be loaded in {dtype}: {e}") from e
     if (name, dtype, compile) not in _BUNDLES:
-        bundle = _BUNDLES[name, dtype, "off"]
+        bundle = _BUNDLES[name, dtype, DEFAULT_COMPILE]
         try:
             target = compile_adapter(bundle.target, *TARGET_COMPILE[compile])
         except TypeError as e:

@@ -12,6 +12,9 @@ import json
 import os
 from pathlib import Path
 
+from specdec.compiled import DEFAULT_COMPILE
+from specdec.precision import DEFAULT_DTYPE
+
 
 def read_rows(path: Path) -> list[dict]:
     """Rows of a JSONL file; a torn last line (a kill mid-write) is ignored."""
@@ -108,10 +111,17 @@ def merge_parts(out: Path) -> int:
     return added
 
 
+def execution(run: dict) -> tuple[str, str]:
+    """How a run (or its row) executes: (compute dtype, target compile); the defaults for what was written before
+    those existed."""
+    return run.get("dtype") or DEFAULT_DTYPE, run.get("compile") or DEFAULT_COMPILE
+
+
 def execution_tag(row: dict) -> str:
     """How a row ran when not the default: "bfloat16", "compiled freeze", "bfloat16 compiled on", or ""."""
-    dtype, compiled = row.get("dtype") or "float32", row.get("compile") or "off"
-    return " ".join(([dtype] if dtype != "float32" else []) + ([f"compiled {compiled}"] if compiled != "off" else []))
+    dtype, compiled = execution(row)
+    return " ".join(([dtype] if dtype != DEFAULT_DTYPE else []) +
+                    ([f"compiled {compiled}"] if compiled != DEFAULT_COMPILE else []))
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:

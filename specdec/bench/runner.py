@@ -32,12 +32,11 @@ from specdec import metrics
 from specdec.bench.config import BenchConfig, BenchConfigError, config_key, family, parse_config, read_config
 from specdec.bench.generators import load_generator, load_scorer
 from specdec.bench.methods import Method, build_method
-from specdec.bench.results import (append_row, check_results_path, finished_keys, format_table, merge_parts,
+from specdec.bench.results import (append_row, execution, check_results_path, finished_keys, format_table, merge_parts,
                                    part_files, part_path, read_rows, repair, summary_rows)
 from specdec.bench.timing import Timing, count_bound, interleaved_rounds, reliability, set_threads, step_costs
 from specdec.engine import generate
 from specdec.plots import image_strip
-from specdec.precision import DEFAULT_DTYPE
 from specdec.sampling import Sampling
 
 
@@ -152,12 +151,8 @@ def _measure(gen: _PerGenerator, run: dict, repeats: int, warmup: int) -> _Measu
 
 def _group(run: dict) -> str:
     return json.dumps([run["generator"], run["sampling"], run["batch"], run["images"], run["seed"], run["classes"],
-                       run["n_classes"], *_execution(run)], sort_keys=True)
+                       run["n_classes"], *execution(run)], sort_keys=True)
 
-
-def _execution(run: dict) -> tuple[str, str]:
-    """How the run executes: (compute dtype, target compile); runs written before those existed: float32, off."""
-    return run.get("dtype", DEFAULT_DTYPE), run.get("compile", "off")
 
 
 def _baseline_run(run: dict) -> dict:
@@ -262,7 +257,7 @@ def measure_row(gen: _PerGenerator, run: dict, cfg: BenchConfig, scorers: list, 
         "k": int(m.drafter.k) if m.drafter is not None else 0,     # draft tokens per step
         "sampling": run["sampling"], "batch": run["batch"], "images": n, "seed": run["seed"],
         "repeats": cfg.repeats, "device": str(dev), "dtype": str(dtype).replace("torch.", ""),
-        "compile": _execution(run)[1],
+        "compile": execution(run)[1],
         "threads": torch.get_num_threads(), "num_processes": dist.num_processes,
         "process_index": dist.process_index,
         "mean_accepted_length": _r6(committed / tf if tf else 0.0),
@@ -320,7 +315,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
     written = []
     try:
         for run in mine:
-            where = (run["generator"], *_execution(run))
+            where = (run["generator"], *execution(run))
             if where not in per_generator:
                 per_generator[where] = _PerGenerator(load_generator(*where))
             row = measure_row(per_generator[where], run, cfg, scorers, image_dir, out.parent, dist)
