@@ -82,7 +82,8 @@ def main(argv=None) -> None:
             passes[d].append(measure(bundle, args.cfg, args.rounds, args.batch))
             print(f"pass {p + 1}/{args.passes} {d}: " + ", ".join(f"{k} {v:.3f}" for k, v in passes[d][-1].items()),
                   flush=True)
-    result = {"cfg": args.cfg, "batch": args.batch, "threads": threads, "torch": torch.__version__, "compile": args.compile,
+    result = {"cfg": args.cfg, "batch": args.batch, "threads": threads, "torch": torch.__version__,
+              "compile": args.compile,
               "cpu_bf16": bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
               "date": time.strftime("%Y-%m-%d"),
               "dtypes": {d: {k: round(statistics.median(x[k] for x in runs), 4) for k in runs[0]}

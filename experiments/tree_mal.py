@@ -34,7 +34,8 @@ def main(argv=None) -> None:
     set_threads(args.threads)
     bundle = specdec.zoo.load()
     cond = torch.arange(args.images) % 4
-    print(f"| EAGLE drafts, exact rule, CFG {args.cfg:g}, {args.images} images | MAL | +- | target forwards / image |")
+    print(f"| EAGLE drafts, exact rule, CFG {args.cfg:g}, {args.images} images | MAL | +- "
+          f"| target forwards / image |")
     print("|---|---|---|---|")
     for name, params in TREES.items():
         res = specdec.generate(bundle.target, cond, drafter=eagle(bundle.eagle_head, **params),

@@ -32,8 +32,8 @@ from specdec import metrics
 from specdec.bench.config import BenchConfig, BenchConfigError, config_key, family, parse_config, read_config
 from specdec.bench.generators import load_generator, load_scorer
 from specdec.bench.methods import Method, build_method
-from specdec.bench.results import (append_row, execution, check_results_path, finished_keys, format_table, merge_parts,
-                                   part_files, part_path, read_rows, repair, summary_rows)
+from specdec.bench.results import (append_row, check_results_path, execution, finished_keys, format_table,
+                                   merge_parts, part_files, part_path, read_rows, repair, summary_rows)
 from specdec.bench.timing import Timing, count_bound, interleaved_rounds, reliability, set_threads, step_costs
 from specdec.engine import generate
 from specdec.plots import image_strip
@@ -152,7 +152,6 @@ def _measure(gen: _PerGenerator, run: dict, repeats: int, warmup: int) -> _Measu
 def _group(run: dict) -> str:
     return json.dumps([run["generator"], run["sampling"], run["batch"], run["images"], run["seed"], run["classes"],
                        run["n_classes"], *execution(run)], sort_keys=True)
-
 
 
 def _baseline_run(run: dict) -> dict:
