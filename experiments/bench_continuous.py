@@ -47,6 +47,7 @@ from specdec.continuous import energy_test  # noqa: E402
 from specdec.continuous_demo import (ContinuousMethod, build, frozen_method, run_methods,  # noqa: E402
                                      stats_fields)
 from specdec.continuous_loop import LoopConfig, generate_continuous  # noqa: E402
+from specdec.devices import available_device  # noqa: E402
 from specdec.models.mar import MAR, MARConfig  # noqa: E402
 from specdec.models.mar.diffloss import DiffLoss, SimpleMLPAdaLN  # noqa: E402
 
@@ -101,16 +102,20 @@ class TinyBundle:
         self.target, self.drafter = MARAdapter(model, variance="large"), MARAdapter(other, variance="large")
 
 
-def load_generator(name: str, dtype: str = "float32"):
+def load_generator(name: str, dtype: str = "float32", device: str = "cpu"):
     if name == "tiny":
-        if dtype != "float32":
-            sys.exit("--generator tiny runs in float32 only (a smoke test); drop --dtype")
+        if dtype != "float32" or device != "cpu":
+            sys.exit("--generator tiny runs in float32 on the CPU only (a smoke test); drop --dtype and --device")
         return TinyBundle()
     from specdec.zoo import continuous
     if not continuous.available():
         sys.exit("the continuous zoo is not installed: train it (experiments/train_continuous_zoo.py) or pass "
                  "--generator tiny for a smoke run")
-    return continuous.load(dtype=dtype)
+    try:
+        where = available_device(device)
+    except (RuntimeError, ValueError) as e:
+        sys.exit(f"--device: {e}")
+    return continuous.load(where, dtype=dtype)
 
 
 # ---- phases -----------------------------------------------------------------------------------------------------
@@ -260,10 +265,11 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="what the MAR networks compute in (chains and densities stay float32)")
+    p.add_argument("--device", default="cpu", help="where the MAR networks run: cpu, cuda, cuda:1")
     args = p.parse_args(argv)
     threads = set_threads(args.threads)
     torch.set_grad_enabled(False)
-    bundle = load_generator(args.generator, args.dtype)
+    bundle = load_generator(args.generator, args.dtype, args.device)
     base = LoopConfig(num_iter=bundle.num_iter, cfg=args.cfg or bundle.cfg_scale)
     if args.smoke:
         ms = methods([4], [1], [0.5], [4])

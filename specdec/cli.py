@@ -61,18 +61,20 @@ def demo_cmd(args) -> int:
             return run_continuous_demo(args.out if args.out != "specdec-demo" else "specdec-demo-continuous",
                                        quick=args.quick, classes=classes or None, per_class=args.per_class,
                                        seed=args.seed, temperature=args.temperature, cfg=args.cfg,
-                                       repeats=args.repeats, fd_real=args.fd_real, threads=args.threads)
+                                       repeats=args.repeats, fd_real=args.fd_real, threads=args.threads,
+                                       device=args.device)
         if args.video:
             from specdec.video_demo import run_video_demo
             return run_video_demo(args.out if args.out != "specdec-demo" else "specdec-demo-video",
                                   quick=args.quick, classes=classes or None, per_class=args.per_class,
                                   seed=args.seed, temperature=args.temperature, top_k=args.top_k, cfg=args.cfg,
                                   repeats=args.repeats, fd_real=args.fd_real, threads=args.threads,
-                                  dtype=args.dtype)
+                                  dtype=args.dtype, device=args.device)
         return run_demo(args.out, quick=args.quick, classes=classes or None,
                         per_class=args.per_class, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                         cfg=args.cfg, repeats=args.repeats, fd_real=args.fd_real, threads=args.threads,
-                        rule=args.rule or None, rule_params=_json_params(args.params), dtype=args.dtype)
+                        rule=args.rule or None, rule_params=_json_params(args.params), dtype=args.dtype,
+                        device=args.device)
     except DemoError as e:
         raise UsageError(f"specdec: {e}")
 
@@ -98,7 +100,7 @@ def bench_cmd(args) -> int:
     try:
         return bench_command(args.config, args.preset, out=args.out, repeats=args.repeats, max_rows=args.max_rows,
                              dry_run=args.dry_run, progress=not args.no_progress, threads=args.threads,
-                             dtype=args.dtype, compile=args.compile)
+                             dtype=args.dtype, compile=args.compile, device=args.device)
     except BenchConfigError as e:
         raise UsageError(f"specdec bench: {e}")
 
@@ -136,6 +138,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                    help="what the zoo's generators compute in (default float32; bfloat16: how generators run on "
                         "accelerators, and fast on CPUs with AVX512-BF16)")
+    d.add_argument("--device", default=None, help="where the generators run: cpu (default), cuda, cuda:1, mps")
     d.set_defaults(func=demo_cmd)
 
     c = sub.add_parser("certify", help="estimate what a rule does to the output distribution")
@@ -164,6 +167,9 @@ def parser() -> argparse.ArgumentParser:
                    help="how the target's decode step runs, for every run (default: the config's [sweep] compile, "
                         "off when it has none): on = torch.compile, freeze = with weights pre-packed (CPU), "
                         "cuda-graphs = mode reduce-overhead (GPU)")
+    b.add_argument("--device", default=None,
+                   help="where the generators run, for every run: cpu, cuda, cuda:1, mps (default: the config's "
+                        "[sweep] device, cpu when it has none); under torchrun every process takes its own GPU")
     b.set_defaults(func=bench_cmd)
 
     r = sub.add_parser("report", help="plots + Markdown table from bench JSON lines")

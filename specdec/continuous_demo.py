@@ -25,7 +25,7 @@ from drafters.frozen_head import FrozenHeadDrafter
 from specdec import metrics
 from specdec.bench.timing import Timing, interleaved_rounds, reliability
 from specdec.continuous_loop import ContinuousResult, LoopConfig, generate_continuous
-from specdec.demo import DemoError, prepare
+from specdec.demo import DemoError, demo_device, prepare
 from specdec.plots import image_grid
 from specdec.registry import make_continuous_rule
 
@@ -169,10 +169,11 @@ def format_rows(rows: list[dict]) -> str:
 def run_continuous_demo(out: str | Path = "specdec-demo-continuous", quick: bool = False,
                         classes: list | None = None, per_class: int = 0, seed: int = 0, temperature: float = 1.0,
                         cfg: float = 3.0, repeats: int = 0, fd_real: int = 256, threads: int = 0,
-                        bundle=None) -> int:
+                        bundle=None, device: str | None = None) -> int:
     """Run the continuous demo and print its table; arguments as `specdec.demo.run_demo` (bundle: a continuous
     bundle to use instead of the zoo's). Raises DemoError."""
     out, threads = prepare(out, threads)
+    device = demo_device(device)
     if bundle is None:
         import specdec.zoo
         from specdec.zoo import continuous
@@ -180,7 +181,7 @@ def run_continuous_demo(out: str | Path = "specdec-demo-continuous", quick: bool
             raise DemoError("the continuous zoo's weights are not installed: reinstall specdec or train them with "
                             "`python experiments/train_continuous_zoo.py`")
         try:
-            bundle = continuous.load()
+            bundle = continuous.load(device)
         except specdec.zoo.ZooError as e:
             raise DemoError(str(e)) from e
     try:

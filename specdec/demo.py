@@ -26,6 +26,7 @@ from specdec.bench.methods import DEMO_METHODS, MODEL_DRAFTER, QUICK_METHODS, Me
 from specdec.bench.results import format_table
 from specdec.bench.timing import count_bound, interleaved_rounds, reliability, set_threads, step_costs
 from specdec.plots import acceptance_heatmaps, image_grid
+from specdec.devices import available_device
 from specdec.precision import as_dtype, dtype_name
 from specdec.sampling import Sampling
 
@@ -58,6 +59,14 @@ def demo_dtype(dtype: str | None) -> str:
         raise DemoError(str(e)) from e
 
 
+def demo_device(device: str | None) -> torch.device:
+    """A demo's device by name (None: the default, cpu), checked against this machine; DemoError with the fix."""
+    try:
+        return available_device(device)
+    except (RuntimeError, ValueError) as e:
+        raise DemoError(str(e)) from e
+
+
 def prepare(out: str | Path, threads: int) -> tuple[Path, int]:
     """What every demo does first: a writable output folder, the torch threads set (the demos themselves run under
     torch.no_grad(), which does not leak into the caller). -> (the folder, the threads in use); DemoError."""
@@ -75,18 +84,18 @@ FD_MIN_IMAGES = metrics.FD_MIN_IMAGES
 def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: list[str] | None = None,
              per_class: int = 0, seed: int = 0, temperature: float = 1.0, top_k: int = 0, cfg: float = 3.0,
              repeats: int = 0, fd_real: int = 256, threads: int = 0, rule: str | None = None,
-             rule_params: dict | None = None, dtype: str | None = None) -> int:
+             rule_params: dict | None = None, dtype: str | None = None, device: str | None = None) -> int:
     """Run the demo and print its table. classes: zoo class names (None: the first 3 quick / 6 full); per_class:
     0 = 2 quick / 4 full; repeats: latency rounds, 0 = 3 quick / 5 full; threads: 0 = the physical cores;
     rule: one more row with this rule (a name, `module:Class` or `file.py:Class`) and rule_params over the model
-    drafter; dtype: what the zoo's generative models compute in (`specdec.precision`, default float32). Raises
-    DemoError for bad inputs."""
+    drafter; dtype: what the zoo's generative models compute in (`specdec.precision`, default float32); device:
+    where they run (`specdec.devices`, default cpu). Raises DemoError for bad inputs."""
     import specdec.zoo
 
     out, threads = prepare(out, threads)
-    dtype = demo_dtype(dtype)
+    dtype, device = demo_dtype(dtype), demo_device(device)
     try:
-        bundle = specdec.zoo.load(dtype=dtype)
+        bundle = specdec.zoo.load(device, dtype=dtype)
     except specdec.zoo.ZooError as e:
         raise DemoError(str(e)) from e
     try:

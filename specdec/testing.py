@@ -88,10 +88,11 @@ class TinyBundle:
 
 
 def tiny_random_bundle(vocab: int = 64, grid=(4, 4), classes: int = 3, seed: int = 0,
-                       dtype: str | torch.dtype | None = None) -> TinyBundle:
+                       dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> TinyBundle:
     """Random target (2 layers, width 64) and a noisy copy as drafter, both with 3x sharpened heads; decode = a fixed
     random colour per token, upsampled to 8x8 pixels. dtype: what the target, drafter and EAGLE head compute in
-    (made in float32 first, so every dtype holds the same weights, rounded)."""
+    (made in float32 on the CPU first, so every dtype and device holds the same weights, rounded); device: where
+    they run."""
     g = torch.Generator().manual_seed(seed)
     target_model = tiny_gpt(vocab, grid, classes=classes, seed=seed).model
     draft_model = _noisy_copy(target_model, 0.3, lambda p: torch.randn(p.shape, generator=g))
@@ -112,7 +113,8 @@ def tiny_random_bundle(vocab: int = 64, grid=(4, 4), classes: int = 3, seed: int
     torch.manual_seed(seed)
     eagle = EagleHead(EagleConfig(dim=target_model.cfg.dim, n_heads=target_model.cfg.n_heads)).eval()
     for module in (target_model, draft_model, eagle):
-        module.to(as_dtype(dtype))
+        module.to(device=device, dtype=as_dtype(dtype))
+    codebook = codebook.to(device)
     target = GPTAdapter(target_model, grid=tuple(grid), codebook=codebook, decode=decode)
     drafter = GPTAdapter(draft_model, grid=tuple(grid), codebook=codebook, decode=decode)
     return TinyBundle(target, drafter, None, FakeFeatureNet(), [f"c{i}" for i in range(classes)], target_model,

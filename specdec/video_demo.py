@@ -22,7 +22,7 @@ import torch
 
 from specdec.bench.methods import MODEL_DRAFTER, Method, available
 from specdec.bench.results import format_table
-from specdec.demo import DemoError, demo_dtype, measure_methods, prepare
+from specdec.demo import DemoError, demo_device, demo_dtype, measure_methods, prepare
 from specdec.plots import _plt, to_uint8
 from specdec.sampling import Sampling
 
@@ -45,18 +45,19 @@ GIF_FRAME_MS = 250
 @torch.no_grad()
 def run_video_demo(out: str | Path = "specdec-demo-video", quick: bool = False, classes: list | None = None,
                    per_class: int = 0, seed: int = 0, temperature: float = 1.0, top_k: int = 0, cfg: float = 3.0,
-                   repeats: int = 0, fd_real: int = 256, threads: int = 0, dtype: str | None = None) -> int:
+                   repeats: int = 0, fd_real: int = 256, threads: int = 0, dtype: str | None = None,
+                   device: str | None = None) -> int:
     """Run the video demo and print its table; arguments as `specdec.demo.run_demo`. Raises DemoError."""
     import specdec.zoo
     from specdec.zoo import video
 
     out, threads = prepare(out, threads)
-    dtype = demo_dtype(dtype)
+    dtype, device = demo_dtype(dtype), demo_device(device)
     if not video.available():
         raise DemoError("the video zoo's weights are not installed: reinstall specdec or train them with "
                         "`python experiments/train_video_zoo.py`")
     try:
-        bundle = video.load(dtype=dtype)
+        bundle = video.load(device, dtype=dtype)
     except specdec.zoo.ZooError as e:
         raise DemoError(str(e)) from e
     try:

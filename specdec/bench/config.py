@@ -24,6 +24,7 @@ crossed too):
     dtype = ["float32"]        # what the generative models compute in: float32, bfloat16, float16
     compile = ["off"]          # the target's decode step: off, on (torch.compile), freeze (+ weights pre-packed),
                                # cuda-graphs (mode reduce-overhead); a chain drafter compiles by its own `compile`
+    device = ["cpu"]           # where the generators run: cpu, cuda, cuda:1, mps
 
     [[method]]
     label = "exact + model k={k}"     # a str.format template over the params ({d[k]}, {r[neighbours]}), or a
@@ -33,9 +34,9 @@ crossed too):
 
 Every (generator, sampling, batch, seed) group gets a plain-AR baseline run automatically. A run is a JSON-ready
 dict (label, generator, drafter, drafter_params, rule, rule_params, sampling, batch, images, seed, classes,
-n_classes, dtype, key). Its key is the sha1 of the canonical JSON of what is generated (not the label, not the number
-of repeats; the dtype and compile only when they are not the defaults, so rows measured before those existed keep
-their keys), so a rerun skips finished rows.
+n_classes, dtype, compile, device, key). Its key is the sha1 of the canonical JSON of what is generated (not the
+label, not the number of repeats; the dtype, compile and device only when they are not the defaults, so rows measured
+before those existed keep their keys), so a rerun skips finished rows.
 """
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ from pathlib import Path
 import torch
 
 from specdec.bench.generators import BenchConfigError, check_generator, load_scorer
-from specdec.bench.results import execution
+from specdec.bench.results import EXECUTION_DEFAULTS, EXECUTION_KEYS, execution
 from specdec.compiled import DEFAULT_COMPILE, TARGET_COMPILE
+from specdec.devices import DEFAULT_DEVICE, device_name
 from specdec.geometry import TokenGeometry
 from specdec.precision import DEFAULT_DTYPE, as_dtype, dtype_name
 from specdec.registry import DRAFTERS, RULES, geometry_source, resolve
@@ -63,10 +65,11 @@ __all__ = ["BenchConfig", "BenchConfigError", "config_key", "family", "load_conf
 
 TOP_KEYS = {"name", "description", "generator", "repeats", "images", "classes", "n_classes", "fd_real",
             "save_images", "scorers", "warmup", "sweep", "method"}
-SWEEP_KEYS = {"generator", "temperature", "top_k", "top_p", "cfg", "batch", "seed", "dtype", "compile"}
+SWEEP_KEYS = {"generator", "temperature", "top_k", "top_p", "cfg", "batch", "seed", "dtype", "compile", "device"}
 METHOD_KEYS = {"label", "drafter", "drafter_params", "rule", "rule_params"}
 SWEEP_DEFAULTS = {"temperature": [1.0], "top_k": [0], "top_p": [1.0], "cfg": [3.0], "batch": [4], "seed": [0],
-                  "dtype": [DEFAULT_DTYPE], "compile": [DEFAULT_COMPILE]}
+                  "dtype": [DEFAULT_DTYPE], "compile": [DEFAULT_COMPILE],
+                  "device": [DEFAULT_DEVICE]}
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,7 @@ def config_key(run: dict) -> str:
     # `neighbours` was called `k` before: hashing the old spelling gives both spellings of a configuration one key
     # and keeps rows written before the rename resumable
     ident["rule_params"] = {("k" if n == "neighbours" else n): v for n, v in run["rule_params"].items()}
-    for name, value, default in zip(("dtype", "compile"), execution(run), (DEFAULT_DTYPE, DEFAULT_COMPILE)):
+    for name, value, default in zip(EXECUTION_KEYS, execution(run), EXECUTION_DEFAULTS):
         if value != default:
             ident[name] = value
     return hashlib.sha1(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
@@ -258,6 +261,10 @@ def parse_config(raw: dict) -> BenchConfig:
     for c in sweep["compile"]:
         if c not in TARGET_COMPILE:
             raise BenchConfigError(f"[sweep] compile must be one of {', '.join(TARGET_COMPILE)}, got {c!r}")
+    try:
+        sweep["device"] = [device_name(d) for d in sweep["device"]]     # spelling only: availability at load time
+    except ValueError as e:
+        raise BenchConfigError(f"[sweep] {e}") from e
     repeats = raw.get("repeats", 3)
     _check_int(repeats, "repeats", 1)
     images = raw.get("images", 0)
@@ -274,14 +281,15 @@ def parse_config(raw: dict) -> BenchConfig:
     methods = _methods(raw)
 
     runs, seen = [], set()
-    for gen, samp, batch, seed, dtype, compiled in itertools.product(sweep["generator"], samplings, sweep["batch"],
-                                                                     sweep["seed"], sweep["dtype"], sweep["compile"]):
+    for gen, samp, batch, seed, dtype, compiled, device in itertools.product(
+            sweep["generator"], samplings, sweep["batch"], sweep["seed"], sweep["dtype"], sweep["compile"],
+            sweep["device"]):
         for label, drafter, dp, rule, rp in methods:
             run = {"label": label, "generator": gen, "drafter": drafter, "drafter_params": dp, "rule": rule,
                    "rule_params": rp, "sampling": {"temperature": float(samp.temperature), "top_k": samp.top_k,
                                                    "top_p": float(samp.top_p), "cfg_scale": float(samp.cfg_scale)},
                    "batch": batch, "images": images or batch, "seed": seed, "classes": classes,
-                   "n_classes": n_classes, "dtype": dtype, "compile": compiled}
+                   "n_classes": n_classes, "dtype": dtype, "compile": compiled, "device": device}
             run["key"] = config_key(run)
             if run["key"] not in seen:
                 seen.add(run["key"])

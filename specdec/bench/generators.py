@@ -1,9 +1,9 @@
 """What a sweep runs on and what it measures besides the built-in metrics: the generator registry and user scorers.
 
-A generator is a name -> a function of `dtype` (what the generative models compute in, `specdec.precision`)
-returning a bundle (`specdec.protocols.Bundle`: .target, .drafter_model, .features, .classes, .target_gpt,
-.class_id, .heldout_images). Bundles are loaded once per process and dtype; a compiled target (`compile`) wraps the
-loaded bundle's.
+A generator is a name -> a function of `dtype` (what the generative models compute in, `specdec.precision`) and
+`device` (where they run, `specdec.devices`) returning a bundle (`specdec.protocols.Bundle`: .target, .drafter_model, .features, .classes, .target_gpt,
+.class_id, .heldout_images). Bundles are loaded once per process, dtype and device; a compiled target (`compile`)
+wraps the loaded bundle's.
 A scorer is a user metric named in a config as "module:callable".
 """
 from __future__ import annotations
@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from specdec.compiled import DEFAULT_COMPILE, TARGET_COMPILE, compile_adapter
+from specdec.devices import DEFAULT_DEVICE, available_device
 from specdec.precision import DEFAULT_DTYPE
 from specdec.registry import load_object
 from specdec.testing import tiny_random_bundle
@@ -23,25 +25,25 @@ class BenchConfigError(ValueError):
     """A bad bench config: what is wrong and the valid choices."""
 
 
-def _zoo_bundle(dtype):
+def _zoo_bundle(dtype, device):
     import specdec.zoo       # loads weights: only when a sweep asks for the zoo
 
-    return specdec.zoo.load(dtype=dtype)
+    return specdec.zoo.load(device, dtype=dtype)
 
 
-def _video_zoo_bundle(dtype):
+def _video_zoo_bundle(dtype, device):
     from specdec.zoo import video     # the video zoo (clips of 8 frames; decode gives filmstrips)
 
-    return video.load(dtype=dtype)
+    return video.load(device, dtype=dtype)
 
 
-def _tiny_random_bundle(dtype):
-    return tiny_random_bundle(dtype=dtype)
+def _tiny_random_bundle(dtype, device):
+    return tiny_random_bundle(dtype=dtype, device=device)
 
 
-GENERATORS: dict[str, Callable[[str], Any]] = {"zoo": _zoo_bundle, "video-zoo": _video_zoo_bundle,
-                                               "tiny-random": _tiny_random_bundle}
-_BUNDLES: dict[tuple[str, str, str], Any] = {}        # (name, dtype, compile) -> bundle
+GENERATORS: dict[str, Callable[[str, torch.device], Any]] = {"zoo": _zoo_bundle, "video-zoo": _video_zoo_bundle,
+                                                             "tiny-random": _tiny_random_bundle}
+_BUNDLES: dict[tuple[str, str, str, str], Any] = {}        # (name, dtype, compile, device) -> bundle
 
 
 def check_generator(name: str) -> None:
@@ -49,23 +51,29 @@ def check_generator(name: str) -> None:
         raise BenchConfigError(f"unknown generator {name!r}; valid generators: {', '.join(sorted(GENERATORS))}")
 
 
-def load_generator(name: str, dtype: str = DEFAULT_DTYPE, compile: str = DEFAULT_COMPILE):
-    """The bundle of a registered generator computing in `dtype`, its target's decode step run as `compile` says
-    (`specdec.compiled.TARGET_COMPILE`), loaded on first use and kept for the rest of the process."""
+def load_generator(name: str, dtype: str = DEFAULT_DTYPE, compile: str = DEFAULT_COMPILE,
+                   device: str = DEFAULT_DEVICE):
+    """The bundle of a registered generator computing in `dtype` on `device`, its target's decode step run as
+    `compile` says (`specdec.compiled.TARGET_COMPILE`), loaded on first use and kept for the rest of the process."""
     check_generator(name)
-    if (name, dtype, DEFAULT_COMPILE) not in _BUNDLES:
+    eager = (name, dtype, DEFAULT_COMPILE, device)
+    if eager not in _BUNDLES:
         try:
-            _BUNDLES[name, dtype, DEFAULT_COMPILE] = GENERATORS[name](dtype)
+            where = available_device(device)
+        except (RuntimeError, ValueError) as e:
+            raise BenchConfigError(str(e)) from e
+        try:
+            _BUNDLES[eager] = GENERATORS[name](dtype, where)
         except Exception as e:   # e.g. the zoo's weights are not trained/installed yet
-            raise BenchConfigError(f"generator {name!r} could not be loaded in {dtype}: {e}") from e
-    if (name, dtype, compile) not in _BUNDLES:
-        bundle = _BUNDLES[name, dtype, DEFAULT_COMPILE]
+            raise BenchConfigError(f"generator {name!r} could not be loaded in {dtype} on {device}: {e}") from e
+    if (name, dtype, compile, device) not in _BUNDLES:
+        bundle = _BUNDLES[eager]
         try:
             target = compile_adapter(bundle.target, *TARGET_COMPILE[compile])
         except TypeError as e:
             raise BenchConfigError(f"generator {name!r} cannot run compiled: {e}") from e
-        _BUNDLES[name, dtype, compile] = dataclasses.replace(bundle, target=target)
-    return _BUNDLES[name, dtype, compile]
+        _BUNDLES[name, dtype, compile, device] = dataclasses.replace(bundle, target=target)
+    return _BUNDLES[name, dtype, compile, device]
 
 
 @runtime_checkable

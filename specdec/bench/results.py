@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from specdec.compiled import DEFAULT_COMPILE
+from specdec.devices import DEFAULT_DEVICE
 from specdec.precision import DEFAULT_DTYPE
 
 
@@ -111,22 +112,28 @@ def merge_parts(out: Path) -> int:
     return added
 
 
-def execution(run: dict) -> tuple[str, str]:
-    """How a run (or its row) executes: (compute dtype, target compile); the defaults for what was written before
-    those existed."""
-    return run.get("dtype") or DEFAULT_DTYPE, run.get("compile") or DEFAULT_COMPILE
+EXECUTION_KEYS = ("dtype", "compile", "device")
+EXECUTION_DEFAULTS = (DEFAULT_DTYPE, DEFAULT_COMPILE, DEFAULT_DEVICE)
+
+
+def execution(run: dict) -> tuple[str, str, str]:
+    """How a run (or its row) executes: (compute dtype, target compile, device), in EXECUTION_KEYS order; the
+    defaults for what was written before those existed."""
+    return tuple(run.get(name) or default for name, default in zip(EXECUTION_KEYS, EXECUTION_DEFAULTS))
 
 
 def execution_tag(row: dict) -> str:
-    """How a row ran when not the default: "bfloat16", "compiled freeze", "bfloat16 compiled on", or ""."""
-    dtype, compiled = execution(row)
+    """How a row ran when not the default: "bfloat16", "compiled freeze", "bfloat16 compiled on cuda:0", or ""."""
+    dtype, compiled, device = execution(row)
     return " ".join(([dtype] if dtype != DEFAULT_DTYPE else []) +
-                    ([f"compiled {compiled}"] if compiled != DEFAULT_COMPILE else []))
+                    ([f"compiled {compiled}"] if compiled != DEFAULT_COMPILE else []) +
+                    ([f"on {device}"] if device != DEFAULT_DEVICE else []))
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
-    """Bench rows in the shape `format_table` prints; when the rows ran in more than one way (dtype, compile), each
-    method names how, e.g. "AR [bfloat16]"."""
+    """Bench rows in the shape `format_table` prints; when the rows ran in more than one way (dtype, compile, device),
+    each
+    method names how, e.g. "AR [bfloat16]" or "AR [on cuda:0]"."""
     tags = [execution_tag(r) for r in rows]
     mixed = len(set(tags)) > 1
     out = []

@@ -61,6 +61,12 @@ class _Dist:
         if self.state is not None:
             self.state.wait_for_everyone()
 
+    def device(self, device: str) -> str:
+        """A run's device for this process: several processes asked for "cuda" take one GPU each."""
+        if self.state is None or device != "cuda":
+            return device
+        return f"cuda:{self.state.local_process_index}"
+
     def split(self, items: list) -> list:
         if self.state is None:
             return items
@@ -310,11 +316,12 @@ def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
 
     bar = tqdm(total=len(cfg.runs), initial=len(cfg.runs) - len(todo), desc=f"configs[{dist.process_index}]",
                position=dist.process_index, disable=not progress, unit="cfg")
-    per_generator: dict[tuple[str, str, str], _PerGenerator] = {}      # (generator, dtype, compile) -> its state
+    per_generator: dict[tuple[str, ...], _PerGenerator] = {}      # (generator, dtype, compile, device) -> its state
     written = []
     try:
         for run in mine:
-            where = (run["generator"], *execution(run))
+            dtype, compiled, device = execution(run)
+            where = (run["generator"], dtype, compiled, dist.device(device))
             if where not in per_generator:
                 per_generator[where] = _PerGenerator(load_generator(*where))
             row = measure_row(per_generator[where], run, cfg, scorers, image_dir, out.parent, dist)
@@ -338,16 +345,17 @@ def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
 
 def bench_command(config: str | None = None, preset: str | None = None, out: str = "", repeats: int = 0,
                   max_rows: int = 0, dry_run: bool = False, progress: bool = True, threads: int = 0,
-                  dtype: str | None = None, compile: str | None = None) -> int:
+                  dtype: str | None = None, compile: str | None = None, device: str | None = None) -> int:
     """`specdec bench`: list (dry_run) or run a config's configurations, then print the summary table of its rows.
 
     out: results JSONL (default specdec-bench/<config name>.jsonl); repeats / max_rows: 0 = the config's / no limit;
     threads: torch threads, 0 = the physical cores (recorded in every row); dtype: what the generative models
     compute in for every run, replacing the config's [sweep] dtype (None = the config's); compile: the same for
-    how the target's step runs (specdec.compiled.TARGET_COMPILE).
+    how the target's step runs (specdec.compiled.TARGET_COMPILE); device: the same for where it runs
+    (specdec.devices).
     Raises BenchConfigError for a bad config; an Abort (max_rows) is reported and ends the command normally."""
     raw = read_config(config, preset)
-    for name, value in (("dtype", dtype), ("compile", compile)):
+    for name, value in (("dtype", dtype), ("compile", compile), ("device", device)):
         if value:
             raw["sweep"] = {**raw.get("sweep", {}), name: [value]}
     cfg = parse_config(raw)

@@ -56,8 +56,16 @@ class Timing:
                 "spread": self.spread}
 
 
+def synced_clock() -> float:
+    """time.perf_counter() once the accelerator's queued work is done: a CUDA call returns before its kernels
+    finish, so an unsynchronised clock would time the launches, not the work. On a CPU it is perf_counter."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def interleaved_rounds(methods: Sequence[Callable[[], Any]], rounds: int,
-                       clock: Callable[[], float] = time.perf_counter) -> tuple[list[Timing], list[Any]]:
+                       clock: Callable[[], float] = synced_clock) -> tuple[list[Timing], list[Any]]:
     """Call methods[0], methods[1], ... once each per round, `rounds` rounds; time every call with `clock`.
     Returns (one Timing per method, the result of each method's last call)."""
     if rounds < 1:
@@ -90,7 +98,7 @@ def reliability(speedup: float, bound: float, *timings: Timing, spread_limit: fl
 
 @torch.no_grad()
 def step_costs(target: ARModel, cond: Any, sampling: Sampling, n_tokens: int, rounds: int = 15,
-               clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+               clock: Callable[[], float] = synced_clock) -> tuple[float, float]:
     """(t_step, t_verify): the target's raw forward time for 1 token and for n_tokens tokens at this batch and
     sampling (CFG rows included), measured in interleaved rounds on a cache half full, as in mid-generation.
     Median seconds per call."""
