@@ -1,7 +1,7 @@
 """`specdec demo | certify | bench | report`: argument parsing and dispatch only.
 
 The commands' bodies live with their concern: `specdec.demo.run_demo`, `specdec.certify.certify_command`,
-`specdec.bench.runner.bench_command`, `specdec.report.report_command`. Here numeric options are checked before
+`specdec.bench.command.bench_command`, `specdec.report.report_command`. Here numeric options are checked before
 anything runs, and every error becomes one line saying what is wrong and what to do (exit status 2); Ctrl-C says how
 to continue (exit status 130).
 """
@@ -13,7 +13,7 @@ import os
 import sys
 
 from specdec.bench.config import BenchConfigError, preset_names
-from specdec.bench.runner import bench_command
+from specdec.bench.command import bench_command
 from specdec.certify import certify_command
 from specdec.compiled import TARGET_COMPILE
 from specdec.demo import DemoError, run_demo
@@ -100,7 +100,7 @@ def bench_cmd(args) -> int:
     try:
         return bench_command(args.config, args.preset, out=args.out, repeats=args.repeats, max_rows=args.max_rows,
                              dry_run=args.dry_run, progress=not args.no_progress, threads=args.threads,
-                             dtype=args.dtype, compile=args.compile, device=args.device)
+                             dtype=args.dtype, compile=args.compile, device=args.device, redo=args.redo)
     except BenchConfigError as e:
         raise UsageError(f"specdec bench: {e}")
 
@@ -170,6 +170,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None,
                    help="where the generators run, for every run: cpu, cuda, cuda:1, mps (default: the config's "
                         "[sweep] device, cpu when it has none); under torchrun every process takes its own GPU")
+    b.add_argument("--redo", default="", metavar="PATTERN",
+                   help="measure again the configurations whose label matches this pattern (e.g. '*eagle*', after "
+                        "retraining a drafter); their old rows move to <out stem>.replaced.jsonl and the new rows take "
+                        "their places")
     b.set_defaults(func=bench_cmd)
 
     r = sub.add_parser("report", help="plots + Markdown table from bench JSON lines")

@@ -128,6 +128,31 @@ def test_resume_after_interruptions_runs_each_config_once(small_cfg, tmp_path, o
     assert run_bench(cfg, out, progress=False) == []         # a finished sweep reruns nothing
 
 
+def test_redo_measures_matching_rows_again_in_their_places_and_keeps_the_old(small_cfg, tmp_path, one_thread,
+                                                                               capsys):
+    out = tmp_path / "res.jsonl"
+    run_bench(load_config(small_cfg), out, progress=False)
+    before = read_rows(out)
+    for r in before:                       # mark the old rows so the new ones can be told apart
+        r["old"] = True
+    out.write_text("".join(json.dumps(r) + "\n" for r in before))
+    assert cli.main(["bench", str(small_cfg), "--out", str(out), "--redo", "lantern*", "--no-progress"]) == 0
+    after = read_rows(out)
+    assert _keys(after) == _keys(before)                              # same rows, same order
+    redone = [r for r in after if "old" not in r]
+    assert [r["label"] for r in redone] == ["lantern + lookup"] * 2   # both seeds, nothing else
+    replaced = read_rows(tmp_path / "res.replaced.jsonl")
+    assert sorted(_keys(replaced)) == sorted(_keys(redone)) and all(r["old"] for r in replaced)
+    for new in redone:                                                # same counts: the same deterministic run
+        old = next(r for r in replaced if r["key"] == new["key"])
+        assert all(new[c] == old[c] for c in COUNTERS)
+    capsys.readouterr()
+    with pytest.raises(cli.UsageError, match="matches no configuration's label; labels: AR, exact"):
+        cli.main(["bench", str(small_cfg), "--out", str(out), "--redo", "*eagle*"])
+    assert cli.main(["bench", str(small_cfg), "--dry-run", "--redo", "exact*"]) == 0
+    assert capsys.readouterr().out.count("(redo)") == 4
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

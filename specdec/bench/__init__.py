@@ -6,7 +6,9 @@ One concern per module:
   methods.py     a drafter + rule by registry name (`Method`), built once per configuration
   timing.py      interleaved rounds, min / median / max and spread, the count bound and the unreliable flag
   runner.py      measuring a configuration into a row, running a sweep (resumable, split across processes)
-  results.py     JSON-lines read / append / torn-tail repair / merge of part files, the printed summary table
+  command.py     `specdec bench` as a function: overrides, dry run, redo, the printed summary
+  results.py     JSON-lines read / append / torn-tail repair / merge of part files / rows set aside for a redo,
+                 the printed summary table
 
 The command line lives in `specdec.cli` (`specdec bench ...`); figures and the Markdown table in `specdec.report`.
 """
@@ -18,7 +20,8 @@ from specdec.bench.generators import GENERATORS, MeanBrightness, Scorer, load_ge
 from specdec.bench.methods import DEMO_METHODS, QUICK_METHODS, Method, available, build_method
 from specdec.bench.results import format_table, merge_parts, read_rows, summary_rows
 from specdec.bench.timing import Timing, count_bound, interleaved_rounds, reliability, step_costs
-from specdec.bench.runner import Abort, bench_command, distortion_bound, measure_row, metric_names, run_bench
+from specdec.bench.runner import Abort, distortion_bound, measure_row, metric_names, run_bench
+from specdec.bench.command import bench_command
 
 __all__ = ["Abort", "BenchConfig", "BenchConfigError", "DEMO_METHODS", "GENERATORS", "MeanBrightness", "Method",
            "QUICK_METHODS", "Scorer", "available", "bench_command", "build_method", "config_key", "distortion_bound",

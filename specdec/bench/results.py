@@ -63,10 +63,40 @@ def repair(path: Path) -> int:
         return 0
     with open(path.with_name(path.name + ".rejected"), "a") as f:
         f.write("".join(ln + "\n" for ln in bad))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in lines if ln.strip() and _is_row(ln)))
-    os.replace(tmp, path)
+    _replace_text(path, "".join(ln + "\n" for ln in lines if ln.strip() and _is_row(ln)))
     return len(bad)
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Rewrite `path` atomically: a kill leaves the old file or the new one, never half of either."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def replaced_path(out: Path) -> Path:
+    return out.parent / f"{out.stem}.replaced.jsonl"
+
+
+def set_aside(out: Path, keys: set) -> int:
+    """Move the rows of `out` whose key is in `keys` to `replaced_path(out)` (appended, so nothing measured is ever
+    lost) so that a sweep measures them again. Returns the rows moved."""
+    rows = read_rows(out)
+    moved = [r for r in rows if r.get("key") in keys]
+    if moved:
+        for row in moved:
+            append_row(replaced_path(out), row)
+        _replace_text(out, "".join(json.dumps(r) + "\n" for r in rows if r.get("key") not in keys))
+    return len(moved)
+
+
+def restore_order(out: Path, keys: list) -> None:
+    """Rewrite `out` with its rows in the order of `keys` (re-measured rows back where their old rows were); rows
+    whose key is not listed follow in their own order."""
+    rows = read_rows(out)
+    place = {k: i for i, k in enumerate(keys)}
+    ordered = sorted(range(len(rows)), key=lambda i: (place.get(rows[i].get("key"), len(place)), i))
+    _replace_text(out, "".join(json.dumps(rows[i]) + "\n" for i in ordered))
 
 
 def part_path(out: Path, process_index: int) -> Path:

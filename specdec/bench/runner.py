@@ -16,10 +16,8 @@ serially.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +27,12 @@ import torch
 from torch import Tensor
 
 from specdec import metrics
-from specdec.bench.config import BenchConfig, BenchConfigError, config_key, family, parse_config, read_config
+from specdec.bench.config import BenchConfig, BenchConfigError, config_key, family
 from specdec.bench.generators import load_generator, load_scorer
 from specdec.bench.methods import Method, build_method
-from specdec.bench.results import (append_row, check_results_path, execution, finished_keys, format_table,
-                                   merge_parts, part_files, part_path, read_rows, repair, summary_rows)
-from specdec.bench.timing import Timing, count_bound, interleaved_rounds, reliability, set_threads, step_costs
+from specdec.bench.results import (append_row, execution, finished_keys, merge_parts, part_files, part_path,
+                                   read_rows, repair, restore_order, set_aside)
+from specdec.bench.timing import Timing, count_bound, interleaved_rounds, reliability, step_costs
 from specdec.engine import generate
 from specdec.plots import image_strip
 from specdec.sampling import Sampling
@@ -74,7 +72,8 @@ class _Dist:
             return list(part)
 
 
-def _dist() -> _Dist:
+def processes() -> _Dist:
+    """This process's place among the sweep's processes (one, unless launched by torchrun / accelerate)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return _Dist()
@@ -290,18 +289,32 @@ def measure_row(gen: _PerGenerator, run: dict, cfg: BenchConfig, scorers: list, 
 # -- a sweep ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()        # not torch.set_grad_enabled(False): that would leak into the caller
 def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
-              on_row: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
+              on_row: Callable[[dict], None] | None = None, progress: bool = True,
+              redo: set[str] | frozenset = frozenset()) -> list[dict]:
     """Run every pending configuration of cfg, appending one JSON line per finished one to `out`.
 
     max_rows: stop (raise Abort) after this many new rows in this process. on_row(row) is called after each row is
-    written (raise in it to interrupt). Returns the rows this process wrote.
+    written (raise in it to interrupt). redo: keys to measure again although `out` has their rows (a retrained
+    drafter, a fixed bug): the old rows move to `<out stem>.replaced.jsonl` first and the new ones take their
+    places in `out` at the end. Returns the rows this process wrote.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    dist = _dist()
+    dist = processes()
+    order = [r.get("key") for r in read_rows(out)]
     if dist.is_main:
         repair(out)
+        set_aside(out, set(redo))
     dist.wait()
+    try:
+        return _run_pending(cfg, out, max_rows, on_row, progress, dist)
+    finally:
+        if redo and dist.is_main:
+            restore_order(out, order)
+
+
+def _run_pending(cfg: BenchConfig, out: Path, max_rows: int | None, on_row, progress: bool, dist: _Dist
+                 ) -> list[dict]:
     done = finished_keys(out)
     # baselines first, so that a rerun of a half-finished sweep always has them early
     todo = sorted([r for r in cfg.runs if r["key"] not in done], key=lambda r: r["drafter"] is not None)
@@ -341,50 +354,3 @@ def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
         merge_parts(out)                     # leftovers of an interrupted multi-process run
     dist.wait()
     return written
-
-
-def bench_command(config: str | None = None, preset: str | None = None, out: str = "", repeats: int = 0,
-                  max_rows: int = 0, dry_run: bool = False, progress: bool = True, threads: int = 0,
-                  dtype: str | None = None, compile: str | None = None, device: str | None = None) -> int:
-    """`specdec bench`: list (dry_run) or run a config's configurations, then print the summary table of its rows.
-
-    out: results JSONL (default specdec-bench/<config name>.jsonl); repeats / max_rows: 0 = the config's / no limit;
-    threads: torch threads, 0 = the physical cores (recorded in every row); dtype: what the generative models
-    compute in for every run, replacing the config's [sweep] dtype (None = the config's); compile: the same for
-    how the target's step runs (specdec.compiled.TARGET_COMPILE); device: the same for where it runs
-    (specdec.devices).
-    Raises BenchConfigError for a bad config; an Abort (max_rows) is reported and ends the command normally."""
-    raw = read_config(config, preset)
-    for name, value in (("dtype", dtype), ("compile", compile), ("device", device)):
-        if value:
-            raw["sweep"] = {**raw.get("sweep", {}), name: [value]}
-    cfg = parse_config(raw)
-    try:
-        set_threads(threads)
-    except ValueError as e:
-        raise BenchConfigError(str(e)) from e
-    if repeats:
-        cfg = dataclasses.replace(cfg, repeats=repeats)
-    path = Path(out) if out else Path("specdec-bench") / f"{cfg.name}.jsonl"
-    if not dry_run:
-        try:
-            check_results_path(path)
-        except ValueError as e:
-            raise BenchConfigError(str(e)) from e
-    if dry_run:
-        for r in cfg.runs:
-            print(r["key"], r["generator"], r["label"], json.dumps(r["sampling"]), f"batch={r['batch']}",
-                  f"seed={r['seed']}")
-        print(f"{len(cfg.runs)} configurations")
-        return 0
-    try:
-        run_bench(cfg, path, max_rows=max_rows or None, progress=progress)
-    except Abort as e:
-        print(f"specdec bench: {e}; rerun to continue", file=sys.stderr)
-        return 0
-    if _dist().is_main:
-        keys = {x["key"] for x in cfg.runs}
-        rows = [r for r in read_rows(path) if r.get("key") in keys]
-        print(format_table(summary_rows(rows)))
-        print(f"\n{len(rows)} rows in {path}")
-    return 0
