@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from specdec.adapters.base import check_capacity
+from specdec.phases import PhaseClock
 from specdec.protocols import AcceptanceRule, ARModel, DecodeContext, Drafter, require
 from specdec.random import RowStreams, fresh_seed, sample_categorical
 from specdec.sampling import Sampling, nonfinite, to_probs
@@ -115,7 +116,7 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
     drafted_pos = torch.zeros(k, dtype=torch.long, device=device)
     offsets = torch.arange(k + 1, device=device)
     rows = torch.arange(B, device=device)[:, None]
-    target_s = draft_s = 0.0
+    clock = PhaseClock(device)               # host clock on a CPU, CUDA events on a GPU (read once, at the end)
     bar = _progress(progress, T)
 
     while True:
@@ -128,9 +129,9 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         if bar:
             bar(min(slowest, T))
 
-        t0 = time.perf_counter()
+        t0 = clock.mark()
         draft = drafter.propose(k) if drafter is not None else Draft(tokens[:, :0])
-        t1 = time.perf_counter()
+        t1 = clock.mark()
         last = tokens.gather(1, (n_done - 1)[:, None])
         is_tree = isinstance(draft, DraftTree)
         logits = target.forward_tree(state, draft, last[:, 0], n_done) if is_tree else \
@@ -151,7 +152,7 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         else:   # plain AR: what the exact rule does with no drafts (the bonus draw from p), without its bookkeeping
             u = streams.uniform_at("sample", n_done[:, None])[:, 0]
             verdict = Verdict(zero[:, 0], sample_categorical(p[:, 0], u))
-        t2 = time.perf_counter()
+        t2 = clock.mark()
 
         # commit: d_1..d_n then the correction/bonus; slots past it are garbage that later steps overwrite
         n_acc = verdict.n_accepted
@@ -170,13 +171,14 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         drafted_pos += drafted_mask.sum(0)
         n_done += torch.where(active, n_acc + 1, 0)
         target.rollback(state, ctx.park(n_done - 1))
-        t3 = time.perf_counter()
+        t3 = clock.mark()
         if drafter is not None:
             ctx.hidden = logits.hidden
             drafter.observe(verdict, p)
-        t4 = time.perf_counter()
-        draft_s += (t1 - t0) + (t4 - t3)
-        target_s += t2 - t1
+        t4 = clock.mark()
+        clock.add("draft", t0, t1)
+        clock.add("draft", t3, t4)
+        clock.add("target", t1, t2)
 
     drafted, accepted, committed_total, steps = counters.tolist()
     forwards_per_row = row_forwards.cpu()            # one transfer; the total is its sum, on the host
@@ -187,8 +189,8 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         draft_forwards=drafter.forwards if drafter is not None else 0,
         drafted=drafted, accepted=accepted, committed=committed_total, steps=steps,
         accepted_per_position=acc_pos.cpu(), drafted_per_position=drafted_pos.cpu(),
-        acceptance_map=from_draft[:, :T].cpu(), forwards_per_row=forwards_per_row, target_s=target_s,
-        draft_s=draft_s)
+        acceptance_map=from_draft[:, :T].cpu(), forwards_per_row=forwards_per_row,
+        target_s=clock.seconds("target"), draft_s=clock.seconds("draft"))
     images = target.decode(out) if decode else None
     stats.wall_s = time.perf_counter() - t_wall
     if bar:

@@ -93,3 +93,35 @@ def test_demos_run_on_cuda(tmp_path):
     assert cli.main(["demo", "--quick", "--device", "cuda", "--per-class", "1", "--out", str(tmp_path / "i")]) == 0
     assert cli.main(["demo", "--quick", "--video", "--device", "cuda", "--per-class", "1",
                      "--out", str(tmp_path / "v")]) == 0
+
+
+def test_phase_clock_sums_the_spans_of_each_phase():
+    from specdec.phases import PhaseClock
+    clock = PhaseClock("cpu")
+    assert not clock.events
+    clock.add("draft", 1.0, 1.5)
+    clock.add("target", 2.0, 4.0)
+    clock.add("draft", 5.0, 5.25)
+    assert clock.seconds("draft") == 0.75 and clock.seconds("target") == 2.0 and clock.seconds("other") == 0.0
+    start = clock.mark()
+    assert clock.mark() >= start                   # the host clock on a CPU
+
+
+@CUDA
+def test_phase_clock_times_gpu_work_with_events():
+    import specdec
+    from drafters.model import ModelDrafter
+    from specdec import Sampling
+    from specdec.phases import PhaseClock
+    clock = PhaseClock("cuda")
+    x = torch.randn(2048, 2048, device="cuda")
+    a = clock.mark()
+    for _ in range(20):
+        x = x @ x / 2048
+    clock.add("matmul", a, clock.mark())
+    assert clock.events and clock.seconds("matmul") > 0
+    b = tiny_random_bundle(device="cuda")
+    res = specdec.generate(b.target, torch.arange(2, device="cuda"), drafter=ModelDrafter(b.drafter_model, k=2),
+                           sampling=Sampling(), seed=0)
+    assert 0 < res.stats.draft_s and 0 < res.stats.target_s
+    assert res.stats.draft_s + res.stats.target_s <= res.stats.wall_s
