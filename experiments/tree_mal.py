@@ -4,6 +4,7 @@ Counts only, untimed: what a tree buys before anyone pays for verifying it. MAL 
 target forward; +- is the standard error of the per-image MAL over the images.
 
     python experiments/tree_mal.py --cfg 3 --images 16 --threads 2
+    python experiments/tree_mal.py --zoo-dir runs/zoo_eagle4      # a retrained head beside the target, before adopting it
 """
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--zoo-dir", default=None, help="a zoo weights folder (default: the installed zoo)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     set_threads(args.threads)
-    bundle = specdec.zoo.load()
+    bundle = specdec.zoo.load(directory=args.zoo_dir)
     cond = torch.arange(args.images) % 4
     print(f"| EAGLE drafts, exact rule, CFG {args.cfg:g}, {args.images} images | MAL | +- "
           f"| target forwards / image |")
