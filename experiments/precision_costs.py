@@ -9,7 +9,8 @@ in proportion to the rows: the ratio a speculative step pays for its verificatio
     python experiments/precision_costs.py --threads 2 --out docs/results/precision-costs.json
     python experiments/precision_costs.py --threads 2 --compile freeze --out docs/results/precision-costs-freeze.json
 
---compile runs the target's decode step compiled (specdec.compiled.TARGET_COMPILE; the drafters stay eager).
+--compile runs the target's decode step compiled (specdec.compiled.TARGET_COMPILE; the drafters stay eager);
+--device cuda measures on a GPU (every call timed with a clock that waits for the GPU's queued work).
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ import specdec
 from bench_drafter_step import eagle_draft_state          # experiments/, the script's own folder
 from drafters.model import draft_token
 from specdec import Sampling
-from specdec.bench.timing import set_threads, step_costs
+from specdec.bench.timing import set_threads, step_costs, synced_clock
 from specdec.compiled import TARGET_COMPILE, compile_adapter
+from specdec.devices import available_device
 from specdec.precision import DTYPES
 
 
@@ -35,21 +37,21 @@ def eagle_token_s(bundle, cfg: float, rounds: int, cond: torch.Tensor) -> float:
     """Median seconds of one EAGLE draft token (head call, q, the draw) for the rows of cond on a half-full head
     cache."""
     model, state, sampling = eagle_draft_state(bundle, cfg, cond)
-    B = len(cond)
-    half = torch.full((B,), bundle.target.num_tokens // 2)
-    feed, u = torch.zeros(B, 1, dtype=torch.long), torch.full((B,), 0.5)
+    B, device = len(cond), bundle.target.device
+    half = torch.full((B,), bundle.target.num_tokens // 2, device=device)
+    feed, u = torch.zeros(B, 1, dtype=torch.long, device=device), torch.full((B,), 0.5, device=device)
     times = []
     for i in range(rounds + 5):
         state.cache.set_lengths(half)
-        t0 = time.perf_counter()
+        t0 = synced_clock()
         draft_token(model, state, feed, u, sampling, None)
         if i >= 5:
-            times.append(time.perf_counter() - t0)
+            times.append(synced_clock() - t0)
     return statistics.median(times)
 
 
 def measure(bundle, cfg: float, rounds: int, batch: int) -> dict[str, float]:
-    cond = torch.arange(batch) % 4
+    cond = (torch.arange(batch) % 4).to(bundle.target.device)
     t_step, t_verify5 = step_costs(bundle.target, cond, Sampling(cfg_scale=cfg), 5, rounds)
     _, t_verify16 = step_costs(bundle.target, cond, Sampling(cfg_scale=cfg), 16, rounds)
     d_step, _ = step_costs(bundle.drafter_model, cond, Sampling(), 2, rounds)
@@ -68,11 +70,13 @@ def main(argv=None) -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--out", default="")
     ap.add_argument("--compile", default="off", choices=tuple(TARGET_COMPILE))
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     args = ap.parse_args(argv)
+    device = available_device(args.device)
     torch.set_grad_enabled(False)
     threads = set_threads(args.threads)
     names = [d for d in args.dtypes.split(",") if d]
-    bundles = {d: specdec.zoo.load(dtype=d) for d in names if d in DTYPES}
+    bundles = {d: specdec.zoo.load(device, dtype=d) for d in names if d in DTYPES}
     if args.compile != "off":
         bundles = {d: dataclasses.replace(b, target=compile_adapter(b.target, *TARGET_COMPILE[args.compile]))
                    for d, b in bundles.items()}
@@ -83,7 +87,8 @@ def main(argv=None) -> None:
             print(f"pass {p + 1}/{args.passes} {d}: " + ", ".join(f"{k} {v:.3f}" for k, v in passes[d][-1].items()),
                   flush=True)
     result = {"cfg": args.cfg, "batch": args.batch, "threads": threads, "torch": torch.__version__,
-              "compile": args.compile,
+              "compile": args.compile, "device": str(device),
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "cpu_bf16": bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
               "date": time.strftime("%Y-%m-%d"),
               "dtypes": {d: {k: round(statistics.median(x[k] for x in runs), 4) for k in runs[0]}

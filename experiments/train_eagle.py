@@ -19,6 +19,10 @@ Data generation is part of the script (the reference repositories do not ship th
 The shipped head took three stages: that command; `--init --stage-name eagle_s2 --lr 5e-4 --minutes 15`; and
 `--init --stage-name eagle_s3 --samples 8192 --unroll 2 --lr 5e-4 --minutes 38` (4x the samples and the
 training-time test: held-out sum min(p, q) 0.55 -> 0.61 for the first draft token, 0.48 -> 0.60 for the second).
+A fourth stage, `--init --stage-name eagle_s4 --samples 16384 --unroll 3 --lr 5e-4 --minutes 45` into a copy of the
+zoo folder (2x the samples, 3 draft depths), raised those to 0.62 / 0.62 but moved MAL only within its noise (16
+images, `experiments/tree_mal.py --zoo-dir`: chain k=4 2.35 -> 2.36, binary-5 2.96 -> 3.05 at CFG 3), so it was not
+shipped: with this target and a one-layer head, more data of the same kind has stopped paying.
 
 Writes <zoo-dir>/eagle.safetensors + eagle.json. Resumable at every stage (rerun the same command).
 """
