@@ -46,7 +46,7 @@ from specdec.continuous import energy_test  # noqa: E402
 from specdec.continuous_demo import (ContinuousMethod, build, frozen_method, run_methods,  # noqa: E402
                                      stats_fields)
 from specdec.continuous_loop import LoopConfig, generate_continuous  # noqa: E402
-from specdec.devices import available_device  # noqa: E402
+from specdec.devices import use_device  # noqa: E402
 from specdec.models.mar import MAR, MARConfig  # noqa: E402
 from specdec.models.mar.diffloss import DiffLoss, SimpleMLPAdaLN  # noqa: E402
 
@@ -111,7 +111,7 @@ def load_generator(name: str, dtype: str = "float32", device: str = "cpu"):
         sys.exit("the continuous zoo is not installed: train it (experiments/train_continuous_zoo.py) or pass "
                  "--generator tiny for a smoke run")
     try:
-        where = available_device(device)
+        where = use_device(device)
     except (RuntimeError, ValueError) as e:
         sys.exit(f"--device: {e}")
     return continuous.load(where, dtype=dtype)

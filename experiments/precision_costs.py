@@ -29,7 +29,7 @@ from drafters.model import draft_token
 from specdec import Sampling
 from specdec.bench.timing import set_threads, step_costs, synced_clock
 from specdec.compiled import TARGET_COMPILE, compile_adapter
-from specdec.devices import available_device
+from specdec.devices import use_device
 from specdec.precision import DTYPES
 
 
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", default="off", choices=tuple(TARGET_COMPILE))
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     args = ap.parse_args(argv)
-    device = available_device(args.device)
+    device = use_device(args.device)
     torch.set_grad_enabled(False)
     threads = set_threads(args.threads)
     names = [d for d in args.dtypes.split(",") if d]

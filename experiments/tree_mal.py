@@ -4,7 +4,7 @@ Counts only, untimed: what a tree buys before anyone pays for verifying it. MAL 
 target forward; +- is the standard error of the per-image MAL over the images.
 
     python experiments/tree_mal.py --cfg 3 --images 16 --threads 2
-    python experiments/tree_mal.py --zoo-dir runs/zoo_eagle4      # a retrained head beside the target, before adopting it
+    python experiments/tree_mal.py --zoo-dir <folder>     # a retrained head beside the target, before adopting it
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from specdec.bench.methods import DEMO_METHODS, MODEL_DRAFTER, QUICK_METHODS, Me
 from specdec.bench.results import format_table
 from specdec.bench.timing import count_bound, interleaved_rounds, reliability, set_threads, step_costs
 from specdec.plots import acceptance_heatmaps, image_grid
-from specdec.devices import available_device
+from specdec.devices import use_device
 from specdec.precision import as_dtype, dtype_name
 from specdec.sampling import Sampling
 
@@ -62,7 +62,7 @@ def demo_dtype(dtype: str | None) -> str:
 def demo_device(device: str | None) -> torch.device:
     """A demo's device by name (None: the default, cpu), checked against this machine; DemoError with the fix."""
     try:
-        return available_device(device)
+        return use_device(device)
     except (RuntimeError, ValueError) as e:
         raise DemoError(str(e)) from e
 

@@ -7,7 +7,8 @@ device a generator is deployed on, so `specdec bench --device cuda` and `specdec
 
 Names are torch's ("cpu", "cuda", "cuda:1", "mps"). `device_name` checks the spelling without touching the hardware (a
 config written for a GPU can be listed on a laptop); `available_device` checks that the hardware is there, with the
-fix in the error.
+fix in the error; `use_device` also makes a CUDA device the current one, which is what timing (CUDA events, the
+synchronising clock) records and waits on.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def device_name(value: str | torch.device | None) -> str:
-    """"cuda" / "cuda:1" / torch.device / None (the default, cpu) -> its canonical name; ValueError naming the choices."""
+    """"cuda" / "cuda:1" / torch.device / None (the default, cpu) -> its canonical name; ValueError naming the
+    choices."""
     if value is None:
         return DEFAULT_DEVICE
     try:
@@ -44,4 +46,13 @@ def available_device(value: str | torch.device | None) -> torch.device:
                                f"device(s), indices 0..{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise RuntimeError(f"device {str(device)!r}: MPS is not available here; run on the CPU (device cpu)")
+    return device
+
+
+def use_device(value: str | torch.device | None) -> torch.device:
+    """`available_device`, and a CUDA device becomes the current one: events and synchronisation then refer to the
+    GPU the models run on (cuda:1 under a second process), not to cuda:0."""
+    device = available_device(value)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     return device

@@ -9,7 +9,7 @@ from specdec import cli
 from specdec.bench import BenchConfigError, parse_config, read_rows, run_bench
 from specdec.bench.config import config_key
 from specdec.bench.results import execution, execution_tag, summary_rows
-from specdec.devices import DEFAULT_DEVICE, available_device, device_name
+from specdec.devices import DEFAULT_DEVICE, available_device, device_name, use_device
 from specdec.testing import tiny_random_bundle
 
 SWEEP = {"generator": "tiny-random", "repeats": 1, "images": 2, "fd_real": 8, "save_images": 0, "warmup": 0,
@@ -25,13 +25,14 @@ def test_device_names_parse_and_bad_names_say_the_choices():
     for bad in ("gpu", "meta", "cuda:x", 3.5):
         with pytest.raises(ValueError, match="device must be one of cpu, cuda, mps"):
             device_name(bad)
-    assert available_device(None) == torch.device("cpu")
+    assert available_device(None) == torch.device("cpu") and use_device("cpu") == torch.device("cpu")
 
 
 @NO_CUDA
 def test_asking_for_cuda_without_it_names_the_fix():
-    with pytest.raises(RuntimeError, match="CUDA is not available here.*device cpu"):
-        available_device("cuda")
+    for check in (available_device, use_device):
+        with pytest.raises(RuntimeError, match="CUDA is not available here.*device cpu"):
+            check("cuda")
 
 
 def test_bench_device_sweep_keeps_cpu_keys_and_lists_without_the_hardware():

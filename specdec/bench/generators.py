@@ -1,9 +1,9 @@
 """What a sweep runs on and what it measures besides the built-in metrics: the generator registry and user scorers.
 
 A generator is a name -> a function of `dtype` (what the generative models compute in, `specdec.precision`) and
-`device` (where they run, `specdec.devices`) returning a bundle (`specdec.protocols.Bundle`: .target, .drafter_model, .features, .classes, .target_gpt,
-.class_id, .heldout_images). Bundles are loaded once per process, dtype and device; a compiled target (`compile`)
-wraps the loaded bundle's.
+`device` (where they run, `specdec.devices`) returning a bundle (`specdec.protocols.Bundle`: .target,
+.drafter_model, .features, .classes, .target_gpt, .class_id, .heldout_images). Bundles are loaded once per process,
+dtype and device; a compiled target (`compile`) wraps the loaded bundle's.
 A scorer is a user metric named in a config as "module:callable".
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from specdec.compiled import DEFAULT_COMPILE, TARGET_COMPILE, compile_adapter
-from specdec.devices import DEFAULT_DEVICE, available_device
+from specdec.devices import DEFAULT_DEVICE, use_device
 from specdec.precision import DEFAULT_DTYPE
 from specdec.registry import load_object
 from specdec.testing import tiny_random_bundle
@@ -59,7 +59,7 @@ def load_generator(name: str, dtype: str = DEFAULT_DTYPE, compile: str = DEFAULT
     eager = (name, dtype, DEFAULT_COMPILE, device)
     if eager not in _BUNDLES:
         try:
-            where = available_device(device)
+            where = use_device(device)
         except (RuntimeError, ValueError) as e:
             raise BenchConfigError(str(e)) from e
         try:

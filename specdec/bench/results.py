@@ -161,9 +161,8 @@ def execution_tag(row: dict) -> str:
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
-    """Bench rows in the shape `format_table` prints; when the rows ran in more than one way (dtype, compile, device),
-    each
-    method names how, e.g. "AR [bfloat16]" or "AR [on cuda:0]"."""
+    """Bench rows in the shape `format_table` prints; when the rows ran in more than one way (dtype, compile,
+    device), each method names how, e.g. "AR [bfloat16]" or "AR [on cuda:0]"."""
     tags = [execution_tag(r) for r in rows]
     mixed = len(set(tags)) > 1
     out = []

@@ -33,6 +33,7 @@ from specdec.bench.methods import Method, build_method
 from specdec.bench.results import (append_row, execution, finished_keys, merge_parts, part_files, part_path,
                                    read_rows, repair, restore_order, set_aside)
 from specdec.bench.timing import Timing, count_bound, interleaved_rounds, reliability, step_costs
+from specdec.devices import use_device
 from specdec.engine import generate
 from specdec.plots import image_strip
 from specdec.sampling import Sampling
@@ -337,6 +338,7 @@ def _run_pending(cfg: BenchConfig, out: Path, max_rows: int | None, on_row, prog
             where = (run["generator"], dtype, compiled, dist.device(device))
             if where not in per_generator:
                 per_generator[where] = _PerGenerator(load_generator(*where))
+            use_device(per_generator[where].bundle.target.device)   # timing records and waits on this one's GPU
             row = measure_row(per_generator[where], run, cfg, scorers, image_dir, out.parent, dist)
             append_row(target, row)
             written.append(row)
