@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from specdec.phases import PhaseClock
 from specdec.protocols import BlockDecoder, BlockGenerator, BlockScorer, Router, require
 from specdec.random import fresh_seed
 from specdec.scorers import check_scores
@@ -81,19 +82,6 @@ class BlockResult:
     score_s: float = 0.0
     decode_s: float = 0.0
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-class _Clock:
-    """Accumulated seconds per role."""
-
-    def __init__(self):
-        self.s = {"draft": 0.0, "target": 0.0, "score": 0.0, "decode": 0.0}
-
-    def run(self, role: str, fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        self.s[role] += time.perf_counter() - t0
-        return out
 
 
 def _check_seed(seed) -> int:
@@ -167,7 +155,7 @@ def generate_blocks(target: BlockGenerator, drafter: BlockGenerator, router: Rou
     seed = _check_seed(seed)
     noise_gen = torch.Generator(device=target.device).manual_seed(seed)
     router_gen = torch.Generator(device=target.device).manual_seed(seed + ROUTER_SEED_OFFSET)
-    clock, counts = _Clock(), BlockCounts()
+    clock, counts = PhaseClock(target.device), BlockCounts()
     t_wall = time.perf_counter()
     t_state, d_state = clock.run("target", target.start, cond), clock.run("draft", drafter.start, cond)
     latents, frames, accepted, scores = [], [], [], []
@@ -207,8 +195,9 @@ def generate_blocks(target: BlockGenerator, drafter: BlockGenerator, router: Rou
     counts.target_generated = counts.blocks - counts.accepted
     block_scores = torch.stack([router.aggregate(x) for x in scores], 1)
     return BlockResult(torch.cat(latents, 1), torch.cat(frames, 1), accepted, block_scores, torch.cat(scores, 1),
-                       counts, [f.shape[1] for f in frames], time.perf_counter() - t_wall, clock.s["draft"],
-                       clock.s["target"], clock.s["score"], clock.s["decode"], {"seed": seed, "router": router.name})
+                       counts, [f.shape[1] for f in frames], time.perf_counter() - t_wall, clock.seconds("draft"),
+                       clock.seconds("target"), clock.seconds("score"), clock.seconds("decode"),
+                       {"seed": seed, "router": router.name})
 
 
 def _generate_alone(gen: BlockGenerator, decoder: BlockDecoder, cond: Any, seed: int | None, role: str,
@@ -220,7 +209,7 @@ def _generate_alone(gen: BlockGenerator, decoder: BlockDecoder, cond: Any, seed:
     N, seed = _num_blocks(gen), _check_seed(seed)
     source = gen if noise_from is None else noise_from
     noise_gen = torch.Generator(device=source.device).manual_seed(seed)
-    clock = _Clock()
+    clock = PhaseClock(gen.device)
     t_wall = time.perf_counter()
     state = clock.run(role, gen.start, cond)
     source_state = state if noise_from is None else source.start(cond)
@@ -239,7 +228,7 @@ def _generate_alone(gen: BlockGenerator, decoder: BlockDecoder, cond: Any, seed:
     nan = torch.full((B, N + P), float("nan"), device=frames.device)
     return BlockResult(torch.cat(latents, 1), frames, torch.full((B, N), drafted > 0, device=frames.device),
                        nan[:, :N], nan[:, N:], counts, [f.shape[1] for f in parts], time.perf_counter() - t_wall,
-                       clock.s["draft"], clock.s["target"], 0.0, clock.s["decode"],
+                       clock.seconds("draft"), clock.seconds("target"), 0.0, clock.seconds("decode"),
                        {"seed": seed, "router": f"{role}_only"})
 
 

@@ -13,8 +13,8 @@ import torch
 
 
 class PhaseClock:
-    """`mark()` at a phase boundary, `add(phase, start, end)` for the span between two marks, `seconds(phase)` at
-    the end."""
+    """`mark()` at a phase boundary, `add(phase, start, end)` for the span between two marks (or `run(phase, fn,
+    *args)` for one call), `seconds(phase)` at the end."""
 
     def __init__(self, device: torch.device | str):
         self.events = torch.device(device).type == "cuda"
@@ -33,6 +33,13 @@ class PhaseClock:
             self._spans[phase].append((start, end))
         else:
             self._seconds[phase] += end - start
+
+    def run(self, phase: str, fn, *args):
+        """fn(*args), its span added to `phase`."""
+        start = self.mark()
+        out = fn(*args)
+        self.add(phase, start, self.mark())
+        return out
 
     def seconds(self, phase: str) -> float:
         if self.events and self._spans[phase]:

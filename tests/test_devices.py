@@ -106,6 +106,7 @@ def test_phase_clock_sums_the_spans_of_each_phase():
     assert clock.seconds("draft") == 0.75 and clock.seconds("target") == 2.0 and clock.seconds("other") == 0.0
     start = clock.mark()
     assert clock.mark() >= start                   # the host clock on a CPU
+    assert clock.run("sum", sum, [1, 2]) == 3 and clock.seconds("sum") >= 0.0
 
 
 @CUDA
