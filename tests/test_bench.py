@@ -279,6 +279,16 @@ def test_presets_parse_and_cover_the_readme_table():
     assert {r["sampling"]["cfg_scale"] for r in full} == {3.0} and {r["sampling"]["top_k"] for r in full} == {0}
 
 
+def test_result_configs_parse_and_the_gpu_one_asks_for_cuda():
+    """The TOML files the README's results come from stay valid configs (listing a GPU config needs no GPU)."""
+    for path in sorted((ROOT / "docs" / "results").glob("*.toml")):
+        cfg = load_config(path)
+        assert cfg.runs and len({r["key"] for r in cfg.runs}) == len(cfg.runs), path.name
+    gpu = load_config(ROOT / "docs" / "results" / "zoo-speed-gpu.toml").runs
+    assert {r["device"] for r in gpu} == {"cuda"} and {r["compile"] for r in gpu} == {"off", "cuda-graphs"}
+    assert {r["dtype"] for r in gpu} == {"bfloat16"} and {r["batch"] for r in gpu} == {1, 8}
+
+
 def test_distortion_bound_follows_the_drafts_one_hot_flag():
     from drafters.jacobi import JacobiDrafter
     from drafters.lookup import LookupDrafter
