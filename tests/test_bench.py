@@ -153,6 +153,47 @@ def test_redo_measures_matching_rows_again_in_their_places_and_keeps_the_old(sma
     assert capsys.readouterr().out.count("(redo)") == 4
 
 
+def test_stale_rows_are_those_whose_used_weights_changed(tmp_path):
+    from specdec.bench.stale import changed_weights, installed_weights, stale_note
+    old = {"target": "t1", "vq": "v1", "drafter": "d1", "eagle": "e1"}
+    rows = [{"label": "AR", "drafter": None, "weights": old},
+            {"label": "exact + eagle k=4", "drafter": "eagle", "weights": old},
+            {"label": "exact + model k=4", "drafter": "model", "weights": old},
+            {"label": "exact + jacobi", "drafter": "jacobi", "weights": None}]          # from before `weights`
+    new_eagle = {**old, "eagle": "e2"}
+    assert [changed_weights(r, new_eagle) for r in rows] == [{}, {"eagle": ("e1", "e2")}, {}, {}]
+    note = stale_note(rows, new_eagle)
+    assert note.startswith("note: 1 rows") and "eagle e1 -> e2" in note and "exact + eagle k=4" in note
+    assert "AR" not in note.split(":", 2)[2]                  # the head did not make the AR row stale
+    new_target = {**old, "target": "t2"}
+    assert [bool(changed_weights(r, new_target)) for r in rows] == [True, True, True, False]
+    assert stale_note(rows, old) is None
+    gone = {k: v for k, v in old.items() if k != "drafter"}
+    assert changed_weights(rows[2], gone) == {"drafter": ("d1", "")}
+    for name, sha in (("target", "ab" * 32), ("eagle", "cd" * 32)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"sha256": sha}))
+    assert installed_weights(tmp_path) == {"eagle": "cd" * 6, "target": "ab" * 6}
+
+
+def test_bench_command_names_rows_measured_with_other_weights(small_cfg, tmp_path, one_thread, capsys,
+                                                              monkeypatch):
+    from specdec.bench import command
+    out = tmp_path / "res.jsonl"
+    run_bench(load_config(small_cfg), out, progress=False)
+    rows = read_rows(out)
+    for r in rows:
+        r["weights"] = {"target": "old"}
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(command, "installed_weights", lambda: {"target": "new"})
+    capsys.readouterr()
+    assert cli.main(["bench", str(small_cfg), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: {N_SMALL} rows were measured with other weights" in printed and "target old -> new" in printed
+    monkeypatch.setattr(command, "installed_weights", lambda: {"target": "old"})
+    assert cli.main(["bench", str(small_cfg), "--out", str(out), "--no-progress"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,6 +7,7 @@ One concern per module:
   timing.py      interleaved rounds, min / median / max and spread, the count bound and the unreliable flag
   runner.py      measuring a configuration into a row, running a sweep (resumable, split across processes)
   command.py     `specdec bench` as a function: overrides, dry run, redo, the printed summary
+  stale.py       rows measured with other weights than the installed ones (which cards changed, for which rows)
   results.py     JSON-lines read / append / torn-tail repair / merge of part files / rows set aside for a redo,
                  the printed summary table
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from specdec.bench.config import BenchConfigError, parse_config, read_config
 from specdec.bench.results import check_results_path, format_table, read_rows, summary_rows
 from specdec.bench.runner import Abort, processes, run_bench
+from specdec.bench.stale import installed_weights, stale_note
 from specdec.bench.timing import set_threads
 
 
@@ -64,4 +65,8 @@ def bench_command(config: str | None = None, preset: str | None = None, out: str
         rows = [r for r in read_rows(path) if r.get("key") in keys]
         print(format_table(summary_rows(rows)))
         print(f"\n{len(rows)} rows in {path}")
+        if any(r.get("weights") for r in rows):
+            note = stale_note(rows, installed_weights())
+            if note:
+                print(note)
     return 0
