@@ -175,6 +175,14 @@ def test_stale_rows_are_those_whose_used_weights_changed(tmp_path):
     assert installed_weights(tmp_path) == {"eagle": "cd" * 6, "target": "ab" * 6}
 
 
+def test_committed_results_describe_the_shipped_weights():
+    """A retrained zoo model without its rows measured again fails here, not silently in the README's figures."""
+    from specdec.bench.stale import installed_weights, stale_note
+    installed = installed_weights()
+    for path in sorted((ROOT / "docs" / "results").rglob("*.jsonl")):
+        assert stale_note(read_rows(path), installed) is None, path.name
+
+
 def test_bench_command_names_rows_measured_with_other_weights(small_cfg, tmp_path, one_thread, capsys,
                                                               monkeypatch):
     from specdec.bench import command
