@@ -70,6 +70,19 @@ def eagle_loss(head: EagleHead, embed, out_head, h, tokens, top_p, top_i, noise:
 
 
 @torch.no_grad()
+def grow_from(head: EagleHead, previous: EagleHead) -> None:
+    """A deeper head that starts as `previous`: its fuse, norm and first layers are previous's, and each added layer
+    starts as the identity (its attention output and MLP down projections zero, so the residual passes through)."""
+    missing, unexpected = head.load_state_dict(previous.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f"cannot grow a {head.cfg.n_layers}-layer head from {previous.cfg.n_layers} layers: "
+                         f"{unexpected}")
+    for block in head.blocks[previous.cfg.n_layers:]:
+        block.attn.proj.weight.zero_()
+        block.down.weight.zero_()
+
+
+@torch.no_grad()
 def acceptance(head: EagleHead, embed, out_head, target_model, tokens, classes, cfg: float) -> dict[str, float]:
     """Held-out sum_v min(p, q), p the full guided law: of the first drafted token (true features), of the second
     (its context as drafting gives it: models.eagle.unrolled), and of every pair fed the head's own prediction of
@@ -142,7 +155,10 @@ def main(argv=None) -> None:
     stages = []
     if args.init:
         previous, old_card = zoo.load_model("eagle", args.zoo_dir)
-        head.load_state_dict(previous.state_dict())
+        if args.layers > previous.cfg.n_layers:
+            grow_from(head, previous)
+        else:
+            head.load_state_dict(previous.state_dict())
         stages = old_card.get("stages", []) + [{k: old_card.get(k) for k in ("steps", "wall_s", "lr", "metrics")}]
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
