@@ -76,7 +76,7 @@ def eagle_loss(head: EagleHead, embed, out_head, h, tokens, top_p, top_i, noise:
 def grow_from(head: EagleHead, previous: EagleHead) -> None:
     """A deeper head that starts as `previous`: its fuse, norm and first layers are previous's, and each added layer
     starts as the identity (its attention output and MLP down projections zero, so the residual passes through)."""
-    missing, unexpected = head.load_state_dict(previous.state_dict(), strict=False)
+    _, unexpected = head.load_state_dict(previous.state_dict(), strict=False)
     if unexpected:
         raise ValueError(f"cannot grow a {head.cfg.n_layers}-layer head from {previous.cfg.n_layers} layers: "
                          f"{unexpected}")

@@ -29,8 +29,8 @@ from specdec.types import Logits
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 RECOMPILE_LIMIT = 64         # graphs of one code object (models x shapes) before dynamo gives up
-# how a bench run (`compile` in a config's [sweep]) runs the target's decode step: (mode, freeze), None = eager
 DEFAULT_COMPILE = "off"
+# how a bench run (`compile` in a config's [sweep]) runs the target's decode step: (mode, freeze), None = eager
 TARGET_COMPILE = {"off": None, "on": (None, False), "freeze": (None, True), "cuda-graphs": ("reduce-overhead", False)}
 
 

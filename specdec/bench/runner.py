@@ -32,6 +32,7 @@ from specdec.bench.generators import load_generator, load_scorer
 from specdec.bench.methods import Method, build_method
 from specdec.bench.results import (append_row, execution, finished_keys, merge_parts, part_files, part_path,
                                    read_rows, repair, restore_order, set_aside)
+from specdec.bench.stale import card_weights
 from specdec.bench.timing import Timing, count_bound, interleaved_rounds, reliability, step_costs
 from specdec.devices import use_device
 from specdec.engine import generate
@@ -282,8 +283,7 @@ def measure_row(gen: _PerGenerator, run: dict, cfg: BenchConfig, scorers: list, 
         "grid": list(bundle.target.grid), "acceptance_map": [round(float(x), 3) for x in acc_map],
         "image_path": image_path, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         # which weights measured it (sha256 prefixes of the zoo cards; empty for generators without cards)
-        "weights": {name: str(card.get("sha256", ""))[:12]
-                    for name, card in (getattr(bundle, "cards", None) or {}).items()},
+        "weights": card_weights(getattr(bundle, "cards", None) or {}),
     }
 
 
@@ -302,7 +302,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, max_rows: int | None = None,
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dist = processes()
-    order = [r.get("key") for r in read_rows(out)]
+    order = [r.get("key") for r in read_rows(out)] if redo else []
     if dist.is_main:
         repair(out)
         set_aside(out, set(redo))

@@ -17,14 +17,19 @@ DRAFTER_CARDS = {"model": ("drafter", "video_drafter"), "model_tree": ("drafter"
 _DRAFTER_ONLY = {card for cards in DRAFTER_CARDS.values() for card in cards}
 
 
+def card_weights(cards: dict[str, dict]) -> dict[str, str]:
+    """card name -> its weights' sha256 prefix (12 hex digits): what a row's `weights` holds and what it is checked
+    against."""
+    return {name: str(card.get("sha256", ""))[:12] for name, card in cards.items()}
+
+
 def installed_weights(directory: Path | None = None) -> dict[str, str]:
-    """card name -> sha256 prefix (12) of every zoo card installed (image, video and continuous zoos share the
-    folder); {} when there is none."""
+    """`card_weights` of every zoo card installed (image, video and continuous zoos share the folder); {} when there
+    is none."""
     from specdec.zoo import read_card, weights_dir
 
     folder = Path(directory) if directory is not None else weights_dir()
-    return {path.stem: str(read_card(path.stem, folder).get("sha256", ""))[:12]
-            for path in sorted(folder.glob("*.json"))}
+    return card_weights({path.stem: read_card(path.stem, folder) for path in sorted(folder.glob("*.json"))})
 
 
 def changed_weights(row: dict, installed: dict[str, str]) -> dict[str, tuple[str, str]]:

@@ -59,7 +59,7 @@ class Timing:
 def synced_clock() -> float:
     """time.perf_counter() once the accelerator's queued work is done: a CUDA call returns before its kernels
     finish, so an unsynchronised clock would time the launches, not the work. On a CPU it is perf_counter."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():         # False on a CPU-only build or before any CUDA work
         torch.cuda.synchronize()
     return time.perf_counter()
 
