@@ -10,7 +10,8 @@ prediction. Per step, the drafter first feeds the last k + 1 committed pairs wit
 verification just computed them: `ctx.hidden`), since the pairs it drafted last step carried its own predictions;
 then it drafts from its predictions:
   tree="chain":           k tokens, one head call each (ModelDrafter's loop; drafts "sample" or "argmax");
-  tree="static:<shape>":  a static tree ("spine-4", "binary-3", "seqs-4x4", child-rank paths; drafters.model_tree);
+  tree="static:<shape>":  a static tree ("spine-4", "binary-3", "seqs-4x4", child-rank paths; drafters.model_tree),
+                          or "optimal-N" built from the head's rank acceptance profile (its card's, the zoo's);
   tree="dynamic":         EAGLE-2's dynamic tree (top_k, depth, total_tokens; drafters.dynamic_tree).
 The head drafts unguided (it sees the conditional features only); trained on the target's samples at the user's
 cfg scale (experiments/train_eagle.py), its q approximates the guided p. Guarantee: LOSSLESS with a lossless rule
@@ -89,10 +90,15 @@ class EagleDrafter(EagleFeatures, ModelDrafter):
 
 
 class EagleTreeDrafter(EagleFeatures, TreeModelDrafter):
-    """A static draft tree from an EAGLE head; shape and drafts as TreeModelDrafter."""
+    """A static draft tree from an EAGLE head; shape and drafts as TreeModelDrafter. rank_acceptance: for the
+    "optimal-N" shapes; None takes the head's own profile (`EagleHead.rank_acceptance`, from the zoo card)."""
 
-    def __init__(self, head: EagleHead | EagleAdapter, shape="spine-4", drafts: str = "sample"):
-        super().__init__(_adapter(head), shape=shape, drafts=drafts, draft_cfg=1.0)
+    def __init__(self, head: EagleHead | EagleAdapter, shape="spine-4", drafts: str = "sample",
+                 rank_acceptance=None):
+        adapter = _adapter(head)
+        if rank_acceptance is None and adapter is not None:
+            rank_acceptance = adapter.head.rank_acceptance
+        super().__init__(adapter, shape=shape, drafts=drafts, draft_cfg=1.0, rank_acceptance=rank_acceptance)
 
 
 class EagleDynamicTreeDrafter(EagleFeatures, DynamicTreeDrafter):
@@ -106,9 +112,10 @@ class EagleDynamicTreeDrafter(EagleFeatures, DynamicTreeDrafter):
 
 
 def eagle(head: EagleHead | EagleAdapter, tree: str = "chain", k: int = 4, drafts: str | None = None,
-          top_k: int = 10, total_tokens: int = 59, compile: bool | str = False):
-    """The registry's `eagle` drafter. tree: "chain" (k drafts), "static:<shape>" (e.g. "static:binary-3";
-    drafts as TreeModelDrafter) or "dynamic" (EAGLE-2: top_k, depth k, total_tokens). drafts: None means
+          top_k: int = 10, total_tokens: int = 59, compile: bool | str = False, rank_acceptance=None):
+    """The registry's `eagle` drafter. tree: "chain" (k drafts), "static:<shape>" (e.g. "static:binary-3", or
+    "static:optimal-30" from rank_acceptance, default the head's profile; drafts as TreeModelDrafter) or
+    "dynamic" (EAGLE-2: top_k, depth k, total_tokens). drafts: None means
     "sample" for chains and static trees, "argmax" (EAGLE-2's) for dynamic trees. compile: the chain's draft step
     as one compiled graph (chains only; "freeze" pre-packs the weights, as ModelDrafter)."""
     if compile and tree != "chain":
@@ -117,7 +124,8 @@ def eagle(head: EagleHead | EagleAdapter, tree: str = "chain", k: int = 4, draft
     if tree == "chain":
         return EagleDrafter(head, k=k, drafts=drafts or "sample", compile=compile)
     if isinstance(tree, str) and tree.startswith("static:"):
-        return EagleTreeDrafter(head, shape=tree.split(":", 1)[1], drafts=drafts or "sample")
+        return EagleTreeDrafter(head, shape=tree.split(":", 1)[1], drafts=drafts or "sample",
+                                rank_acceptance=rank_acceptance)
     if tree == "dynamic":
         return EagleDynamicTreeDrafter(head, top_k=top_k, depth=k, total_tokens=total_tokens,
                                        drafts=drafts or "argmax")

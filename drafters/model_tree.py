@@ -4,8 +4,9 @@
 Notation: p = target distribution, q = draft distribution (both after specdec.sampling), x = draft token, B batch,
 V vocabulary, N tree nodes, D tree depth (the most tokens a step can accept).
 
-The shape is fixed (`specdec.tree.static_shape`: "chain-K", "spine-D", "binary-D", "seqs-KxL" or child-rank
-paths). Each step the drafter feeds its committed tail as a chain (q at the root), then expands the tree level by
+The shape is fixed (`specdec.tree.static_shape`: "chain-K", "spine-D", "binary-D", "seqs-KxL", child-rank
+paths, or "optimal-N[xD]": the N-node shape with the most expected accepted drafts for the drafter's measured
+rank_acceptance profile, `specdec.tree.optimal_shape` after Sequoia, arXiv 2402.12374). Each step the drafter feeds its committed tail as a chain (q at the root), then expands the tree level by
 level: the nodes of a level that have children are fed in one forward (tree attention over their ancestors,
 `forward_tree_part`), and each of them draws its children from its q in rank order:
   drafts="sample": without replacement; child r's law is q with the r earlier siblings removed and renormalised
@@ -32,11 +33,13 @@ from specdec.tree import DraftTree, shape_parents, static_shape
 
 class TreeModelDrafter(ModelDrafter):
     """ModelDrafter whose proposal is a static tree. shape: see the module doc; drafts: "sample" | "argmax";
-    draft_cfg: the drafter's own guidance scale (None: the target's). The draft model needs a static cache with
+    draft_cfg: the drafter's own guidance scale (None: the target's); rank_acceptance: the drafter's profile
+    (`specdec.tree_profile`), needed by the "optimal-N" shapes only. The draft model needs a static cache with
     tree attention (the project's GPT)."""
 
-    def __init__(self, model: ARModel, shape="spine-4", drafts: str = "sample", draft_cfg: float | None = None):
-        paths = static_shape(shape)
+    def __init__(self, model: ARModel, shape="spine-4", drafts: str = "sample", draft_cfg: float | None = None,
+                 rank_acceptance=None):
+        paths = static_shape(shape, rank_acceptance)
         parents, ranks, depths = shape_parents(paths)
         if drafts not in ("sample", "iid", "argmax"):
             raise ValueError(f"drafts must be 'sample' (siblings without replacement), 'iid' or 'argmax', "

@@ -136,19 +136,28 @@ def verify_inputs(tree: DraftTree, n_done: Tensor, last: Tensor, slot0: Tensor) 
     return tokens, positions, slots, allowed
 
 
-def static_shape(spec) -> list[tuple[int, ...]]:
+def static_shape(spec, rank_acceptance=None) -> list[tuple[int, ...]]:
     """A static tree shape as child-rank paths, shallowest first (path (0, 1): the second child of the first child
     of the root). spec: a list of paths, or a preset name: "chain-K" (K nodes in a line), "binary-D" (every node
     has 2 children, depth D), "spine-D" (the best path to depth D plus the runner-up at every level: 2D nodes),
-    "seqs-KxL" (K drafts of L tokens that part at the root: SpecTr's k-SEQ setting, K L nodes)."""
+    "seqs-KxL" (K drafts of L tokens that part at the root: SpecTr's k-SEQ setting, K L nodes), "optimal-N" /
+    "optimal-NxD" (the N-node tree, depth <= D, with the most expected accepted drafts for a drafter's
+    rank_acceptance profile: `optimal_shape`)."""
     if isinstance(spec, str):
         kind, _, size = spec.partition("-")
-        sizes = size.split("x") if kind == "seqs" else [size]          # seqs-KxL: two sizes; the others one
-        if kind not in ("chain", "binary", "spine", "seqs") or len(sizes) != (2 if kind == "seqs" else 1) \
+        two = kind == "seqs" or (kind == "optimal" and "x" in size)
+        sizes = size.split("x") if two else [size]                    # seqs-KxL, optimal-NxD: two sizes
+        if kind not in ("chain", "binary", "spine", "seqs", "optimal") or len(sizes) != (2 if two else 1) \
                 or not all(s.isdigit() and int(s) >= 1 for s in sizes):
-            raise ValueError(f"unknown tree shape {spec!r}; use chain-K, binary-D, spine-D, seqs-KxL or a list of "
-                             f"child-rank paths such as [[0], [1], [0, 0]]")
+            raise ValueError(f"unknown tree shape {spec!r}; use chain-K, binary-D, spine-D, seqs-KxL, optimal-N, "
+                             f"optimal-NxD or a list of child-rank paths such as [[0], [1], [0, 0]]")
         n, length = int(sizes[0]), int(sizes[-1])
+        if kind == "optimal":
+            if rank_acceptance is None:
+                raise ValueError(f"tree shape {spec!r} is chosen from the drafter's rank acceptance profile, and none "
+                                 f"was given: pass rank_acceptance (measured by specdec.tree_profile."
+                                 f"rank_acceptance; the zoo's EAGLE head carries its own) or use a fixed shape")
+            return optimal_shape(rank_acceptance, n, length if two else None)
         if kind == "seqs":
             paths = [(r,) + (0,) * d for d in range(length) for r in range(n)]
         elif kind == "chain":
@@ -170,6 +179,62 @@ def static_shape(spec) -> list[tuple[int, ...]]:
             raise ValueError(f"tree path {list(path)}: its elder sibling {list(path[:-1] + (path[-1] - 1,))} is "
                              f"missing (siblings are drawn in rank order)")
     return paths
+
+
+def _checked_profile(rank_acceptance) -> tuple[float, ...]:
+    try:
+        profile = tuple(float(a) for a in rank_acceptance)
+    except (TypeError, ValueError):
+        raise TypeError(f"rank_acceptance must be a sequence of probabilities, got {rank_acceptance!r}") from None
+    if not profile or not all(0.0 < a <= 1.0 for a in profile) or sum(profile) > 1.0 + 1e-6 \
+            or any(b > a + 1e-12 for a, b in zip(profile, profile[1:])):
+        raise ValueError(f"rank_acceptance must be non-empty, each in (0, 1], non-increasing and sum to at most 1 "
+                         f"(the chance that the r-th sibling drawn is the one accepted), got {profile}; "
+                         f"specdec.tree_profile.rank_acceptance measures one")
+    return profile
+
+
+def expected_accepted(paths, rank_acceptance) -> float:
+    """Expected accepted drafts per step of a shape under the positional model of `optimal_shape`: the sum over
+    nodes of prod_i rank_acceptance[r_i] (0 for a node whose rank is beyond the profile). MAL = 1 + this."""
+    profile = _checked_profile(rank_acceptance)
+    total = 0.0
+    for path in paths:
+        value = 1.0
+        for r in path:
+            value *= profile[r] if r < len(profile) else 0.0
+        total += value
+    return total
+
+
+def optimal_shape(rank_acceptance, nodes: int, max_depth: int | None = None) -> list[tuple[int, ...]]:
+    """The static shape of `nodes` nodes (depth <= max_depth) with the most expected accepted drafts, after Sequoia
+    (Chen et al., arXiv 2402.12374). Positional model: at any node, the r-th sibling drawn is the accepted one with
+    probability rank_acceptance[r] whatever its depth and ancestors, so a node at child-rank path (r_1 .. r_d) is
+    reached and accepted with probability prod_i a[r_i], and a shape's expected accepted drafts is the sum over its
+    nodes (`expected_accepted`). As the profile is non-increasing, no node is worth more than its parent or its
+    elder sibling: the `nodes` most valuable nodes of the unbounded tree form a valid shape, and a best-first walk
+    of the frontier finds them (ties to the shallower, then lower-ranked path). max_depth caps the draft calls per
+    step, the drafter's share of a step's time. -> child-rank paths, as `static_shape`."""
+    import heapq
+    profile = _checked_profile(rank_acceptance)
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ValueError(f"nodes must be an int >= 1, got {nodes!r}")
+    if max_depth is not None and (isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1):
+        raise ValueError(f"max_depth must be None or an int >= 1, got {max_depth!r}")
+    frontier, chosen = [(-profile[0], 1, (0,))], []
+    while frontier and len(chosen) < nodes:
+        negative, depth, path = heapq.heappop(frontier)
+        chosen.append(path)
+        value, rank = -negative, path[-1]
+        if max_depth is None or depth < max_depth:                       # its first child
+            heapq.heappush(frontier, (-value * profile[0], depth + 1, path + (0,)))
+        if rank + 1 < len(profile):                                      # its next younger sibling
+            heapq.heappush(frontier, (-value / profile[rank] * profile[rank + 1], depth, path[:-1] + (rank + 1,)))
+    if len(chosen) < nodes:
+        raise ValueError(f"a tree of depth <= {max_depth} with at most {len(profile)} children per node has fewer "
+                         f"than {nodes} nodes; raise max_depth or measure more ranks")
+    return static_shape(chosen)
 
 
 def shape_parents(paths: list[tuple[int, ...]]) -> tuple[list[int], list[int], list[int]]:

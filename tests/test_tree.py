@@ -540,3 +540,94 @@ def test_pooled_iid_siblings_test_every_duplicates_children(rule_name):
     pooled = rule.verify_tree(DraftTree(tokens, parents, torch.full((B,), 4), q, 2, 2, pool=2), p, at)
     assert (alone.n_accepted == 1).all() and (alone.next_token == 3).all()
     assert (pooled.n_accepted == 2).all() and (pooled.node == 3).all()    # the path root -> node 1 -> node 3
+
+
+# ---- optimal static shapes (specdec.tree.optimal_shape) and the rank acceptance profile (specdec.tree_profile) ----
+def valid_shapes(max_nodes: int, max_rank: int):
+    """Every valid child-rank shape (parents and elder siblings present) of 1 .. max_nodes nodes, ranks < max_rank."""
+    from specdec.tree import static_shape
+
+    seen, frontier = set(), {frozenset([(0,)])}
+    while frontier:
+        seen |= frontier
+        grown = set()
+        for shape in frontier:
+            if len(shape) == max_nodes:
+                continue
+            for path in shape:
+                for new in (path + (0,), path[:-1] + (path[-1] + 1,)):
+                    if new not in shape and new[-1] < max_rank:
+                        grown.add(shape | {new})
+        frontier = grown - seen
+    for shape in seen:
+        static_shape(sorted(shape))                      # every enumerated shape is valid
+    return seen
+
+
+def test_optimal_shapes_are_the_best_of_every_shape_under_the_positional_model():
+    from specdec.tree import expected_accepted, optimal_shape
+
+    profile = (0.55, 0.2, 0.1)
+    shapes = valid_shapes(6, 3)
+    for nodes in range(1, 7):
+        best = max(expected_accepted(sorted(s), profile) for s in shapes if len(s) == nodes)
+        got = optimal_shape(profile, nodes)
+        assert len(got) == nodes
+        assert expected_accepted(got, profile) == pytest.approx(best, abs=1e-12), nodes
+    for nodes, depth in ((4, 2), (5, 2), (6, 3)):      # with a depth cap: the best of the shapes within it
+        best = max(expected_accepted(sorted(s), profile) for s in shapes
+                   if len(s) == nodes and max(map(len, s)) <= depth)
+        got = optimal_shape(profile, nodes, depth)
+        assert max(map(len, got)) <= depth
+        assert expected_accepted(got, profile) == pytest.approx(best, abs=1e-12), (nodes, depth)
+    # a drafter whose second sibling is never accepted gets a chain; a flat one a wide first level
+    assert optimal_shape((0.6,), 5) == [(0,) * d for d in range(1, 6)]
+    assert sorted(p for p in optimal_shape((0.2,) * 5, 5)) == [(r,) for r in range(5)]
+
+
+def test_optimal_shape_presets_need_a_valid_profile():
+    from specdec.tree import optimal_shape, static_shape
+
+    profile = [0.6, 0.15, 0.05]
+    assert static_shape("optimal-7", profile) == optimal_shape(profile, 7)
+    assert static_shape("optimal-7x2", profile) == optimal_shape(profile, 7, 2)
+    with pytest.raises(ValueError, match="rank acceptance profile"):
+        static_shape("optimal-7")
+    for bad in ([], [0.2, 0.3], [0.7, 0.5], [0.0], [1.2], [0.5, -0.1]):
+        with pytest.raises(ValueError, match="non-increasing"):
+            optimal_shape(bad, 3)
+    with pytest.raises(TypeError, match="sequence of probabilities"):
+        optimal_shape(0.5, 3)
+    with pytest.raises(ValueError, match="fewer than 7 nodes"):
+        optimal_shape([0.6, 0.2], 7, max_depth=2)        # at most 2 + 4 nodes
+    with pytest.raises(ValueError, match="optimal-N"):
+        static_shape("optimal-", profile)
+    with pytest.raises(ValueError, match="nodes must be"):
+        optimal_shape(profile, 0)
+
+
+def test_non_increasing_fit_pools_violators():
+    from specdec.tree_profile import non_increasing
+
+    assert non_increasing([0.5, 0.1, 0.2, 0.05]) == pytest.approx([0.5, 0.15, 0.15, 0.05])
+    assert non_increasing([0.1, 0.3]) == pytest.approx([0.2, 0.2])
+    assert non_increasing([0.4, 0.2]) == [0.4, 0.2]
+
+
+def test_rank_acceptance_of_a_drafter_equal_to_the_target_is_one_at_the_first_rank():
+    from drafters.model_tree import TreeModelDrafter
+    from specdec import Sampling
+    from specdec.tree_profile import rank_acceptance
+
+    target = tiny_gpt(seed=3)
+    same = rank_acceptance(target, lambda paths: TreeModelDrafter(target, shape=paths), torch.arange(4) % 2,
+                           Sampling(cfg_scale=2.0), ranks=3)
+    assert same.profile == pytest.approx((1.0,)) and same.cumulative == pytest.approx((1.0, 1.0, 1.0))
+    other = tiny_gpt(seed=4)
+    got = rank_acceptance(target, lambda paths: TreeModelDrafter(other, shape=paths), torch.arange(8) % 2,
+                          Sampling(), ranks=4)
+    assert 1 <= len(got.profile) <= 4 and got.images == 8
+    assert all(a > 0 for a in got.profile) and list(got.profile) == sorted(got.profile, reverse=True)
+    assert sum(got.profile) <= max(got.cumulative) + 1e-9 <= 1.0
+    with pytest.raises(ValueError, match="ranks must be"):
+        rank_acceptance(target, None, torch.arange(2), Sampling(), ranks=0)

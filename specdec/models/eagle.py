@@ -51,7 +51,13 @@ class EagleConfig:
 
 
 class EagleHead(nn.Module):
-    """(features [B, n, H], token embeddings [B, n, H]) -> predicted next features [B, n, H]."""
+    """(features [B, n, H], token embeddings [B, n, H]) -> predicted next features [B, n, H].
+
+    rank_acceptance: the head's measured rank acceptance profile with siblings drawn without replacement
+    (`specdec.tree_profile`), from which its "optimal-N" draft trees are built; None until measured (the zoo sets
+    it from the head's card)."""
+
+    rank_acceptance: tuple[float, ...] | None = None
 
     def __init__(self, cfg: EagleConfig):
         super().__init__()

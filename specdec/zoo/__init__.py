@@ -70,8 +70,14 @@ def save_model(module: nn.Module, directory: Path, name: str, card: dict[str, An
     card = dict(card, name=name, weights=path.name, dtype="float16" if half else "float32",
                 bytes=path.stat().st_size, sha256=sha256_file(path),
                 params=sum(p.numel() for p in module.parameters()))
-    (directory / f"{name}.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    write_card(name, card, directory)
     return card
+
+
+def write_card(name: str, card: dict[str, Any], directory: Path | None = None) -> None:
+    """Write `<name>.json` (a card's measured figures change; its weights and their hash do not)."""
+    directory = Path(directory) if directory is not None else weights_dir()
+    (directory / f"{name}.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
 
 
 # ---- reading --------------------------------------------------------------------------------------------------------
@@ -117,9 +123,9 @@ def _config(cls, raw: dict[str, Any]):
 
 
 def load_model(name: str, directory: Path | None = None, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None) -> tuple[nn.Module, dict]:
+               dtype: str | torch.dtype | None = None, draft_room: int = DRAFT_ROOM) -> tuple[nn.Module, dict]:
     """One zoo model in eval mode, weights verified and loaded -> (module, card). dtype: what it computes in
-    (`specdec.precision`; default float32)."""
+    (`specdec.precision`; default float32); draft_room: cache slots beyond the trained length, for draft trees."""
     from specdec.models.eagle import EagleConfig, EagleHead
     from specdec.models.gpt import GPT, GPTConfig
     from specdec.models.mar import MAR, MARConfig
@@ -138,7 +144,7 @@ def load_model(name: str, directory: Path | None = None, device: str | torch.dev
     config = _config(config_cls, card["config"])
     if config_cls is GPTConfig:
         # rotary positions: no weight depends on max_len, which only sizes the cache; leave room for draft trees
-        config = dataclasses.replace(config, max_len=config.max_len + DRAFT_ROOM)
+        config = dataclasses.replace(config, max_len=config.max_len + _checked_room(draft_room))
     module = model_cls(config)
     try:
         module.load_state_dict(state)
@@ -146,6 +152,13 @@ def load_model(name: str, directory: Path | None = None, device: str | torch.dev
         raise ZooError(f"zoo weights {name}.safetensors do not fit the architecture in {name}.json ({e}); "
                        f"retrain the zoo") from e
     return module.to(device=device, dtype=as_dtype(dtype)).eval().requires_grad_(False), card
+
+
+def _checked_room(draft_room: int) -> int:
+    if isinstance(draft_room, bool) or not isinstance(draft_room, int) or draft_room < 0:
+        raise ValueError(f"draft_room must be a non-negative int (cache slots for draft-tree nodes), "
+                         f"got {draft_room!r}")
+    return draft_room
 
 
 @dataclass(frozen=True)
@@ -177,10 +190,11 @@ class ZooBundle:
 
 
 def load(device: str | torch.device = "cpu", directory: str | Path | None = None,
-         dtype: str | torch.dtype | None = None) -> ZooBundle:
+         dtype: str | torch.dtype | None = None, draft_room: int = DRAFT_ROOM) -> ZooBundle:
     """Load and verify the whole zoo. `directory` overrides the package's weights folder (tests, retraining);
     dtype: what the generative models (target, drafter, EAGLE head) compute in, "float32" (default) or "bfloat16"
-    (`specdec.precision`); the tokenizer and the feature net stay float32."""
+    (`specdec.precision`); the tokenizer and the feature net stay float32. draft_room: cache slots the target and
+    the drafter keep beyond the image for a draft tree's nodes (default 64; a bigger tree needs more)."""
     from specdec.adapters.gpt import GPTAdapter
     directory = Path(directory) if directory is not None else None
     models, cards = {}, {}
@@ -189,7 +203,9 @@ def load(device: str | torch.device = "cpu", directory: str | Path | None = None
             models[name] = None
             continue
         generative = name in GENERATIVE_MODELS
-        models[name], cards[name] = load_model(name, directory, device, dtype if generative else None)
+        models[name], cards[name] = load_model(name, directory, device, dtype if generative else None, draft_room)
+    if models["eagle"] is not None and "tree_profile" in cards["eagle"]:     # its optimal-N trees' profile
+        models["eagle"].rank_acceptance = tuple(cards["eagle"]["tree_profile"]["rank_acceptance"])
     classes = tuple(cards["target"].get("data", {}).get("classes", CLASS_NAMES))
     tok: VQTokenizer = models["vq"]
     codebook = tok.codebook.detach()

@@ -1,0 +1,71 @@
+"""A drafter's rank acceptance profile: how often the r-th sibling it draws is the one the target accepts, the
+number an optimal static tree is built from (`specdec.tree.optimal_shape`, after Sequoia, Chen et al. arXiv
+2402.12374).
+
+Measured with star trees: R siblings under the root and nothing below them, R = 1 .. ranks, each decoded over the
+same images with the same seed. A(R), the accepted drafts per target forward, is the chance that one of R siblings
+is accepted, so a[r] = A(r + 1) - A(r) is the chance that the sibling of rank r is the accepted one. Each A(R) is
+an estimate, so the differences are smoothed into the non-increasing profile the model assumes (pool adjacent
+violators: a least-squares fit) and cut at the first rank worth nothing. Counts only, no timing; the rule must
+be lossless (the exact rule's recursive rejection) for A(R) to be the drafter's acceptance against p.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor
+
+from specdec.sampling import Sampling
+
+
+@dataclass(frozen=True)
+class RankAcceptance:
+    """profile: a[r], non-increasing, what `optimal_shape` takes; cumulative: the measured A(R) for R = 1 ..
+    ranks (A(R) - A(R - 1) before smoothing is the raw a[R - 1]); images: rows decoded per star tree."""
+    profile: tuple[float, ...]
+    cumulative: tuple[float, ...]
+    images: int
+
+
+def non_increasing(values: list[float]) -> list[float]:
+    """The least-squares non-increasing fit of a sequence (pool adjacent violators)."""
+    blocks: list[list[float]] = []                  # [mean, weight] of each pooled block
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            (m2, w2), (m1, w1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
+    return [m for m, w in blocks for _ in range(int(w))]
+
+
+def rank_acceptance(target, drafter_for_shape: Callable, cond: Tensor, sampling: Sampling, ranks: int = 8,
+                    seed: int = 0, rule=None, progress: Callable[[str], None] | None = None) -> RankAcceptance:
+    """Measure a drafter's rank acceptance profile on a target.
+
+    drafter_for_shape: child-rank paths -> a tree drafter drawing that static shape (e.g. `lambda paths:
+    EagleTreeDrafter(head, shape=paths)`); its siblings' kind ("sample", "argmax") is the one the profile
+    describes. cond: [B] class ids decoded per star tree (more rows, less noise: the standard error of A(R) is
+    about 0.5 / sqrt(committed tokens)). rule: a lossless tree rule (default: the exact rule). progress: called
+    with one line per star tree."""
+    from specdec.engine import generate
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks must be an int >= 1, got {ranks!r}")
+    cumulative = []
+    for width in range(1, ranks + 1):
+        drafter = drafter_for_shape([(r,) for r in range(width)])
+        result = generate(target, cond, drafter=drafter, rule=rule, sampling=sampling, seed=seed, decode=False)
+        stats = result.stats
+        cumulative.append(stats.accepted / max(stats.target_forwards, 1))
+        if progress is not None:
+            progress(f"{width} sibling(s): accepted {cumulative[-1]:.4f} per forward")
+    raw = [b - a for a, b in zip([0.0] + cumulative, cumulative)]
+    profile = []
+    for a in non_increasing(raw):
+        if a <= 0.0:
+            break                                    # ranks from here on add nothing measurable
+        profile.append(a)
+    if not profile:
+        raise ValueError("the drafter's first sibling was never accepted: no tree can help it (check that the "
+                         "drafter and the target share a vocabulary, and the guidance scale it was trained at)")
+    return RankAcceptance(tuple(profile), tuple(cumulative), int(cond.shape[0]))
