@@ -4,6 +4,7 @@ image (it drafts unguided). Median of interleaved rounds.
 
     python experiments/bench_drafter_step.py --threads 1 --cfg 3
     python experiments/bench_drafter_step.py --threads 2 --drafter eagle
+    python experiments/bench_drafter_step.py --device cuda       # timed with a clock that waits for the GPU
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import specdec
 from drafters.model import draft_token
 from specdec import Sampling
 from specdec.bench.timing import interleaved_rounds, set_threads
+from specdec.devices import use_device
 
 
 def eagle_draft_state(bundle, cfg: float, cond: torch.Tensor):
@@ -33,19 +35,22 @@ def main(argv=None) -> None:
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--drafter", choices=("model", "eagle"), default="model")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     threads = set_threads(args.threads)
-    bundle = specdec.zoo.load()
+    device = use_device(args.device)
+    bundle = specdec.zoo.load(device)
+    cond = torch.tensor([1], device=device)
     if args.drafter == "eagle":
-        model, state, sampling = eagle_draft_state(bundle, args.cfg, torch.tensor([1]))
-        state.cache.set_lengths(torch.tensor([60]))
+        model, state, sampling = eagle_draft_state(bundle, args.cfg, cond)
+        state.cache.set_lengths(torch.tensor([60], device=device))
     else:
         model, sampling = bundle.drafter_model, Sampling(cfg_scale=args.cfg)
-        state, _ = model.start(torch.tensor([1]), sampling, 150)
-        model.forward(state, torch.zeros(1, 60, dtype=torch.long))
+        state, _ = model.start(cond, sampling, 150)
+        model.forward(state, torch.zeros(1, 60, dtype=torch.long, device=device))
     base = state.cache.lengths.clone()
-    feed, u = torch.zeros(1, 1, dtype=torch.long), torch.full((1,), 0.5)
+    feed, u = torch.zeros(1, 1, dtype=torch.long, device=device), torch.full((1,), 0.5, device=device)
     compiled = torch.compile(draft_token, fullgraph=True, dynamic=False)
 
     def step(fn):
@@ -58,7 +63,7 @@ def main(argv=None) -> None:
         step(compiled)()
     timings, _ = interleaved_rounds([step(draft_token), step(compiled)], args.rounds)
     eager, fast = (1e3 * statistics.median(t.seconds) for t in timings)
-    print(f"zoo {args.drafter} drafter, batch 1, cfg {args.cfg:g}, {threads} threads: draft token step "
+    print(f"zoo {args.drafter} drafter on {device}, batch 1, cfg {args.cfg:g}, {threads} threads: draft token step "
           f"{eager:.3f} ms eager, "
           f"{fast:.3f} ms compiled ({eager / fast:.2f}x)")
 

@@ -6,6 +6,7 @@ m states costing ~m steps (compute-bound) leave nothing to save.
 
     python experiments/bench_head_window.py --threads 2
     python experiments/bench_head_window.py --threads 2 --dtype bfloat16
+    python experiments/bench_head_window.py --device cuda --dtype bfloat16   # where a window should cost ~one state
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import statistics
 import torch
 
 from specdec.bench.timing import interleaved_rounds, set_threads
+from specdec.devices import use_device
 from specdec.zoo import continuous
 
 
@@ -25,26 +27,29 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--states", default="1,2,3,5,9,17", help="states per position per call")
     ap.add_argument("--dtype", default="float32", help="what the MAR networks compute in (float32, bfloat16)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     threads = set_threads(args.threads)
-    target = continuous.load(dtype=args.dtype).target
-    g = torch.Generator().manual_seed(0)
-    state = target.prepare(torch.tensor([3]), args.cfg, generator=g)
+    device = use_device(args.device)
+    target = continuous.load(device, dtype=args.dtype).target
+    g = torch.Generator(device).manual_seed(0)
+    state = target.prepare(torch.tensor([3], device=device), args.cfg, generator=g)
     positions = state.order[:, :9]
     z = target.condition(state, positions)
     S, D = target.num_steps, target.token_dim
-    x_T, noises = torch.randn(1, 9, D, generator=g), torch.randn(1, 9, S, D, generator=g)
+    x_T = torch.randn(1, 9, D, generator=g, device=device)
+    noises = torch.randn(1, 9, S, D, generator=g, device=device)
     windows = [int(m) for m in args.states.split(",")]
     calls = [lambda: target.head_chain(z, x_T, noises, 1.0, args.cfg, record=False)]
     for m in windows:
-        x, t = torch.randn(1, 9, m, D, generator=g), torch.arange(m)
+        x, t = torch.randn(1, 9, m, D, generator=g, device=device), torch.arange(m, device=device)
         calls.append(lambda x=x, t=t: target.head_transition(z, x, t, args.cfg))
     for call in calls:
         call()
     timings, _ = interleaved_rounds(calls, args.rounds)
     step = 1e3 * statistics.median(timings[0].seconds) / S
-    print(f"continuous zoo target head ({args.dtype}), 9 positions, cfg {args.cfg:g}, {threads} threads: one chain step "
+    print(f"continuous zoo target head ({args.dtype}, {device}), 9 positions, cfg {args.cfg:g}, {threads} threads: one chain step "
           f"{step:.3f} ms")
     for m, t in zip(windows, timings[1:]):
         ms = 1e3 * statistics.median(t.seconds)
