@@ -28,7 +28,7 @@ from drafters.model import ModelDrafter
 from specdec.protocols import ARModel
 from specdec.random import sample_categorical
 from specdec.sampling import to_probs
-from specdec.tree import DraftTree, shape_parents, static_shape
+from specdec.tree import DraftTree, shape_parents, shape_preset, static_shape
 
 
 class TreeModelDrafter(ModelDrafter):
@@ -39,6 +39,11 @@ class TreeModelDrafter(ModelDrafter):
 
     def __init__(self, model: ARModel, shape="spine-4", drafts: str = "sample", draft_cfg: float | None = None,
                  rank_acceptance=None):
+        if model is None and rank_acceptance is None and isinstance(shape, str) \
+                and shape_preset(shape)[0] == "optimal":
+            # parameters checked alone (a bench config): the profile comes with the model; the preset's syntax is
+            # checked, and a chain of as many nodes stands in for its shape
+            shape = f"chain-{shape_preset(shape)[1][0]}"
         paths = static_shape(shape, rank_acceptance)
         parents, ranks, depths = shape_parents(paths)
         if drafts not in ("sample", "iid", "argmax"):

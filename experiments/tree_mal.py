@@ -7,6 +7,7 @@ target forward; +- is the standard error of the per-image MAL over the images.
     python experiments/tree_mal.py --cfg 3 --images 16 --threads 2
     python experiments/tree_mal.py --zoo-dir <folder>     # a retrained head beside the target, before adopting it
     python experiments/tree_mal.py --big                  # 126-255-node trees only
+    python experiments/tree_mal.py --big --only optimal --images 64
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--zoo-dir", default=None, help="a zoo weights folder (default: the installed zoo)")
     ap.add_argument("--big", action="store_true", help="measure the 126-255-node trees instead")
+    ap.add_argument("--only", default="", help="measure only the trees whose name contains this text")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (counts only: the device changes no figure "
                                                     "beyond rounding)")
     args = ap.parse_args(argv)
@@ -57,6 +59,9 @@ def main(argv=None) -> None:
     print(f"| EAGLE drafts, exact rule, CFG {args.cfg:g}, {args.images} images | MAL | +- "
           f"| target forwards / image |")
     print("|---|---|---|---|")
+    trees = {name: params for name, params in trees.items() if args.only in name}
+    if not trees:
+        raise SystemExit(f"no tree name contains {args.only!r}")
     for name, params in trees.items():
         res = specdec.generate(bundle.target, cond, drafter=eagle(bundle.eagle_head, **params),
                                sampling=Sampling(cfg_scale=args.cfg), seed=args.seed, decode=False)

@@ -144,20 +144,14 @@ def static_shape(spec, rank_acceptance=None) -> list[tuple[int, ...]]:
     "optimal-NxD" (the N-node tree, depth <= D, with the most expected accepted drafts for a drafter's
     rank_acceptance profile: `optimal_shape`)."""
     if isinstance(spec, str):
-        kind, _, size = spec.partition("-")
-        two = kind == "seqs" or (kind == "optimal" and "x" in size)
-        sizes = size.split("x") if two else [size]                    # seqs-KxL, optimal-NxD: two sizes
-        if kind not in ("chain", "binary", "spine", "seqs", "optimal") or len(sizes) != (2 if two else 1) \
-                or not all(s.isdigit() and int(s) >= 1 for s in sizes):
-            raise ValueError(f"unknown tree shape {spec!r}; use chain-K, binary-D, spine-D, seqs-KxL, optimal-N, "
-                             f"optimal-NxD or a list of child-rank paths such as [[0], [1], [0, 0]]")
-        n, length = int(sizes[0]), int(sizes[-1])
+        kind, sizes = shape_preset(spec)
+        n, length = sizes[0], sizes[-1]
         if kind == "optimal":
             if rank_acceptance is None:
                 raise ValueError(f"tree shape {spec!r} is chosen from the drafter's rank acceptance profile, and none "
                                  f"was given: pass rank_acceptance (measured by specdec.tree_profile."
                                  f"rank_acceptance; the zoo's EAGLE head carries its own) or use a fixed shape")
-            return optimal_shape(rank_acceptance, n, length if two else None)
+            return optimal_shape(rank_acceptance, n, length if len(sizes) == 2 else None)
         if kind == "seqs":
             paths = [(r,) + (0,) * d for d in range(length) for r in range(n)]
         elif kind == "chain":
@@ -179,6 +173,19 @@ def static_shape(spec, rank_acceptance=None) -> list[tuple[int, ...]]:
             raise ValueError(f"tree path {list(path)}: its elder sibling {list(path[:-1] + (path[-1] - 1,))} is "
                              f"missing (siblings are drawn in rank order)")
     return paths
+
+
+def shape_preset(spec: str) -> tuple[str, list[int]]:
+    """A preset shape's name -> (kind, sizes): "binary-3" -> ("binary", [3]), "optimal-30x6" -> ("optimal", [30, 6]).
+    Raises ValueError naming the presets for anything else."""
+    kind, _, size = spec.partition("-")
+    two = kind == "seqs" or (kind == "optimal" and "x" in size)
+    sizes = size.split("x") if two else [size]                    # seqs-KxL, optimal-NxD: two sizes
+    if kind not in ("chain", "binary", "spine", "seqs", "optimal") or len(sizes) != (2 if two else 1) \
+            or not all(s.isdigit() and int(s) >= 1 for s in sizes):
+        raise ValueError(f"unknown tree shape {spec!r}; use chain-K, binary-D, spine-D, seqs-KxL, optimal-N, "
+                         f"optimal-NxD or a list of child-rank paths such as [[0], [1], [0, 0]]")
+    return kind, [int(s) for s in sizes]
 
 
 def _checked_profile(rank_acceptance) -> tuple[float, ...]:

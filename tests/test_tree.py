@@ -604,6 +604,16 @@ def test_optimal_shape_presets_need_a_valid_profile():
         static_shape("optimal-", profile)
     with pytest.raises(ValueError, match="nodes must be"):
         optimal_shape(profile, 0)
+    # a bench config checks a drafter's parameters without its model: the preset's syntax only, the profile comes
+    # with the model; a model without one is refused when the drafter is built
+    from drafters.eagle import eagle
+    from drafters.model_tree import TreeModelDrafter
+    eagle(None, tree="static:optimal-6x3")
+    with pytest.raises(ValueError, match="unknown tree shape"):
+        eagle(None, tree="static:optimal-6y3")
+    with pytest.raises(ValueError, match="rank acceptance profile"):
+        TreeModelDrafter(tiny_gpt(), shape="optimal-6")
+    assert TreeModelDrafter(tiny_gpt(), shape="optimal-6", rank_acceptance=profile).shape == optimal_shape(profile, 6)
 
 
 def test_non_increasing_fit_pools_violators():

@@ -196,3 +196,27 @@ def test_zoo_v2_forwards_and_mal_for_a_seed(bundle, name):
     fwd, mal = ZOO_FIGURES[name]
     assert res.stats.target_forwards_per_image == pytest.approx(fwd, abs=0.01)
     assert res.stats.mean_accepted_length == pytest.approx(mal, abs=0.005)
+
+
+# The same for draft trees of 30 nodes: the optimal shape for the head's rank acceptance profile (on its card) and
+# the binary tree of depth 4 (4 images, CFG 3, seed 0, one thread; target forwards per image, MAL). A tree's wider
+# products round differently with the thread count (two threads: binary-4 53.0 / 2.6981), so these figures allow
+# one forward's difference; the optimal tree's lead (about 0.5 MAL) is far beyond it.
+TREE_FIGURES = {"static:optimal-30": (44.75, 3.1955), "static:binary-4": (52.5, 2.7238)}
+
+
+def test_the_zoo_eagle_head_carries_its_rank_acceptance_and_its_optimal_tree_beats_the_binary_one(bundle):
+    from drafters.eagle import eagle
+    from specdec.tree import optimal_shape
+
+    profile = bundle.cards["eagle"]["tree_profile"]["rank_acceptance"]
+    assert bundle.eagle_head.rank_acceptance == tuple(profile)
+    assert eagle(bundle.eagle_head, tree="static:optimal-30").shape == optimal_shape(profile, 30)
+    mal = {}
+    for tree, (fwd, expected) in TREE_FIGURES.items():
+        res = specdec.generate(bundle.target, torch.arange(4), drafter=eagle(bundle.eagle_head, tree=tree),
+                               sampling=Sampling(cfg_scale=3.0), seed=0, decode=False)
+        assert res.stats.target_forwards_per_image == pytest.approx(fwd, abs=1.01), tree
+        assert res.stats.mean_accepted_length == pytest.approx(expected, rel=0.03), tree
+        mal[tree] = res.stats.mean_accepted_length
+    assert mal["static:optimal-30"] > mal["static:binary-4"] + 0.3
