@@ -6,9 +6,10 @@ V vocabulary, N tree nodes, D tree depth (the most tokens a step can accept).
 
 The shape is fixed (`specdec.tree.static_shape`: "chain-K", "spine-D", "binary-D", "seqs-KxL", child-rank
 paths, or "optimal-N[xD]": the N-node shape with the most expected accepted drafts for the drafter's measured
-rank_acceptance profile, `specdec.tree.optimal_shape` after Sequoia, arXiv 2402.12374). Each step the drafter feeds its committed tail as a chain (q at the root), then expands the tree level by
-level: the nodes of a level that have children are fed in one forward (tree attention over their ancestors,
-`forward_tree_part`), and each of them draws its children from its q in rank order:
+rank_acceptance profile, `specdec.tree.optimal_shape` after Sequoia, arXiv 2402.12374). Each step the drafter
+feeds its committed tail as a chain (q at the root), then expands the tree level by level: the nodes of a level
+that have children are fed in one forward (tree attention over their ancestors, `forward_tree_part`), and each of
+them draws its children from its q in rank order:
   drafts="sample": without replacement; child r's law is q with the r earlier siblings removed and renormalised
                    (the sequential q the tree rule tests it against);
   drafts="iid":    independently from q (i.i.d. siblings, each tested against q; what SpecTr's k-SEQ needs);

@@ -16,6 +16,7 @@ are moved behind the prefix in a static cache, which is then as if the path had 
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -223,7 +224,6 @@ def optimal_shape(rank_acceptance, nodes: int, max_depth: int | None = None) -> 
     elder sibling: the `nodes` most valuable nodes of the unbounded tree form a valid shape, and a best-first walk
     of the frontier finds them (ties to the shallower, then lower-ranked path). max_depth caps the draft calls per
     step, the drafter's share of a step's time. -> child-rank paths, as `static_shape`."""
-    import heapq
     profile = _checked_profile(rank_acceptance)
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
         raise ValueError(f"nodes must be an int >= 1, got {nodes!r}")

@@ -6,8 +6,9 @@ Measured with star trees: R siblings under the root and nothing below them, R = 
 same images with the same seed. A(R), the accepted drafts per target forward, is the chance that one of R siblings
 is accepted, so a[r] = A(r + 1) - A(r) is the chance that the sibling of rank r is the accepted one. Each A(R) is
 an estimate, so the differences are smoothed into the non-increasing profile the model assumes (pool adjacent
-violators: a least-squares fit) and cut at the first rank worth nothing. Counts only, no timing; the rule must
-be lossless (the exact rule's recursive rejection) for A(R) to be the drafter's acceptance against p.
+violators: a least-squares fit) and cut at the first rank worth nothing. Counts only, no timing. With the exact
+rule (recursive rejection) A(R) is the drafter's acceptance against p; with a relaxed tree rule it is that rule's,
+and the shapes built from it are the best for that rule.
 """
 from __future__ import annotations
 
@@ -45,9 +46,9 @@ def rank_acceptance(target, drafter_for_shape: Callable, cond: Tensor, sampling:
 
     drafter_for_shape: child-rank paths -> a tree drafter drawing that static shape (e.g. `lambda paths:
     EagleTreeDrafter(head, shape=paths)`); its siblings' kind ("sample", "argmax") is the one the profile
-    describes. cond: [B] class ids decoded per star tree (more rows, less noise: the standard error of A(R) is
-    about 0.5 / sqrt(committed tokens)). rule: a lossless tree rule (default: the exact rule). progress: called
-    with one line per star tree."""
+    describes. cond: [B] class ids decoded per star tree (more rows, less noise: A(R) is a mean over target
+    forwards of a 0/1 outcome, its standard error at most 0.5 / sqrt(forwards)). rule: the tree rule the shapes
+    will be verified with (default: the exact rule). progress: called with one line per star tree."""
     from specdec.engine import generate
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise ValueError(f"ranks must be an int >= 1, got {ranks!r}")
