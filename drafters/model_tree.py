@@ -58,7 +58,9 @@ class TreeModelDrafter(ModelDrafter):
                              f"{type(model).__name__} does not")
         self.shape = paths
         self.tree_size = len(paths)
-        self.max_children = max(ranks) + 1
+        # the most children of any node at each depth (0: the root), so verification tests only those siblings
+        self.max_children = tuple(max([r + 1 for r, dep in zip(ranks, depths) if dep == d + 1] or [1])
+                                  for d in range(max(depths)))
         # i.i.d. siblings that drew the same token share their prefix: a lossless rule pools their children, at most
         # the widest level of the shape (not for siblings drawn without replacement or top-ranked: they differ)
         self.pool = max(depths.count(d) for d in set(depths)) if drafts == "iid" else 0

@@ -28,7 +28,9 @@ class DraftTree:
     """A batch of draft trees (see the module doc). q: FloatTensor [B, N, V], the law node i was drawn from given
     its parent's context and its earlier siblings (sequential q), or None for deterministic (one-hot) drafts.
     max_depth, max_children: static bounds of the tree's shape (default N), so verification loops a known number
-    of times without reading the tree on the host. pool: 0, or (siblings drawn i.i.d. only) a static bound on the
+    of times without reading the tree on the host; max_children may be a tuple of one bound per depth (entry d:
+    the most children of any node at depth d, 0 = the root), so a static shape's narrow deep levels test only the
+    siblings they have. pool: 0, or (siblings drawn i.i.d. only) a static bound on the
     nodes of one depth: a lossless rule may then pool the children of every sibling that drew the accepted token
     (`verifiers._tree.tree_walk`)."""
 
@@ -37,7 +39,7 @@ class DraftTree:
     count: Tensor
     q: Tensor | None = None
     max_depth: int = 0
-    max_children: int = 0
+    max_children: int | tuple[int, ...] = 0
     pool: int = 0
 
     def __post_init__(self):

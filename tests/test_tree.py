@@ -641,3 +641,35 @@ def test_rank_acceptance_of_a_drafter_equal_to_the_target_is_one_at_the_first_ra
     assert sum(got.profile) <= max(got.cumulative) + 1e-9 <= 1.0
     with pytest.raises(ValueError, match="ranks must be"):
         rank_acceptance(target, None, torch.arange(2), Sampling(), ranks=0)
+
+
+def test_per_depth_sibling_bounds_give_the_verdicts_of_one_bound():
+    """A static shape's narrow deep levels test only the siblings they have (max_children per depth); the verdicts
+    equal those of the one-bound walk over every rank, draw for draw, for the lossless and the relaxed tree rules."""
+    from drafters.model_tree import TreeModelDrafter
+    from specdec.random import GeneratorRandomness
+    from verifiers._tree import recursive_select, tree_walk
+    from verifiers.lantern import LanternRule
+
+    drafter = TreeModelDrafter(None, [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    assert drafter.max_children == (3, 2, 1)
+    B, V, N = 64, 12, drafter.tree_size
+    g = torch.Generator().manual_seed(5)
+    q = torch.softmax(torch.randn(B, N, V, generator=g) * 2, -1)
+    tokens = torch.distributions.Categorical(q).sample()
+    probs = torch.softmax(torch.randn(B, N + 1, V, generator=g) * 2, -1)
+    parents = drafter.parents.expand(B, N)
+    valid = torch.ones(B, N, dtype=torch.bool)
+    lantern = LanternRule(torch.randn(V, 4, generator=g), k=3, delta=0.2)
+    tree = DraftTree(tokens, parents, torch.full((B,), N), q, 3, drafter.max_children)
+    for name, walk in (("exact", lambda bound: tree_walk(tokens, parents, valid, q, probs,
+                                                         GeneratorRandomness(torch.Generator().manual_seed(1), B),
+                                                         3, bound, recursive_select)),
+                       ("lantern", lambda bound: lantern.verify_tree(
+                           DraftTree(tokens, parents, torch.full((B,), N), q, 3, bound), probs,
+                           GeneratorRandomness(torch.Generator().manual_seed(1), B)))):
+        narrow, wide = walk(drafter.max_children), walk(3)
+        assert bool((wide.n_accepted > 0).any()) and bool((wide.n_accepted < 3).any())      # both ways taken
+        for field in ("n_accepted", "node", "next_token"):
+            assert torch.equal(getattr(narrow, field), getattr(wide, field)), (name, field)
+    assert tree.max_children == (3, 2, 1)

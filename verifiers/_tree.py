@@ -85,14 +85,15 @@ def tree_walk(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, 
     (commit a token from the residual it returns and stop); a node with no children commits a bonus from its
     target law. tokens, parents [B, N], valid [B, N], q [B, N, V] (each node's law; None = one-hot),
     target_probs [B, 1 + N, V] (row 0: the root's output, row 1 + i: node i's); max_depth, max_children: static
-    bounds of the tree's shape; pool: 0, or (i.i.d. siblings, a lossless `select`) the most nodes of one depth: the
+    bounds of the tree's shape (max_children: one int, or one per depth, `DraftTree`); pool: 0, or (i.i.d. siblings, a lossless `select`) the most nodes of one depth: the
     walk stands on every sibling that drew the accepted token and tests all their children (the module doc)
     -> TreeVerdict."""
     B, N = tokens.shape
     V = target_probs.shape[-1]
     dev = tokens.device
     rows = torch.arange(B, device=dev)
-    K = min(pool, N) if pool else max_children
+    widths = tuple(max_children) if isinstance(max_children, (tuple, list)) else (max_children,) * max_depth
+    K = min(pool, N) if pool else max(widths)
     if pool:                                                                 # the nodes the walk stands on: the root
         members = (torch.arange(N + 1, device=dev) == 0).expand(B, -1)
     else:
@@ -104,15 +105,16 @@ def tree_walk(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, 
     walking = torch.ones(B, dtype=torch.bool, device=dev)
     depth = torch.zeros(B, dtype=torch.long, device=dev)
     for d in range(max_depth):
+        width = K if pool else widths[d]             # siblings a node of this depth can have (static)
         if pool:
             kids, child = pooled_children(parents, valid, members, K)        # [B, K], [B, N]
         else:
-            kids = table[rows, cur + 1]                                      # [B, K]
+            kids = table[rows, cur + 1, :width]                              # [B, width]
         has = walking[:, None] & (kids >= 0)
         c = kids.clamp_min(0)
         x = tokens.gather(1, c)
         q_kids = torch.nn.functional.one_hot(x, V).to(law.dtype) if q is None else q[rows[:, None], c]
-        pick, residual = select(x, q_kids, has, target_probs[rows, cur + 1], u_accept[:, d])
+        pick, residual = select(x, q_kids, has, target_probs[rows, cur + 1], u_accept[:, d, :width])
         moved = pick >= 0
         stop_here = walking & ~moved
         law = torch.where(stop_here[:, None], residual, law)
