@@ -173,7 +173,11 @@ def run_continuous_demo(out: str | Path = "specdec-demo-continuous", quick: bool
     """Run the continuous demo and print its table; arguments as `specdec.demo.run_demo` (bundle: a continuous
     bundle to use instead of the zoo's). Raises DemoError."""
     out, threads = prepare(out, threads)
-    device = demo_device(device)
+    requested, device = device, demo_device(device)
+    if bundle is not None and requested is not None and bundle.target.device != device:
+        raise DemoError(f"device {requested!r} was asked for, but the given bundle is on {bundle.target.device}: "
+                        f"load the bundle on {device} (specdec.zoo.continuous.load({str(device)!r})) or leave the "
+                        f"device out to run where the bundle is")
     if bundle is None:
         import specdec.zoo
         from specdec.zoo import continuous

@@ -329,3 +329,14 @@ def test_continuous_demo_rows_and_cli(pair, tmp_path, monkeypatch):
         main(["demo", "--continuous", "--quick", "--out", str(tmp_path / "cli")])
     with pytest.raises(UsageError, match="two different demos"):
         main(["demo", "--continuous", "--video", "--out", str(tmp_path / "cli")])
+
+
+def test_continuous_demo_refuses_a_device_its_bundle_is_not_on(tmp_path):
+    """A given bundle stays where it is: asking for another device names the mismatch and the fix, before any
+    work (a bundle that claims to be on a GPU stands in for one on a CPU-only machine)."""
+    from types import SimpleNamespace
+
+    from specdec.demo import DemoError
+    elsewhere = SimpleNamespace(target=SimpleNamespace(device=torch.device("cuda", 0)))
+    with pytest.raises(DemoError, match=r"given bundle is on cuda:0.*load the bundle on cpu"):
+        run_continuous_demo(tmp_path, quick=True, bundle=elsewhere, device="cpu")
