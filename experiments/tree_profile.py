@@ -1,10 +1,14 @@
 """The zoo EAGLE head's rank acceptance profile (`specdec.tree_profile`), and the MAL its optimal static trees
 (`specdec.tree.optimal_shape`, after Sequoia, arXiv 2402.12374) are predicted to reach against the binary trees of
 the same size. --write stores the profile on the head's card, where `eagle(head, tree="static:optimal-N")` and
-the bench's `tree = "static:optimal-N"` find it. Counts only, untimed.
+the bench's `tree = "static:optimal-N"` find it. Counts only, untimed, unless --costs: then the target's
+verification cost per token count (raw forwards) and a drafter call through the loop are measured on this device,
+and the shapes predicted fastest here are listed (`specdec.tree_profile.fastest_shapes`), with the chain's and the
+bench's optimal shapes for comparison with measured speedups.
 
     python experiments/tree_profile.py --cfg 3 --images 64 --threads 2 --write
     python experiments/tree_profile.py --zoo-dir <folder> --write     # a retrained head, before adopting it
+    python experiments/tree_profile.py --costs --from-card --threads 2  # which tree this device wants
 """
 from __future__ import annotations
 
@@ -20,10 +24,30 @@ from specdec import Sampling
 from specdec.bench.timing import set_threads
 from specdec.devices import use_device
 from specdec.tree import expected_accepted, optimal_shape, static_shape
-from specdec.tree_profile import rank_acceptance
+from specdec.bench.timing import step_costs
+from specdec.tree_profile import ShapeChoice, StepCost, fastest_shapes, rank_acceptance
 from specdec.zoo import read_card, write_card
 
 COMPARED = {14: "binary-3", 30: "binary-4", 62: "binary-5", 126: "binary-6"}
+VERIFY_SIZES = (2, 4, 8, 16, 32, 64)
+ON_THE_BENCH = {"chain-4 (optimal-4x4)": (4, 4), "optimal-4x2": (4, 2), "optimal-6x3": (6, 3), "optimal-14": (14, 12),
+                "optimal-30": (30, 12), "optimal-62": (62, 12)}
+
+
+def measured_cost(bundle, sampling: Sampling, rounds: int) -> StepCost:
+    """This device's StepCost at batch 1: raw verification forwards over a raw step, and one drafter call (draft
+    seconds per call of an optimal-14 tree's steps through the loop) over the raw step."""
+    cond = torch.tensor([1], device=bundle.target.device)
+    verify, step = {1: 1.0}, []
+    for n in VERIFY_SIZES:
+        t_step, t_n = step_costs(bundle.target, cond, sampling, n, rounds)
+        verify[n], step = t_n / t_step, step + [t_step]
+    t_step = sorted(step)[len(step) // 2]
+    drafter = EagleTreeDrafter(bundle.eagle_head, shape="optimal-14")
+    specdec.generate(bundle.target, cond, drafter=drafter, sampling=sampling, seed=0, decode=False)    # warm-up
+    res = specdec.generate(bundle.target, cond, drafter=drafter, sampling=sampling, seed=1, decode=False)
+    per_call = res.stats.draft_s / (res.stats.steps * (drafter.k + 1))
+    return StepCost(verify, per_call / t_step)
 
 
 def main(argv=None) -> None:
@@ -36,6 +60,9 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     ap.add_argument("--zoo-dir", default=None, help="a zoo weights folder (default: the installed zoo)")
     ap.add_argument("--write", action="store_true", help="store the profile on the EAGLE head's card")
+    ap.add_argument("--costs", action="store_true", help="also measure this device's costs and rank the shapes")
+    ap.add_argument("--from-card", action="store_true", help="take the profile on the head's card, measure none")
+    ap.add_argument("--rounds", type=int, default=20, help="timing rounds per verification size (--costs)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     threads = set_threads(args.threads)
@@ -43,17 +70,35 @@ def main(argv=None) -> None:
     bundle = specdec.zoo.load(device, directory=args.zoo_dir)
     if bundle.eagle_head is None:
         raise SystemExit("this zoo has no EAGLE head: train one with experiments/train_eagle.py")
-    cond = (torch.arange(args.images) % len(bundle.classes)).to(device)
-    measured = rank_acceptance(bundle.target, lambda paths: EagleTreeDrafter(bundle.eagle_head, shape=paths),
-                               cond, Sampling(cfg_scale=args.cfg), ranks=args.ranks, seed=args.seed,
-                               progress=lambda line: print(line, flush=True))
-    profile = measured.profile
-    print(f"rank acceptance (CFG {args.cfg:g}, {args.images} images): " + ", ".join(f"{a:.4f}" for a in profile))
+    if args.from_card:
+        if args.write or bundle.eagle_head.rank_acceptance is None:
+            raise SystemExit("--from-card reads the profile on the head's card (none there, or --write given)")
+        profile, source = bundle.eagle_head.rank_acceptance, "the head's card"
+    else:
+        cond = (torch.arange(args.images) % len(bundle.classes)).to(device)
+        measured = rank_acceptance(bundle.target, lambda paths: EagleTreeDrafter(bundle.eagle_head, shape=paths),
+                                   cond, Sampling(cfg_scale=args.cfg), ranks=args.ranks, seed=args.seed,
+                                   progress=lambda line: print(line, flush=True))
+        profile, source = measured.profile, f"CFG {args.cfg:g}, {args.images} images"
+    print(f"rank acceptance ({source}): " + ", ".join(f"{a:.4f}" for a in profile))
     print("| nodes | optimal: depth | predicted MAL | binary tree | predicted MAL |\n|---|---|---|---|---|")
     for nodes, binary in COMPARED.items():
         paths = optimal_shape(profile, nodes)
         print(f"| {nodes} | {max(map(len, paths))} | {1 + expected_accepted(paths, profile):.2f} | {binary} | "
               f"{1 + expected_accepted(static_shape(binary), profile):.2f} |")
+    if args.costs:
+        cost = measured_cost(bundle, Sampling(cfg_scale=args.cfg), args.rounds)
+        print(f"costs on {device}, batch 1, CFG {args.cfg:g}, {threads} threads, in target steps: verify "
+              + ", ".join(f"{n} tokens {c:.2f}" for n, c in sorted(cost.verify.items()))
+              + f"; a drafter call {cost.draft_call:.3f}")
+        print("| shape | nodes | depth | predicted MAL | step cost | predicted speedup |\n|---|---|---|---|---|---|")
+        rows = [(f"fastest #{i + 1}", c) for i, c in enumerate(fastest_shapes(profile, cost))]
+        for name, (nodes, depth) in ON_THE_BENCH.items():
+            paths = optimal_shape(profile, nodes, depth)
+            d, mal = max(map(len, paths)), 1 + expected_accepted(paths, profile)
+            rows.append((name, ShapeChoice(paths, nodes, d, mal, cost.step(nodes, d), mal / cost.step(nodes, d))))
+        for name, c in rows:
+            print(f"| {name} | {c.nodes} | {c.depth} | {c.mal:.2f} | {c.cost:.2f} | {c.speedup:.2f}x |")
     if args.write:
         card = read_card("eagle", args.zoo_dir)
         command = "python experiments/tree_profile.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -70,3 +70,61 @@ def rank_acceptance(target, drafter_for_shape: Callable, cond: Tensor, sampling:
         raise ValueError("the drafter's first sibling was never accepted: no tree can help it (check that the "
                          "drafter and the target share a vocabulary, and the guidance scale it was trained at)")
     return RankAcceptance(tuple(profile), tuple(cumulative), int(cond.shape[0]))
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """What one speculative step costs on a device, in target decode steps (what AR pays per token).
+
+    verify: {tokens fed in one verification forward: its cost}, measured points (1 token costs 1.0); linear
+    between them, the last segment's slope beyond. draft_call: one drafter call, one tree level or the catch-up
+    feed, measured through the loop. feeds: drafter calls per step besides the levels (EAGLE's catch-up feed: 1)."""
+    verify: dict[int, float]
+    draft_call: float
+    feeds: int = 1
+
+    def verify_steps(self, tokens: int) -> float:
+        points = sorted(self.verify.items())
+        if len(points) < 2:
+            raise ValueError(f"StepCost.verify needs at least 2 measured sizes, got {self.verify}")
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):      # the segment holding tokens, else the last one
+            if tokens <= x1:
+                break
+        return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+
+    def step(self, nodes: int, depth: int) -> float:
+        """A step verifying `nodes` drafts (nodes + 1 tokens with the root) drafted `depth` levels deep."""
+        return self.verify_steps(nodes + 1) + self.draft_call * (depth + self.feeds)
+
+
+@dataclass(frozen=True)
+class ShapeChoice:
+    """A shape and what the positional model and the cost model predict for it: MAL, the step's cost in target
+    steps, and the speedup over AR (MAL / cost)."""
+    paths: list[tuple[int, ...]]
+    nodes: int
+    depth: int
+    mal: float
+    cost: float
+    speedup: float
+
+
+def fastest_shapes(rank_acceptance, cost: StepCost, max_nodes: int = 64, max_depth: int = 12,
+                   top: int = 5) -> list[ShapeChoice]:
+    """The optimal shapes (`optimal_shape`) of 1 .. max_nodes nodes and depth 1 .. max_depth, ranked by predicted
+    speedup over AR on the device `cost` describes, best first (Sequoia's hardware-aware choice): where verifying
+    many tokens costs about one step (a GPU at small batch) big, deep trees win; where it costs in proportion to the
+    tokens (a CPU) short chains do."""
+    from specdec.tree import expected_accepted, optimal_shape
+    choices: dict[tuple, ShapeChoice] = {}
+    for nodes in range(1, max_nodes + 1):
+        for depth_cap in range(1, max_depth + 1):
+            try:
+                paths = optimal_shape(rank_acceptance, nodes, depth_cap)
+            except ValueError:
+                continue                                   # too few ranks for so many nodes this shallow
+            depth = max(map(len, paths))
+            mal = 1.0 + expected_accepted(paths, rank_acceptance)
+            step = cost.step(nodes, depth)
+            choices.setdefault(tuple(paths), ShapeChoice(paths, nodes, depth, mal, step, mal / step))
+    return sorted(choices.values(), key=lambda c: -c.speedup)[:top]

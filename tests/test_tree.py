@@ -673,3 +673,23 @@ def test_per_depth_sibling_bounds_give_the_verdicts_of_one_bound():
         for field in ("n_accepted", "node", "next_token"):
             assert torch.equal(getattr(narrow, field), getattr(wide, field)), (name, field)
     assert tree.max_children == (3, 2, 1)
+
+
+def test_step_costs_interpolate_and_the_fastest_shapes_follow_the_device():
+    from specdec.tree import expected_accepted, optimal_shape
+    from specdec.tree_profile import StepCost, fastest_shapes
+
+    cost = StepCost({1: 1.0, 5: 1.4, 17: 2.6}, draft_call=0.1)
+    assert [cost.verify_steps(n) for n in (1, 3, 5, 11, 17, 29)] == pytest.approx([1.0, 1.2, 1.4, 2.0, 2.6, 3.8])
+    assert cost.step(4, 3) == pytest.approx(1.4 + 0.1 * 4)                   # 5 tokens, 3 levels + the feed
+    with pytest.raises(ValueError, match="at least 2"):
+        StepCost({1: 1.0}, 0.1).verify_steps(3)
+    profile = (0.6, 0.1, 0.05)
+    free = fastest_shapes(profile, StepCost({1: 1.0, 2: 1.0}, 0.0), max_nodes=20, max_depth=8, top=3)
+    assert free[0].nodes == 20 and free[0].speedup == pytest.approx(free[0].mal)     # verification free: biggest
+    assert [c.speedup for c in free] == sorted((c.speedup for c in free), reverse=True)
+    linear = fastest_shapes(profile, StepCost({1: 1.0, 2: 2.0}, 0.0), max_nodes=20, max_depth=8, top=1)[0]
+    assert linear.nodes == 1 and linear.speedup == pytest.approx(1.6 / 2)           # each token a step: one draft
+    for c in free + [linear]:
+        assert c.paths == optimal_shape(profile, c.nodes, c.depth)
+        assert c.mal == pytest.approx(1 + expected_accepted(c.paths, profile))
