@@ -9,10 +9,12 @@ bench's optimal shapes for comparison with measured speedups.
     python experiments/tree_profile.py --cfg 3 --images 64 --threads 2 --write
     python experiments/tree_profile.py --zoo-dir <folder> --write     # a retrained head, before adopting it
     python experiments/tree_profile.py --costs --from-card --threads 2  # which tree this device wants
+    python experiments/tree_profile.py --costs --from-card --threads 2 --dtype bfloat16
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 
@@ -34,20 +36,37 @@ ON_THE_BENCH = {"chain-4 (optimal-4x4)": (4, 4), "optimal-4x2": (4, 2), "optimal
                 "optimal-30": (30, 12), "optimal-62": (62, 12)}
 
 
-def measured_cost(bundle, sampling: Sampling, rounds: int) -> StepCost:
-    """This device's StepCost at batch 1: raw verification forwards over a raw step, and one drafter call (draft
-    seconds per call of an optimal-14 tree's steps through the loop) over the raw step."""
+def loop_stats(bundle, cond, sampling: Sampling, drafter=None):
+    """SpecStats of one generation through the loop, after a warm-up one."""
+    for seed in (0, 1):
+        stats = specdec.generate(bundle.target, cond, drafter=drafter() if drafter else None, sampling=sampling,
+                                 seed=seed, decode=False).stats
+    return stats
+
+
+def measured_cost(bundle, profile, sampling: Sampling, rounds: int) -> StepCost:
+    """This device's StepCost at batch 1, in raw one-token target forwards: raw verification forwards; a drafter
+    call (draft seconds per call of an optimal-14 tree's steps through the loop); what else a step costs through
+    the loop, fitted as fixed + per_node * nodes to a 4-chain's and an optimal-14 tree's steps; AR's loop per
+    token."""
     cond = torch.tensor([1], device=bundle.target.device)
     verify, step = {1: 1.0}, []
     for n in VERIFY_SIZES:
         t_step, t_n = step_costs(bundle.target, cond, sampling, n, rounds)
         verify[n], step = t_n / t_step, step + [t_step]
     t_step = sorted(step)[len(step) // 2]
-    drafter = EagleTreeDrafter(bundle.eagle_head, shape="optimal-14")
-    specdec.generate(bundle.target, cond, drafter=drafter, sampling=sampling, seed=0, decode=False)    # warm-up
-    res = specdec.generate(bundle.target, cond, drafter=drafter, sampling=sampling, seed=1, decode=False)
-    per_call = res.stats.draft_s / (res.stats.steps * (drafter.k + 1))
-    return StepCost(verify, per_call / t_step)
+    ar = loop_stats(bundle, cond, sampling)
+    runs = {}
+    for nodes, depth in ((4, 4), (14, 12)):
+        shape = optimal_shape(profile, nodes, depth)
+        stats = loop_stats(bundle, cond, sampling, lambda: EagleTreeDrafter(bundle.eagle_head, shape=shape))
+        runs[nodes] = (max(map(len, shape)), stats)
+    depth14, tree = runs[14]
+    base = StepCost(verify, tree.draft_s / (tree.steps * (depth14 + 1)) / t_step)
+    rest = {n: stats.wall_s / stats.steps / t_step - base.step(n, d) for n, (d, stats) in runs.items()}
+    per_node = (rest[14] - rest[4]) / 10
+    return dataclasses.replace(base, fixed=rest[4] - 4 * per_node, per_node=per_node,
+                               ar_token=ar.wall_s / ar.steps / t_step)
 
 
 def main(argv=None) -> None:
@@ -63,11 +82,12 @@ def main(argv=None) -> None:
     ap.add_argument("--costs", action="store_true", help="also measure this device's costs and rank the shapes")
     ap.add_argument("--from-card", action="store_true", help="take the profile on the head's card, measure none")
     ap.add_argument("--rounds", type=int, default=20, help="timing rounds per verification size (--costs)")
+    ap.add_argument("--dtype", default="float32", help="what the target and the head compute in (float32, bfloat16)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     threads = set_threads(args.threads)
     device = use_device(args.device)
-    bundle = specdec.zoo.load(device, directory=args.zoo_dir)
+    bundle = specdec.zoo.load(device, directory=args.zoo_dir, dtype=args.dtype)
     if bundle.eagle_head is None:
         raise SystemExit("this zoo has no EAGLE head: train one with experiments/train_eagle.py")
     if args.from_card:
@@ -87,16 +107,17 @@ def main(argv=None) -> None:
         print(f"| {nodes} | {max(map(len, paths))} | {1 + expected_accepted(paths, profile):.2f} | {binary} | "
               f"{1 + expected_accepted(static_shape(binary), profile):.2f} |")
     if args.costs:
-        cost = measured_cost(bundle, Sampling(cfg_scale=args.cfg), args.rounds)
-        print(f"costs on {device}, batch 1, CFG {args.cfg:g}, {threads} threads, in target steps: verify "
-              + ", ".join(f"{n} tokens {c:.2f}" for n, c in sorted(cost.verify.items()))
-              + f"; a drafter call {cost.draft_call:.3f}")
+        cost = measured_cost(bundle, profile, Sampling(cfg_scale=args.cfg), args.rounds)
+        print(f"costs on {device} in {args.dtype}, batch 1, CFG {args.cfg:g}, {threads} threads, in raw target "
+              f"steps: verify " + ", ".join(f"{n} tokens {c:.2f}" for n, c in sorted(cost.verify.items()))
+              + f"; a drafter call {cost.draft_call:.3f}; the rest of a step {cost.fixed:.3f} + {cost.per_node:.4f} "
+              f"per node; AR {cost.ar_token:.3f} per token")
         print("| shape | nodes | depth | predicted MAL | step cost | predicted speedup |\n|---|---|---|---|---|---|")
         rows = [(f"fastest #{i + 1}", c) for i, c in enumerate(fastest_shapes(profile, cost))]
         for name, (nodes, depth) in ON_THE_BENCH.items():
             paths = optimal_shape(profile, nodes, depth)
             d, mal = max(map(len, paths)), 1 + expected_accepted(paths, profile)
-            rows.append((name, ShapeChoice(paths, nodes, d, mal, cost.step(nodes, d), mal / cost.step(nodes, d))))
+            rows.append((name, ShapeChoice(paths, nodes, d, mal, cost.step(nodes, d), cost.speedup(mal, nodes, d))))
         for name, c in rows:
             print(f"| {name} | {c.nodes} | {c.depth} | {c.mal:.2f} | {c.cost:.2f} | {c.speedup:.2f}x |")
     if args.write:

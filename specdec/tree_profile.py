@@ -74,14 +74,19 @@ def rank_acceptance(target, drafter_for_shape: Callable, cond: Tensor, sampling:
 
 @dataclass(frozen=True)
 class StepCost:
-    """What one speculative step costs on a device, in target decode steps (what AR pays per token).
+    """What one speculative step costs on a device, in raw target forwards of one token (t_step).
 
     verify: {tokens fed in one verification forward: its cost}, measured points (1 token costs 1.0); linear
     between them, the last segment's slope beyond. draft_call: one drafter call, one tree level or the catch-up
-    feed, measured through the loop. feeds: drafter calls per step besides the levels (EAGLE's catch-up feed: 1)."""
+    feed, measured through the loop. feeds: drafter calls per step besides the levels (EAGLE's catch-up feed: 1).
+    fixed, per_node: what else a step costs through the loop (sampling, the rule, the tree's bookkeeping), as
+    fixed + per_node * nodes. ar_token: what AR pays per token through its loop (1.0 plus its own bookkeeping)."""
     verify: dict[int, float]
     draft_call: float
     feeds: int = 1
+    fixed: float = 0.0
+    per_node: float = 0.0
+    ar_token: float = 1.0
 
     def verify_steps(self, tokens: int) -> float:
         points = sorted(self.verify.items())
@@ -94,13 +99,18 @@ class StepCost:
 
     def step(self, nodes: int, depth: int) -> float:
         """A step verifying `nodes` drafts (nodes + 1 tokens with the root) drafted `depth` levels deep."""
-        return self.verify_steps(nodes + 1) + self.draft_call * (depth + self.feeds)
+        return (self.verify_steps(nodes + 1) + self.draft_call * (depth + self.feeds) + self.fixed
+                + self.per_node * nodes)
+
+    def speedup(self, mal: float, nodes: int, depth: int) -> float:
+        """Predicted latency speedup over AR of a shape accepting `mal` tokens per step."""
+        return mal * self.ar_token / self.step(nodes, depth)
 
 
 @dataclass(frozen=True)
 class ShapeChoice:
-    """A shape and what the positional model and the cost model predict for it: MAL, the step's cost in target
-    steps, and the speedup over AR (MAL / cost)."""
+    """A shape and what the positional model and the cost model predict for it: MAL, the step's cost in raw target
+    steps, and the speedup over AR (`StepCost.speedup`)."""
     paths: list[tuple[int, ...]]
     nodes: int
     depth: int
@@ -125,6 +135,6 @@ def fastest_shapes(rank_acceptance, cost: StepCost, max_nodes: int = 64, max_dep
                 continue                                   # too few ranks for so many nodes this shallow
             depth = max(map(len, paths))
             mal = 1.0 + expected_accepted(paths, rank_acceptance)
-            step = cost.step(nodes, depth)
-            choices.setdefault(tuple(paths), ShapeChoice(paths, nodes, depth, mal, step, mal / step))
+            choices.setdefault(tuple(paths), ShapeChoice(paths, nodes, depth, mal, cost.step(nodes, depth),
+                                                         cost.speedup(mal, nodes, depth)))
     return sorted(choices.values(), key=lambda c: -c.speedup)[:top]

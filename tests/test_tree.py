@@ -682,6 +682,9 @@ def test_step_costs_interpolate_and_the_fastest_shapes_follow_the_device():
     cost = StepCost({1: 1.0, 5: 1.4, 17: 2.6}, draft_call=0.1)
     assert [cost.verify_steps(n) for n in (1, 3, 5, 11, 17, 29)] == pytest.approx([1.0, 1.2, 1.4, 2.0, 2.6, 3.8])
     assert cost.step(4, 3) == pytest.approx(1.4 + 0.1 * 4)                   # 5 tokens, 3 levels + the feed
+    loop = StepCost({1: 1.0, 5: 1.4, 17: 2.6}, draft_call=0.1, fixed=0.3, per_node=0.02, ar_token=1.1)
+    assert loop.step(4, 3) == pytest.approx(1.4 + 0.1 * 4 + 0.3 + 0.02 * 4)
+    assert loop.speedup(2.0, 4, 3) == pytest.approx(2.0 * 1.1 / loop.step(4, 3))
     with pytest.raises(ValueError, match="at least 2"):
         StepCost({1: 1.0}, 0.1).verify_steps(3)
     profile = (0.6, 0.1, 0.05)
