@@ -18,6 +18,7 @@ from typing import Callable
 from torch import Tensor
 
 from specdec.sampling import Sampling
+from specdec.tree import expected_accepted, optimal_shape
 
 
 @dataclass(frozen=True)
@@ -119,22 +120,21 @@ class ShapeChoice:
     speedup: float
 
 
-def fastest_shapes(rank_acceptance, cost: StepCost, max_nodes: int = 64, max_depth: int = 12,
+def fastest_shapes(profile, cost: StepCost, max_nodes: int = 64, max_depth: int = 12,
                    top: int = 5) -> list[ShapeChoice]:
     """The optimal shapes (`optimal_shape`) of 1 .. max_nodes nodes and depth 1 .. max_depth, ranked by predicted
     speedup over AR on the device `cost` describes, best first (Sequoia's hardware-aware choice): where verifying
-    many tokens costs about one step (a GPU at small batch) big, deep trees win; where it costs in proportion to the
-    tokens (a CPU) short chains do."""
-    from specdec.tree import expected_accepted, optimal_shape
+    many tokens costs about one step (a GPU at small batch) big, deep trees come out ahead; where it costs in
+    proportion to the tokens (a CPU) small, shallow ones do."""
     choices: dict[tuple, ShapeChoice] = {}
     for nodes in range(1, max_nodes + 1):
         for depth_cap in range(1, max_depth + 1):
             try:
-                paths = optimal_shape(rank_acceptance, nodes, depth_cap)
+                paths = optimal_shape(profile, nodes, depth_cap)
             except ValueError:
                 continue                                   # too few ranks for so many nodes this shallow
             depth = max(map(len, paths))
-            mal = 1.0 + expected_accepted(paths, rank_acceptance)
+            mal = 1.0 + expected_accepted(paths, profile)
             choices.setdefault(tuple(paths), ShapeChoice(paths, nodes, depth, mal, cost.step(nodes, depth),
                                                          cost.speedup(mal, nodes, depth)))
     return sorted(choices.values(), key=lambda c: -c.speedup)[:top]
