@@ -8,10 +8,13 @@ target forward; +- is the standard error of the per-image MAL over the images.
     python experiments/tree_mal.py --zoo-dir <folder>     # a retrained head beside the target, before adopting it
     python experiments/tree_mal.py --big                  # 126-255-node trees only
     python experiments/tree_mal.py --big --only optimal --images 64
+    python experiments/tree_mal.py --only optimal --rule bounded_lantern --rule-params '{"delta": 0.1}'
+        # a relaxed tree rule (MAL and the samples' NLL under the target; its bound is the rule's own)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import torch
@@ -21,6 +24,8 @@ from drafters.eagle import eagle
 from specdec import Sampling
 from specdec.bench.timing import set_threads
 from specdec.devices import use_device
+from specdec.metrics import token_nll
+from specdec.registry import make_rule
 
 TREES = {"chain k=4": {"k": 4}, "chain k=6": {"k": 6}, "binary-3 (14 nodes)": {"tree": "static:binary-3"},
          "binary-4 (30 nodes)": {"tree": "static:binary-4"}, "binary-5 (62 nodes)": {"tree": "static:binary-5"},
@@ -46,6 +51,8 @@ def main(argv=None) -> None:
     ap.add_argument("--zoo-dir", default=None, help="a zoo weights folder (default: the installed zoo)")
     ap.add_argument("--big", action="store_true", help="measure the 126-255-node trees instead")
     ap.add_argument("--only", default="", help="measure only the trees whose name contains this text")
+    ap.add_argument("--rule", default="exact", help="the tree rule (registry name; default: the exact rule)")
+    ap.add_argument("--rule-params", default="{}", help="its parameters as JSON, e.g. '{\"delta\": 0.1}'")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (counts only: the device changes no figure "
                                                     "beyond rounding)")
     args = ap.parse_args(argv)
@@ -56,19 +63,21 @@ def main(argv=None) -> None:
     bundle = specdec.zoo.load(device, directory=args.zoo_dir,
                               draft_room=BIG_ROOM if args.big else specdec.zoo.DRAFT_ROOM)
     cond = (torch.arange(args.images) % 4).to(device)
-    print(f"| EAGLE drafts, exact rule, CFG {args.cfg:g}, {args.images} images | MAL | +- "
-          f"| target forwards / image |")
-    print("|---|---|---|---|")
+    rule = make_rule(args.rule, bundle.target, **json.loads(args.rule_params))
+    print(f"| EAGLE drafts, {args.rule} {args.rule_params}, CFG {args.cfg:g}, {args.images} images | MAL | +- "
+          f"| target forwards / image | NLL under the target |")
+    print("|---|---|---|---|---|")
     trees = {name: params for name, params in trees.items() if args.only in name}
     if not trees:
         raise SystemExit(f"no tree name contains {args.only!r}")
     for name, params in trees.items():
-        res = specdec.generate(bundle.target, cond, drafter=eagle(bundle.eagle_head, **params),
+        res = specdec.generate(bundle.target, cond, drafter=eagle(bundle.eagle_head, **params), rule=rule,
                                sampling=Sampling(cfg_scale=args.cfg), seed=args.seed, decode=False)
+        nll = float(token_nll(bundle.target_gpt, res.tokens, cond).mean())
         per_image = bundle.target.num_tokens / res.stats.forwards_per_row.double()
         se = float(per_image.std() / math.sqrt(args.images))
         print(f"| {name} | {res.stats.mean_accepted_length:.2f} | {se:.2f} | "
-              f"{res.stats.target_forwards / args.images:.1f} |", flush=True)
+              f"{res.stats.target_forwards / args.images:.1f} | {nll:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
