@@ -5,7 +5,9 @@
 #      cuda, phase timing with CUDA events);
 #   2. zoo-speed on the GPU (docs/results/zoo-speed-gpu.toml: bfloat16, eager and CUDA-graph decode steps);
 #   3. the raw step costs (target step, verification of 5 / 16 tokens, a draft call) per dtype;
-#   4. the continuous bench (MAR zoo, CSpD and the exact rule) at batch 1 / 8 / 64 / 256.
+#   4. the draft-tree costs there and the tree shapes predicted fastest for the EAGLE head (experiments/tree_profile.py
+#      --costs, bfloat16);
+#   5. the continuous bench (MAR zoo, CSpD and the exact rule) at batch 1 / 8 / 64 / 256.
 # Everything lands under OUT (default docs/results/gpu) with machine.json naming the GPU. QUICK=1: a few-minute smoke
 # run (device tests only, the zoo-quick preset, one pass of step costs, the continuous smoke). DEVICE=cpu runs the
 # same commands on the CPU (to check the script itself).
@@ -43,6 +45,10 @@ fi
 step step-costs
 passes=3; [ "$QUICK" = 1 ] && passes=1
 python experiments/precision_costs.py --device "$DEVICE" --passes "$passes" --out "$OUT/precision-costs.json"
+
+step tree-costs
+python experiments/tree_profile.py --costs --from-card --device "$DEVICE" --dtype bfloat16 > "$OUT/tree-costs.txt"
+tail -13 "$OUT/tree-costs.txt"
 
 step continuous
 if [ "$QUICK" = 1 ]; then
