@@ -29,7 +29,7 @@ from drafters.model import ModelDrafter
 from specdec.protocols import ARModel
 from specdec.random import sample_categorical
 from specdec.sampling import to_probs
-from specdec.tree import DraftTree, shape_parents, shape_preset, static_shape
+from specdec.tree import DraftTree, shape_parents, shape_preset, shape_widths, static_shape
 
 
 class TreeModelDrafter(ModelDrafter):
@@ -40,11 +40,10 @@ class TreeModelDrafter(ModelDrafter):
 
     def __init__(self, model: ARModel, shape="spine-4", drafts: str = "sample", draft_cfg: float | None = None,
                  rank_acceptance=None):
-        if model is None and rank_acceptance is None and isinstance(shape, str) \
-                and shape_preset(shape)[0] == "optimal":
-            # parameters checked alone (a bench config): the profile comes with the model; the preset's syntax is
-            # checked, and a chain of as many nodes stands in for its shape
-            shape = f"chain-{shape_preset(shape)[1][0]}"
+        if model is None and rank_acceptance is None and isinstance(shape, str):
+            kind, sizes = shape_preset(shape)          # parameters checked alone (a bench config): the profile
+            if kind == "optimal":                      # comes with the model, a chain of as many nodes stands in
+                shape = f"chain-{sizes[0]}"
         paths = static_shape(shape, rank_acceptance)
         parents, ranks, depths = shape_parents(paths)
         if drafts not in ("sample", "iid", "argmax"):
@@ -58,9 +57,7 @@ class TreeModelDrafter(ModelDrafter):
                              f"{type(model).__name__} does not")
         self.shape = paths
         self.tree_size = len(paths)
-        # the most children of any node at each depth (0: the root), so verification tests only those siblings
-        self.max_children = tuple(max([r + 1 for r, dep in zip(ranks, depths) if dep == d + 1] or [1])
-                                  for d in range(max(depths)))
+        self.max_children = shape_widths(paths)         # verification tests only the siblings each depth has
         # i.i.d. siblings that drew the same token share their prefix: a lossless rule pools their children, at most
         # the widest level of the shape (not for siblings drawn without replacement or top-ranked: they differ)
         self.pool = max(depths.count(d) for d in set(depths)) if drafts == "iid" else 0

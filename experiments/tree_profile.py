@@ -27,7 +27,7 @@ from specdec.bench.timing import set_threads
 from specdec.devices import use_device
 from specdec.tree import expected_accepted, optimal_shape, static_shape
 from specdec.bench.timing import step_costs
-from specdec.tree_profile import ShapeChoice, StepCost, fastest_shapes, rank_acceptance
+from specdec.tree_profile import StepCost, fastest_shapes, rank_acceptance, shape_choice
 from specdec.zoo import read_card, write_card
 
 COMPARED = {14: "binary-3", 30: "binary-4", 62: "binary-5", 126: "binary-6"}
@@ -114,10 +114,7 @@ def main(argv=None) -> None:
               f"per node; AR {cost.ar_token:.3f} per token")
         print("| shape | nodes | depth | predicted MAL | step cost | predicted speedup |\n|---|---|---|---|---|---|")
         rows = [(f"fastest #{i + 1}", c) for i, c in enumerate(fastest_shapes(profile, cost))]
-        for name, (nodes, depth) in ON_THE_BENCH.items():
-            paths = optimal_shape(profile, nodes, depth)
-            d, mal = max(map(len, paths)), 1 + expected_accepted(paths, profile)
-            rows.append((name, ShapeChoice(paths, nodes, d, mal, cost.step(nodes, d), cost.speedup(mal, nodes, d))))
+        rows += [(name, shape_choice(profile, cost, nodes, depth)) for name, (nodes, depth) in ON_THE_BENCH.items()]
         for name, c in rows:
             print(f"| {name} | {c.nodes} | {c.depth} | {c.mal:.2f} | {c.cost:.2f} | {c.speedup:.2f}x |")
     if args.write:

@@ -246,6 +246,15 @@ def optimal_shape(rank_acceptance, nodes: int, max_depth: int | None = None) -> 
     return static_shape(chosen)
 
 
+def shape_widths(paths: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The most children of any node at each depth of a shape (entry 0: the root's): the per-depth sibling bounds
+    verification walks (`DraftTree.max_children`)."""
+    widths = [1] * max(map(len, paths))
+    for path in paths:
+        widths[len(path) - 1] = max(widths[len(path) - 1], path[-1] + 1)
+    return tuple(widths)
+
+
 def shape_parents(paths: list[tuple[int, ...]]) -> tuple[list[int], list[int], list[int]]:
     """(parent index, child rank, depth) of every node of a shape from `static_shape`."""
     index = {path: i for i, path in enumerate(paths)}

@@ -120,6 +120,13 @@ class ShapeChoice:
     speedup: float
 
 
+def shape_choice(profile, cost: StepCost, nodes: int, max_depth: int | None = None) -> ShapeChoice:
+    """The optimal shape of `nodes` nodes (depth <= max_depth) and its predictions on the device `cost` describes."""
+    paths = optimal_shape(profile, nodes, max_depth)
+    depth, mal = max(map(len, paths)), 1.0 + expected_accepted(paths, profile)
+    return ShapeChoice(paths, nodes, depth, mal, cost.step(nodes, depth), cost.speedup(mal, nodes, depth))
+
+
 def fastest_shapes(profile, cost: StepCost, max_nodes: int = 64, max_depth: int = 12,
                    top: int = 5) -> list[ShapeChoice]:
     """The optimal shapes (`optimal_shape`) of 1 .. max_nodes nodes and depth 1 .. max_depth, ranked by predicted
@@ -130,11 +137,8 @@ def fastest_shapes(profile, cost: StepCost, max_nodes: int = 64, max_depth: int 
     for nodes in range(1, max_nodes + 1):
         for depth_cap in range(1, max_depth + 1):
             try:
-                paths = optimal_shape(profile, nodes, depth_cap)
+                choice = shape_choice(profile, cost, nodes, depth_cap)
             except ValueError:
                 continue                                   # too few ranks for so many nodes this shallow
-            depth = max(map(len, paths))
-            mal = 1.0 + expected_accepted(paths, profile)
-            choices.setdefault(tuple(paths), ShapeChoice(paths, nodes, depth, mal, cost.step(nodes, depth),
-                                                         cost.speedup(mal, nodes, depth)))
+            choices.setdefault(tuple(choice.paths), choice)
     return sorted(choices.values(), key=lambda c: -c.speedup)[:top]
