@@ -26,6 +26,7 @@ from specdec import metrics
 from specdec.bench.timing import Timing, interleaved_rounds, reliability
 from specdec.continuous_loop import ContinuousResult, LoopConfig, generate_continuous
 from specdec.demo import DemoError, demo_device, prepare
+from specdec.devices import same_device
 from specdec.plots import image_grid
 from specdec.registry import make_continuous_rule
 
@@ -174,7 +175,7 @@ def run_continuous_demo(out: str | Path = "specdec-demo-continuous", quick: bool
     bundle to use instead of the zoo's). Raises DemoError."""
     out, threads = prepare(out, threads)
     requested, device = device, demo_device(device)
-    if bundle is not None and requested is not None and bundle.target.device != device:
+    if bundle is not None and requested is not None and not same_device(device, bundle.target.device):
         raise DemoError(f"device {requested!r} was asked for, but the given bundle is on {bundle.target.device}: "
                         f"load the bundle on {device} (specdec.zoo.continuous.load({str(device)!r})) or leave the "
                         f"device out to run where the bundle is")

@@ -49,6 +49,12 @@ def available_device(value: str | torch.device | None) -> torch.device:
     return device
 
 
+def same_device(requested: torch.device, actual: torch.device) -> bool:
+    """Whether what runs on `actual` runs where `requested` asks: the same type, and the same index when the
+    request names one ("cuda" is met by cuda:0 or cuda:1)."""
+    return requested.type == actual.type and (requested.index is None or requested.index == actual.index)
+
+
 def use_device(value: str | torch.device | None) -> torch.device:
     """`available_device`, and a CUDA device becomes the current one: events and synchronisation then refer to the
     GPU the models run on (cuda:1 under a second process), not to cuda:0."""

@@ -127,3 +127,11 @@ def test_phase_clock_times_gpu_work_with_events():
                            sampling=Sampling(), seed=0)
     assert 0 < res.stats.draft_s and 0 < res.stats.target_s
     assert res.stats.draft_s + res.stats.target_s <= res.stats.wall_s
+
+
+def test_a_device_request_is_met_by_the_same_type_and_any_index_it_leaves_open():
+    from specdec.devices import same_device
+    cuda, cuda0, cuda1, cpu = (torch.device(d) for d in ("cuda", "cuda:0", "cuda:1", "cpu"))
+    assert same_device(cuda, cuda0) and same_device(cuda, cuda1) and same_device(cuda0, cuda0)
+    assert not same_device(cuda0, cuda1) and not same_device(cpu, cuda0) and not same_device(cuda, cpu)
+    assert same_device(cpu, cpu)
