@@ -39,7 +39,7 @@ class DynamicTreeDrafter(ModelDrafter):
     "sample" (siblings without replacement). draft_cfg as ModelDrafter."""
 
     def __init__(self, model: ARModel, top_k: int = 10, depth: int = 4, total_tokens: int = 59,
-                 draft_cfg: float | None = None, drafts: str = "argmax"):
+                 draft_cfg: float | None = None, drafts: str = "argmax", compile: bool | str = False):
         if drafts not in ("argmax", "sample"):
             raise ValueError(f"drafts must be 'argmax' (EAGLE-2's top-k children) or 'sample' (children drawn "
                              f"without replacement), got {drafts!r}")
@@ -47,7 +47,7 @@ class DynamicTreeDrafter(ModelDrafter):
         for name, v in (("top_k", top_k), ("depth", depth), ("total_tokens", total_tokens)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        super().__init__(model, k=depth, drafts="argmax", draft_cfg=draft_cfg)
+        super().__init__(model, k=depth, drafts="argmax", draft_cfg=draft_cfg, compile=compile)
         if model is not None and not model.supports_trees:    # None: parameters checked alone
             raise ValueError(f"a tree drafter needs a draft model that verifies trees (GPTAdapter); "
                              f"{type(model).__name__} does not")
@@ -115,12 +115,13 @@ class DynamicTreeDrafter(ModelDrafter):
             fed = frontier.gather(1, best)                               # [B, K] candidate ids
             slots = (level - 2) * K + slot_ids                           # [K] their slots (relative to base)
             seen[rows, fed, slots[None]] = True
-            out = self.model.forward_tree_part(self.state, tokens.gather(1, fed), (n - 1)[:, None] + level - 1,
-                                               base[:, None] + slots[None], seen[rows, fed], base)
+            probs = self._level(self.model, self.state, tokens.gather(1, fed), (n - 1)[:, None] + level - 1,
+                                base[:, None] + slots[None], seen[rows, fed], base, self.rank_sampling,
+                                ctx.token_mask)
             self.forwards += 1
             start = K + (level - 2) * K * K
             new = slice(start, start + K * K)
-            kids, logq, law = self._children(self._probs(out), None if u is None else u[:, new].reshape(B, K, K))
+            kids, logq, law = self._children(probs, None if u is None else u[:, new].reshape(B, K, K))
             tokens[:, new] = kids.reshape(B, K * K)                      # [B, K, K]: fed node, sibling rank
             parents[:, new] = fed.repeat_interleave(K, 1)
             depth[:, new] = level

@@ -94,11 +94,12 @@ class EagleTreeDrafter(EagleFeatures, TreeModelDrafter):
     "optimal-N" shapes; None takes the head's own profile (`EagleHead.rank_acceptance`, from the zoo card)."""
 
     def __init__(self, head: EagleHead | EagleAdapter, shape="spine-4", drafts: str = "sample",
-                 rank_acceptance=None):
+                 rank_acceptance=None, compile: bool | str = False):
         adapter = _adapter(head)
         if rank_acceptance is None and adapter is not None:
             rank_acceptance = adapter.head.rank_acceptance
-        super().__init__(adapter, shape=shape, drafts=drafts, draft_cfg=1.0, rank_acceptance=rank_acceptance)
+        super().__init__(adapter, shape=shape, drafts=drafts, draft_cfg=1.0, rank_acceptance=rank_acceptance,
+                         compile=compile)
 
 
 class EagleDynamicTreeDrafter(EagleFeatures, DynamicTreeDrafter):
@@ -106,9 +107,9 @@ class EagleDynamicTreeDrafter(EagleFeatures, DynamicTreeDrafter):
     ("argmax": EAGLE-2's; "sample": siblings drawn without replacement)."""
 
     def __init__(self, head: EagleHead | EagleAdapter, top_k: int = 10, depth: int = 4, total_tokens: int = 59,
-                 drafts: str = "argmax"):
+                 drafts: str = "argmax", compile: bool | str = False):
         super().__init__(_adapter(head), top_k=top_k, depth=depth, total_tokens=total_tokens, draft_cfg=1.0,
-                         drafts=drafts)
+                         drafts=drafts, compile=compile)
 
 
 def eagle(head: EagleHead | EagleAdapter, tree: str = "chain", k: int = 4, drafts: str | None = None,
@@ -116,19 +117,16 @@ def eagle(head: EagleHead | EagleAdapter, tree: str = "chain", k: int = 4, draft
     """The registry's `eagle` drafter. tree: "chain" (k drafts), "static:<shape>" (e.g. "static:binary-3", or
     "static:optimal-30" from rank_acceptance, default the head's profile; drafts as TreeModelDrafter) or
     "dynamic" (EAGLE-2: top_k, depth k, total_tokens). drafts: None means
-    "sample" for chains and static trees, "argmax" (EAGLE-2's) for dynamic trees. compile: the chain's draft step
-    as one compiled graph (chains only; "freeze" pre-packs the weights, as ModelDrafter)."""
-    if compile and tree != "chain":
-        raise ValueError(f"compile=True compiles the chain's draft step; tree={tree!r} drafts level by level "
-                         f"uncompiled: use tree='chain' or compile=False")
+    "sample" for chains and static trees, "argmax" (EAGLE-2's) for dynamic trees. compile: a chain's draft token,
+    or a tree's level feed, as one compiled graph ("freeze" pre-packs the weights, as ModelDrafter)."""
     if tree == "chain":
         return EagleDrafter(head, k=k, drafts=drafts or "sample", compile=compile)
     if isinstance(tree, str) and tree.startswith("static:"):
         return EagleTreeDrafter(head, shape=tree.split(":", 1)[1], drafts=drafts or "sample",
-                                rank_acceptance=rank_acceptance)
+                                rank_acceptance=rank_acceptance, compile=compile)
     if tree == "dynamic":
         return EagleDynamicTreeDrafter(head, top_k=top_k, depth=k, total_tokens=total_tokens,
-                                       drafts=drafts or "argmax")
+                                       drafts=drafts or "argmax", compile=compile)
     raise ValueError(f"tree must be 'chain', 'static:<shape>' (e.g. 'static:binary-3') or 'dynamic', got {tree!r}")
 
 

@@ -23,7 +23,8 @@ compile=True runs each draft token (model call, q, the draw) as one torch.compil
 mostly per-call overhead, which the graph removes (the zoo drafter: about half the time per token). It needs a
 model with a static KV cache (the project's GPT, LlamaGen, an EAGLE head); the first step of each shape pays the
 compilation. The catch-up feed before the first draft token is compiled as well (one graph per width).
-compile="freeze" adds inductor's freezing (weights pre-packed once; see specdec.compiled).
+compile="freeze" adds inductor's freezing (weights pre-packed once; see specdec.compiled). Tree drafters
+(drafters.model_tree, drafters.dynamic_tree) compile their level feeds the same way.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class ModelDrafter(Drafter):
         self.drafts = drafts
         self.draft_cfg = draft_cfg
         self.forwards = 0
-        self._token_step, self._feed = draft_token, feed_tokens
+        self._token_step, self._feed, self._level = draft_token, feed_tokens, level_probs
         if compile not in (False, True, "freeze"):
             raise ValueError(f"compile must be False, True or 'freeze' (compiled with weights pre-packed), "
                              f"got {compile!r}")
@@ -70,6 +71,7 @@ class ModelDrafter(Drafter):
                                 f"LlamaGenAdapter); {type(model).__name__} is not one: use compile=False")
             self._token_step = compile_step(draft_token, freeze=compile == "freeze")
             self._feed = compile_step(feed_tokens, freeze=compile == "freeze")
+            self._level = compile_step(level_probs, freeze=compile == "freeze")
 
     needs_draft_model = True        # the registry passes the bundle's draft model first
 
@@ -140,6 +142,15 @@ def feed_tokens(model: ARModel, state, tokens: Tensor) -> Logits:
     """The draft model's forward over tokens [B, n] (the catch-up feed before the first draft token); a function of
     its own so that compile=True compiles it too (one graph per width)."""
     return model.forward(state, tokens)
+
+
+def level_probs(model: ARModel, state, tokens: Tensor, positions: Tensor, slots: Tensor, allowed: Tensor,
+                base: Tensor, sampling: Sampling, token_mask: Tensor | None) -> Tensor:
+    """A tree drafter's feed of some nodes of its tree (`forward_tree_part`: tokens, positions, slots [B, n],
+    allowed [B, n, m], base [B]) -> q [B, n, V] of their children; a function of its own so that compile=True
+    compiles it (one graph per number of nodes fed)."""
+    out = model.forward_tree_part(state, tokens, positions, slots, allowed, base)
+    return to_probs(out.cond, out.uncond, sampling, token_mask)
 
 
 def draft_token(model: ARModel, state, feed: Tensor, u: Tensor | None, sampling: Sampling,

@@ -39,7 +39,7 @@ class TreeModelDrafter(ModelDrafter):
     tree attention (the project's GPT)."""
 
     def __init__(self, model: ARModel, shape="spine-4", drafts: str = "sample", draft_cfg: float | None = None,
-                 rank_acceptance=None):
+                 rank_acceptance=None, compile: bool | str = False):
         if model is None and rank_acceptance is None and isinstance(shape, str):
             kind, sizes = shape_preset(shape)          # parameters checked alone (a bench config): the profile
             if kind == "optimal":                      # comes with the model, a chain of as many nodes stands in
@@ -51,7 +51,7 @@ class TreeModelDrafter(ModelDrafter):
                              f"got {drafts!r}")
         self.siblings = drafts
         super().__init__(model, k=max(depths), drafts="argmax" if drafts == "argmax" else "sample",
-                         draft_cfg=draft_cfg)
+                         draft_cfg=draft_cfg, compile=compile)
         if model is not None and not model.supports_trees:    # None: parameters checked alone
             raise ValueError(f"a tree drafter needs a draft model that verifies trees (GPTAdapter); "
                              f"{type(model).__name__} does not")
@@ -123,10 +123,10 @@ class TreeModelDrafter(ModelDrafter):
             if not self.fed[level]:
                 break
             feed_nodes = self.fed_index[level]
-            out = self.model.forward_tree_part(
-                self.state, tokens[:, feed_nodes], (n - 1)[:, None] + self.depths[feed_nodes][None],
-                base[:, None] + feed_nodes[None], self.ancestors[feed_nodes][None].expand(B, -1, -1), base)
+            parent_q[:, feed_nodes + 1] = self._level(
+                self.model, self.state, tokens[:, feed_nodes], (n - 1)[:, None] + self.depths[feed_nodes][None],
+                base[:, None] + feed_nodes[None], self.ancestors[feed_nodes][None].expand(B, -1, -1), base,
+                self.rank_sampling, ctx.token_mask)
             self.forwards += 1
-            parent_q[:, feed_nodes + 1] = to_probs(out.cond, out.uncond, self.rank_sampling, ctx.token_mask)
         return DraftTree(tokens, self.parents.expand(B, N).clone(), torch.full((B,), N, device=n.device), q,
                          self.k, self.max_children, self.pool)

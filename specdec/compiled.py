@@ -25,6 +25,7 @@ from torch import Tensor
 from specdec.adapters.static import StaticCacheAdapter, StaticCacheState
 from specdec.protocols import ARModel
 from specdec.sampling import Sampling
+from specdec.tree import verify_inputs
 from specdec.types import Logits
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -53,6 +54,7 @@ class CompiledAdapter(ARModel):
         self.supports_trees = bool(self.supports_trees)
         self.model = adapter.model
         self._step = compile_step(adapter.forward, mode, freeze)
+        self._tree_part = compile_step(adapter.forward_tree_part, mode, freeze)
 
     @property
     def device(self) -> torch.device:
@@ -70,8 +72,12 @@ class CompiledAdapter(ARModel):
         return self._step(state, tokens)
 
     def forward_tree(self, state: StaticCacheState, tree, last: Tensor, n_done: Tensor) -> Logits:
-        """Draft trees verify through the wrapped adapter, uncompiled (their masks vary with the tree)."""
-        return self.inner.forward_tree(state, tree, last, n_done)
+        """A draft tree's verification forward, compiled: the tree's inputs (`specdec.tree.verify_inputs`) are built
+        eagerly, and the forward over them is one graph per tree size (the mask is an input, so every tree of a
+        size, static or dynamic, replays the same graph)."""
+        slot0 = state.cache.lengths[: state.batch]
+        tokens, positions, slots, allowed = verify_inputs(tree, n_done, last, slot0)
+        return self._tree_part(state, tokens, positions, slots, allowed, slot0)
 
     def commit_tree(self, state: StaticCacheState, tree, path: Tensor) -> None:
         self.inner.commit_tree(state, tree, path)

@@ -62,6 +62,7 @@ def test_cuda_graph_path_equals_eager():
 
 @pytest.mark.parametrize("freeze", [False, True])
 def test_compiled_target_serves_eagle_chains_and_trees_with_the_eager_tokens(freeze):
+    """The target's chain step and its tree verification compiled, the drafter eager and compiled: eager tokens."""
     from drafters.eagle import eagle
     from specdec.testing import tiny_random_bundle
 
@@ -72,10 +73,13 @@ def test_compiled_target_serves_eagle_chains_and_trees_with_the_eager_tokens(fre
     for tree in ("chain", "static:binary-3"):
         eager = specdec.generate(b.target, cond, drafter=eagle(b.eagle_head, tree=tree, k=3), sampling=sampling,
                                  seed=2)
-        fast = specdec.generate(fast_target, cond, drafter=eagle(b.eagle_head, tree=tree, k=3), sampling=sampling,
-                                seed=2)
-        assert torch.equal(eager.tokens, fast.tokens), tree
-        assert fast.stats.target_forwards == eager.stats.target_forwards and eager.stats.mean_accepted_length > 1
+        for compile_drafter in (False, "freeze" if freeze else True):
+            fast = specdec.generate(fast_target, cond, drafter=eagle(b.eagle_head, tree=tree, k=3,
+                                                                     compile=compile_drafter),
+                                    sampling=sampling, seed=2)
+            assert torch.equal(eager.tokens, fast.tokens), (tree, compile_drafter)
+            assert fast.stats.target_forwards == eager.stats.target_forwards
+        assert eager.stats.mean_accepted_length > 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

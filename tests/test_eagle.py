@@ -120,15 +120,17 @@ def test_eagle_decoding_is_exact(tree, drafts):
     assert res.stats.accepted > 0
 
 
-def test_compiled_eagle_chain_drafts_what_the_eager_one_drafts(target):
+@pytest.mark.parametrize("tree", ["chain", "static:binary-2", "dynamic"])
+def test_compiled_eagle_drafts_what_the_eager_one_drafts(target, tree):
+    """A chain's draft token and a tree's level feeds, compiled: the same drafts, token for token."""
     cond, s = torch.tensor([0, 1, 2]), Sampling(cfg_scale=2.0)
     head = head_for(target)
-    eager = specdec.generate(target, cond, drafter=eagle(head, k=3), sampling=s, seed=7)
-    fast = specdec.generate(target, cond, drafter=eagle(head, k=3, compile=True), sampling=s, seed=7)
+    params = {"top_k": 2, "total_tokens": 5, "k": 2, "drafts": "sample"} if tree == "dynamic" else {"k": 3}
+    eager = specdec.generate(target, cond, drafter=eagle(head, tree=tree, **params), sampling=s, seed=7)
+    fast = specdec.generate(target, cond, drafter=eagle(head, tree=tree, compile=True, **params), sampling=s,
+                            seed=7)
     assert torch.equal(eager.tokens, fast.tokens) and 0 < eager.stats.acceptance_rate < 1
     assert fast.stats.target_forwards == eager.stats.target_forwards
-    with pytest.raises(ValueError, match="compile"):
-        eagle(head, tree="dynamic", compile=True)
 
 
 def test_eagle_bad_input_is_named(target):
