@@ -10,6 +10,10 @@ bench's optimal shapes for comparison with measured speedups.
     python experiments/tree_profile.py --zoo-dir <folder> --write     # a retrained head, before adopting it
     python experiments/tree_profile.py --costs --from-card --threads 2  # which tree this device wants
     python experiments/tree_profile.py --costs --from-card --threads 2 --dtype bfloat16
+    python experiments/tree_profile.py --costs --from-card --threads 2 --dtype bfloat16 --compile freeze
+
+--compile runs the target's decode step and tree verification compiled (specdec.compiled.TARGET_COMPILE), and the
+EAGLE trees' level feeds compiled the same way ("freeze": weights pre-packed), as the bench's `compile` sweep does.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import specdec
 from drafters.eagle import EagleTreeDrafter
 from specdec import Sampling
 from specdec.bench.timing import set_threads
+from specdec.compiled import TARGET_COMPILE, compile_adapter
 from specdec.devices import use_device
 from specdec.tree import expected_accepted, optimal_shape, static_shape
 from specdec.bench.timing import step_costs
@@ -44,7 +49,7 @@ def loop_stats(bundle, cond, sampling: Sampling, drafter=None):
     return stats
 
 
-def measured_cost(bundle, profile, sampling: Sampling, rounds: int) -> StepCost:
+def measured_cost(bundle, profile, sampling: Sampling, rounds: int, compile_drafter: bool | str = False) -> StepCost:
     """This device's StepCost at batch 1, in raw one-token target forwards: raw verification forwards; a drafter
     call (draft seconds per call of an optimal-14 tree's steps through the loop); what else a step costs through
     the loop, fitted as fixed + per_node * nodes to a 4-chain's and an optimal-14 tree's steps; AR's loop per
@@ -59,7 +64,8 @@ def measured_cost(bundle, profile, sampling: Sampling, rounds: int) -> StepCost:
     runs = {}
     for nodes, depth in ((4, 4), (14, 12)):
         shape = optimal_shape(profile, nodes, depth)
-        stats = loop_stats(bundle, cond, sampling, lambda: EagleTreeDrafter(bundle.eagle_head, shape=shape))
+        stats = loop_stats(bundle, cond, sampling,
+                           lambda: EagleTreeDrafter(bundle.eagle_head, shape=shape, compile=compile_drafter))
         runs[nodes] = (max(map(len, shape)), stats)
     depth14, tree = runs[14]
     base = StepCost(verify, tree.draft_s / (tree.steps * (depth14 + 1)) / t_step)
@@ -83,6 +89,8 @@ def main(argv=None) -> None:
     ap.add_argument("--from-card", action="store_true", help="take the profile on the head's card, measure none")
     ap.add_argument("--rounds", type=int, default=20, help="timing rounds per verification size (--costs)")
     ap.add_argument("--dtype", default="float32", help="what the target and the head compute in (float32, bfloat16)")
+    ap.add_argument("--compile", default="off", choices=tuple(TARGET_COMPILE),
+                    help="the target's steps and the trees' level feeds compiled (--costs)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     threads = set_threads(args.threads)
@@ -107,8 +115,12 @@ def main(argv=None) -> None:
         print(f"| {nodes} | {max(map(len, paths))} | {1 + expected_accepted(paths, profile):.2f} | {binary} | "
               f"{1 + expected_accepted(static_shape(binary), profile):.2f} |")
     if args.costs:
-        cost = measured_cost(bundle, profile, Sampling(cfg_scale=args.cfg), args.rounds)
-        print(f"costs on {device} in {args.dtype}, batch 1, CFG {args.cfg:g}, {threads} threads, in raw target "
+        compiled = TARGET_COMPILE[args.compile]
+        if compiled is not None:
+            bundle = dataclasses.replace(bundle, target=compile_adapter(bundle.target, *compiled))
+        compile_drafter = {"off": False, "freeze": "freeze"}.get(args.compile, True)
+        cost = measured_cost(bundle, profile, Sampling(cfg_scale=args.cfg), args.rounds, compile_drafter)
+        print(f"costs on {device} in {args.dtype} (compile {args.compile}), batch 1, CFG {args.cfg:g}, {threads} threads, in raw target "
               f"steps: verify " + ", ".join(f"{n} tokens {c:.2f}" for n, c in sorted(cost.verify.items()))
               + f"; a drafter call {cost.draft_call:.3f}; the rest of a step {cost.fixed:.3f} + {cost.per_node:.4f} "
               f"per node; AR {cost.ar_token:.3f} per token")
