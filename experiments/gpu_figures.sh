@@ -49,6 +49,9 @@ python experiments/precision_costs.py --device "$DEVICE" --passes "$passes" --ou
 step tree-costs
 python experiments/tree_profile.py --costs --from-card --device "$DEVICE" --dtype bfloat16 > "$OUT/tree-costs.txt"
 tail -13 "$OUT/tree-costs.txt"
+python experiments/tree_profile.py --costs --from-card --device "$DEVICE" --dtype bfloat16 --compile cuda-graphs \
+    > "$OUT/tree-costs-cuda-graphs.txt"
+tail -13 "$OUT/tree-costs-cuda-graphs.txt"
 
 step continuous
 if [ "$QUICK" = 1 ]; then

@@ -96,7 +96,10 @@ def test_cuda_graph_target_serves_eagle_with_the_eager_tokens():
     target = GPTAdapter(b.target_gpt, grid=b.target.grid)
     fast = compile_adapter(target, "reduce-overhead")
     cond, sampling = torch.tensor([0, 1]), Sampling(cfg_scale=3.0)
-    eager = specdec.generate(target, cond, drafter=eagle(b.eagle_head, k=3), sampling=sampling, seed=3)
-    for _ in range(2):
-        out = specdec.generate(fast, cond, drafter=eagle(b.eagle_head, k=3), sampling=sampling, seed=3)
-        assert torch.equal(eager.tokens, out.tokens)
+    for tree in ("chain", "static:binary-3"):
+        eager = specdec.generate(target, cond, drafter=eagle(b.eagle_head, tree=tree, k=3), sampling=sampling,
+                                 seed=3)
+        for _ in range(2):
+            out = specdec.generate(fast, cond, drafter=eagle(b.eagle_head, tree=tree, k=3, compile=True),
+                                   sampling=sampling, seed=3)
+            assert torch.equal(eager.tokens, out.tokens), tree
