@@ -49,8 +49,8 @@ def main(argv=None) -> None:
         call()
     timings, _ = interleaved_rounds(calls, args.rounds)
     step = 1e3 * statistics.median(timings[0].seconds) / S
-    print(f"continuous zoo target head ({args.dtype}, {device}), 9 positions, cfg {args.cfg:g}, {threads} threads: one chain step "
-          f"{step:.3f} ms")
+    print(f"continuous zoo target head ({args.dtype}, {device}), 9 positions, cfg {args.cfg:g}, {threads} threads: "
+          f"one chain step {step:.3f} ms")
     for m, t in zip(windows, timings[1:]):
         ms = 1e3 * statistics.median(t.seconds)
         print(f"  {m:2d} states per position in one call: {ms:.3f} ms = {ms / step:.2f} chain steps "

@@ -25,7 +25,6 @@ from torch import Tensor
 from specdec.adapters.static import StaticCacheAdapter, StaticCacheState
 from specdec.protocols import ARModel
 from specdec.sampling import Sampling
-from specdec.tree import verify_inputs
 from specdec.types import Logits
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -71,13 +70,14 @@ class CompiledAdapter(ARModel):
     def forward(self, state: StaticCacheState, tokens: Tensor) -> Logits:
         return self._step(state, tokens)
 
-    def forward_tree(self, state: StaticCacheState, tree, last: Tensor, n_done: Tensor) -> Logits:
-        """A draft tree's verification forward, compiled: the tree's inputs (`specdec.tree.verify_inputs`) are built
-        eagerly, and the forward over them is one graph per tree size (the mask is an input, so every tree of a
-        size, static or dynamic, replays the same graph)."""
-        slot0 = state.cache.lengths[: state.batch]
-        tokens, positions, slots, allowed = verify_inputs(tree, n_done, last, slot0)
-        return self._tree_part(state, tokens, positions, slots, allowed, slot0)
+    def forward_tree_part(self, state: StaticCacheState, tokens: Tensor, positions: Tensor, slots: Tensor,
+                          allowed: Tensor, base: Tensor) -> Logits:
+        """The wrapped adapter's forward over tree nodes, compiled: one graph per number of nodes fed (the mask is
+        an input, so every tree of a size, static or dynamic, replays the same graph)."""
+        return self._tree_part(state, tokens, positions, slots, allowed, base)
+
+    # a draft tree's verification: the wrapped adapter's (inputs built eagerly), through the compiled part above
+    forward_tree = StaticCacheAdapter.forward_tree
 
     def commit_tree(self, state: StaticCacheState, tree, path: Tensor) -> None:
         self.inner.commit_tree(state, tree, path)

@@ -85,9 +85,9 @@ def tree_walk(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, 
     (commit a token from the residual it returns and stop); a node with no children commits a bonus from its
     target law. tokens, parents [B, N], valid [B, N], q [B, N, V] (each node's law; None = one-hot),
     target_probs [B, 1 + N, V] (row 0: the root's output, row 1 + i: node i's); max_depth, max_children: static
-    bounds of the tree's shape (max_children: one int, or one per depth, `DraftTree`); pool: 0, or (i.i.d. siblings, a lossless `select`) the most nodes of one depth: the
-    walk stands on every sibling that drew the accepted token and tests all their children (the module doc)
-    -> TreeVerdict."""
+    bounds of the tree's shape (max_children: one int, or one per depth, `DraftTree`); pool: 0, or (i.i.d.
+    siblings, a lossless `select`) the most nodes of one depth: the walk stands on every sibling that drew the
+    accepted token and tests all their children (the module doc) -> TreeVerdict."""
     B, N = tokens.shape
     V = target_probs.shape[-1]
     dev = tokens.device
