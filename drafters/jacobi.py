@@ -56,7 +56,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from drafters.lookup import grid_dims, neighbour, read_token
+from drafters.lookup import grid_dims, neighbour
 from specdec.protocols import Drafter
 from specdec.random import sample_categorical
 from specdec.types import Draft, Verdict
@@ -162,16 +162,8 @@ class JacobiDrafter(Drafter):
             init_tok = self._random_tokens(pos)
             tokens = init_tok if tail_tok is None else torch.where(fresh, init_tok, tail_tok)
         else:
-            tokens = torch.zeros(B, k, dtype=torch.long, device=dev) if tail_tok is None else tail_tok.clone()
-            names = self._sources()
-            for j in range(k):                      # copies chain through the window: loop over k, not rows
-                t = pos[:, j]
-                src = t - 1
-                for name in reversed(names):        # the earliest available name in order wins
-                    p_s, ok = neighbour(name, t, self.dims)
-                    src = torch.where(ok, p_s, src)
-                copied = read_token(ctx, tokens, src)
-                tokens[:, j] = torch.where(fresh[:, j], copied, tokens[:, j])
+            tail = torch.zeros(B, k, dtype=torch.long, device=dev) if tail_tok is None else tail_tok
+            tokens = torch.where(fresh, self._copied_tokens(pos, fresh, tail), tail)
 
         self.prev_n = n.clone()
         self.step += 1
@@ -187,6 +179,31 @@ class JacobiDrafter(Drafter):
         else:
             self.prev_draft = Draft(tokens, torch.where(fresh[..., None], q_fresh, tail_p))
         return self.prev_draft
+
+    def _copied_tokens(self, pos: Tensor, fresh: Tensor, tail: Tensor) -> Tensor:
+        """Neighbour copies [B, k] for the window's positions pos [B, k]. fresh [B, k] marks the slots to fill; tail
+        [B, k] holds the other slots' drafts. A fresh slot's neighbour may itself be a fresh slot of this window
+        (copies chain through the window): each slot's source is followed to the first one that is committed or a
+        tail draft by pointer doubling (about log2 k rounds of one gather) instead of a loop over the k slots, so
+        that a step costs a handful of tensor ops whatever the window. Every neighbour lies before its slot, so
+        chains end; the result is the slot-by-slot copy's."""
+        n = self.ctx.n_done[:, None]                                               # [B, 1]
+        k = pos.shape[1]
+        src = pos - 1
+        for name in reversed(self._sources()):              # the earliest available name in order wins
+            p_s, ok = neighbour(name, pos, self.dims)
+            src = torch.where(ok, p_s, src)
+        # a pointer per slot, as a slot index: its source's slot while that source is a fresh slot of this window,
+        # else itself; doubling makes it the last fresh slot of the chain, whose source is committed or a tail draft
+        src_slot = (src - n).clamp(0, k - 1)
+        ptr = torch.where((src >= n) & fresh.gather(1, src_slot), src_slot,
+                          torch.arange(k, device=pos.device).expand_as(src_slot))
+        for _ in range(max(1, (k - 1).bit_length())):       # 2^rounds >= k - 1 hops, the longest chain
+            ptr = ptr.gather(1, ptr)
+        root = src.gather(1, ptr)                                                  # [B, k] source positions
+        committed = self.ctx.tokens.gather(1, root.clamp(0, self.ctx.tokens.shape[1] - 1))
+        drafted = tail.gather(1, (root - n).clamp(0, k - 1))
+        return torch.where(root < n, committed, drafted)
 
     def _tail_draws(self, tail_p: Tensor, src: Tensor, pos: Tensor) -> Tensor:
         """New iterates [B, k] of the tail laws tail_p [B, k, V] at positions pos [B, k]; src [B, k]: each slot's

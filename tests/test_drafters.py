@@ -219,6 +219,33 @@ def test_jacobi_vertical_and_random_fresh_fill():
     assert torch.equal(again.propose(k).tokens, d.tokens)       # keyed by (seed, row, position): reproducible
 
 
+@pytest.mark.parametrize("init, grid", [("repeat_vertical", (4, 4)), ("repeat_horizontal", (3, 5)),
+                                         ("previous_frame", (2, 3, 3))])
+def test_jacobi_fresh_fill_equals_slot_by_slot_copies(init, grid):
+    """The vectorised fresh fill (pointer doubling through chained copies) equals copying slot by slot, for random
+    ragged rows and random fresh masks, windows shorter and longer than a grid row."""
+    from drafters.lookup import neighbour, read_token
+    gen = torch.Generator().manual_seed(0)
+    for k in (1, 2, 5, 15):
+        ctx = _ctx(torch.randint(0, 12, (6,), generator=gen).tolist(), grid=grid, V=97, k=k)
+        ctx.tokens = torch.randint(0, 97, ctx.tokens.shape, generator=gen)
+        drafter = JacobiDrafter(k + 1, init)
+        drafter.start(ctx)
+        pos = ctx.n_done[:, None] + torch.arange(k)
+        fresh = torch.rand(6, k, generator=gen) < 0.6
+        tail = torch.randint(0, 97, (6, k), generator=gen)
+        expect = tail.clone()
+        for j in range(k):
+            t = pos[:, j]
+            src = t - 1
+            for name in reversed(drafter._sources()):
+                p_s, ok = neighbour(name, t, drafter.dims)
+                src = torch.where(ok, p_s, src)
+            expect[:, j] = torch.where(fresh[:, j], read_token(ctx, expect, src), expect[:, j])
+        got = torch.where(fresh, drafter._copied_tokens(pos, fresh, tail), tail)
+        assert torch.equal(got, expect), (init, k)
+
+
 def test_lookup_drafts_copy_neighbours_and_chain():
     ctx = _ctx([5, 4], grid=(3, 4))
     left = LookupDrafter(k=4)
