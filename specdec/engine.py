@@ -21,7 +21,7 @@ from specdec.adapters.base import check_capacity
 from specdec.phases import PhaseClock
 from specdec.protocols import AcceptanceRule, ARModel, DecodeContext, Drafter, require
 from specdec.random import RowStreams, fresh_seed, sample_categorical
-from specdec.sampling import Sampling, nonfinite, to_probs
+from specdec.sampling import Sampling, nan_probs, nonfinite, to_probs
 from specdec.tree import DraftTree
 from specdec.types import Draft, GenerationResult, SpecStats, Verdict
 
@@ -104,7 +104,7 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
     # non-finite values found so far, kept on device and read at the one sync per step: [target logits,
     # drafter's q, p after sampling]
     no = torch.zeros((), dtype=torch.bool, device=device)
-    bad = torch.stack([nonfinite(first.cond, first.uncond), no, torch.isnan(p0).any()])
+    bad = torch.stack([nonfinite(first.cond, first.uncond), no, nan_probs(p0)])
 
     ctx = DecodeContext(target, cond, sampling, tokens, n_done, T, tuple(target.grid), streams, token_mask, capacity,
                         first.hidden)
@@ -138,7 +138,7 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
             target.forward(state, torch.cat([last, draft.tokens], 1))
         p = to_probs(logits.cond, logits.uncond, sampling, token_mask)                 # [B, k+1 (1+N), V]
         bad = bad | torch.stack([nonfinite(logits.cond, logits.uncond),
-                                 _invalid_probs(draft.q if is_tree else draft.probs, no), torch.isnan(p).any()])
+                                 _invalid_probs(draft.q if is_tree else draft.probs, no), nan_probs(p)])
         if is_tree:     # the accepted root-to-node path becomes the step's drafts, as if it had been a chain
             verdict = rule.verify_tree(draft, p, streams.at(n_done))
             path = draft.path(verdict.node, k)                                          # [B, k] nodes
@@ -202,7 +202,8 @@ def _invalid_probs(q: Tensor | None, no: Tensor) -> Tensor:
     """A 0-d bool tensor: the draft distribution q [B, k, V] holds NaN, inf or negative values (no: False)."""
     if q is None:
         return no
-    return ~torch.isfinite(q).all() | (q < 0).any()
+    # two reductions: a min propagates NaN (NaN >= 0 is False), and a +inf makes the sum infinite
+    return ~(q.amin() >= 0) | ~torch.isfinite(q.sum())
 
 
 def _nonfinite_error(flags: list[bool], target, drafter, sampling: Sampling) -> ValueError:

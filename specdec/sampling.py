@@ -85,6 +85,13 @@ def to_probs(cond: Tensor, uncond: Tensor | None, sampling: Sampling, token_mask
 
 def nonfinite(*tensors: Tensor | None) -> Tensor:
     """A 0-d bool tensor, True if any logits hold NaN or +inf (-inf is a legitimate mask value). Kept on device:
-    the engine checks it at its one per-step sync instead of adding a host sync per call."""
-    flags = [(torch.isnan(t) | torch.isposinf(t)).any() for t in tensors if t is not None]
+    the engine checks it at its one per-step sync instead of adding a host sync per call. One reduction per tensor:
+    a max propagates NaN, so `max < +inf` fails exactly when a NaN or a +inf is present."""
+    flags = [~(t.amax() < float("inf")) for t in tensors if t is not None]
     return torch.stack(flags).any()
+
+
+def nan_probs(p: Tensor) -> Tensor:
+    """A 0-d bool tensor, True if probabilities p (finite where valid, so their sum is too) hold a NaN: one
+    reduction, on device."""
+    return torch.isnan(p.sum())

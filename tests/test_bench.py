@@ -314,6 +314,8 @@ def test_presets_parse_and_cover_the_readme_table():
     assert {r["batch"] for r in speed} == {1, 8} and {r["sampling"]["cfg_scale"] for r in speed} == {1.0, 3.0}
     assert {r["drafter_params"].get("tree", "chain") for r in speed if r["drafter"] == "eagle"} == \
         {"chain", "static:binary-3", "dynamic"}
+    assert {r["drafter_params"].get("coupling", "none") for r in speed if r["drafter"] == "jacobi"} == \
+        {"none", "maximal"}                                                       # SJD and MC-SJD
     full = load_config(preset="zoo-full").runs
     fams = {bench.family(r) for r in full}
     quality = load_config(preset="zoo-quality")

@@ -1,0 +1,56 @@
+"""How MAL grows with the Jacobi window, and what coupling successive iterates buys: SJD (a fresh draw from each
+tail slot's new law every step) against MC-SJD (the previous iterate kept with probability min(1, p_new / q_old),
+a maximal coupling) and the Gumbel-max coupling, with fresh slots drawn at random or copied from the token above;
+lossless (exact rule), over N images in one batch, at CFG 1 and 3. Counts only, untimed (the timed comparison is
+docs/results/zoo-jacobi-bf16.toml). MAL is the pooled committed tokens per target forward; +- is the standard error
+of the per-image MAL over the images.
+
+    python experiments/jacobi_mal.py --images 16 --threads 2
+    python experiments/jacobi_mal.py --windows 16 --couplings maximal --inits repeat_vertical --cfg 3
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+import specdec
+from drafters.jacobi import COUPLINGS, JacobiDrafter
+from specdec import Sampling
+from specdec.bench.timing import set_threads
+from specdec.registry import make_rule
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 3.0])
+    ap.add_argument("--windows", type=int, nargs="+", default=[4, 6, 8, 12, 16, 24])
+    ap.add_argument("--couplings", nargs="+", default=list(COUPLINGS), choices=COUPLINGS)
+    ap.add_argument("--inits", nargs="+", default=["random", "repeat_vertical"])
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    set_threads(args.threads)
+    bundle = specdec.zoo.load("cpu")
+    cond = torch.arange(args.images) % 4
+    rule = make_rule("exact", bundle.target)
+    print(f"| Jacobi drafts, exact rule, {args.images} images | CFG | window | MAL | +- | target forwards / image |")
+    print("|---|---|---|---|---|---|")
+    for cfg in args.cfg:
+        for window in args.windows:
+            for coupling in args.couplings:
+                for init in args.inits:
+                    drafter = JacobiDrafter(window=window, init=init, coupling=coupling)
+                    res = specdec.generate(bundle.target, cond, drafter=drafter, rule=rule,
+                                           sampling=Sampling(cfg_scale=cfg), seed=args.seed, decode=False)
+                    per_image = bundle.target.num_tokens / res.stats.forwards_per_row.double()
+                    se = float(per_image.std() / math.sqrt(args.images))
+                    print(f"| {init} {coupling} | {cfg:g} | {window} | {res.stats.mean_accepted_length:.2f} | "
+                          f"{se:.2f} | {res.stats.target_forwards / args.images:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
