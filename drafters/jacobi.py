@@ -212,11 +212,12 @@ class JacobiDrafter(Drafter):
         if self.coupling == "gumbel":
             u = streams.uniform_at("jacobi_gumbel", pos, slots=tail_p.shape[-1])       # [B, k, V]
             return (tail_p.log() - (-u.log()).log()).argmax(-1)
-        crn = sample_categorical(tail_p, streams.uniform_at("sample", pos))
+        u_sample = streams.uniform_at("sample", pos)
         old = self.prev_draft
         if self.coupling == "none" or old is None:
-            return crn
+            return sample_categorical(tail_p, u_sample)
         k_old, V = old.tokens.shape[1], tail_p.shape[-1]
+        has_old = src < k_old                                                          # [B, k]
         idx = src.clamp_max(k_old - 1)
         y_old = old.tokens.gather(1, idx)                                              # [B, k]
         q_old = old.q(V).gather(1, idx[..., None].expand(-1, -1, V))                   # [B, k, V]
@@ -225,11 +226,12 @@ class JacobiDrafter(Drafter):
         keep = streams.uniform_at(f"mc_keep/{self.step}", pos) * q_y <= p_y            # U < p/q, no division
         residual = (tail_p - q_old).clamp_min(0)
         mass = residual.sum(-1, keepdim=True)
-        # mass 0 means p_new <= q_old everywhere, i.e. p_new == q_old: then keep is certain and the residual unused
-        residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), tail_p)
-        redraw = sample_categorical(residual, streams.uniform_at(f"mc_residual/{self.step}", pos))
-        coupled = torch.where(keep, y_old, redraw)
-        return torch.where(src < k_old, coupled, crn)
+        # mass 0 means p_new <= q_old everywhere, i.e. p_new == q_old: then keep is certain and the residual unused.
+        # One draw serves both kinds of slot: the residual with its own uniforms where a previous iterate exists,
+        # else tail_p with the position's "sample" uniform (SJD's draw)
+        law = torch.where(has_old[..., None] & (mass > 0), residual / mass.clamp_min(1e-30), tail_p)
+        u = torch.where(has_old, streams.uniform_at(f"mc_residual/{self.step}", pos), u_sample)
+        return torch.where(has_old & keep, y_old, sample_categorical(law, u))
 
     def observe(self, verdict: Verdict, target_probs: Tensor) -> None:
         """Keep the target's laws of this pass [B, k+1, V]; the next proposal takes its unverified tail."""

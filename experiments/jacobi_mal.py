@@ -2,8 +2,8 @@
 tail slot's new law every step) against MC-SJD (the previous iterate kept with probability min(1, p_new / q_old),
 a maximal coupling) and the Gumbel-max coupling, with fresh slots drawn at random or copied from the token above;
 lossless (exact rule), over N images in one batch, at CFG 1 and 3. Counts only, untimed (the timed comparison is
-docs/results/zoo-jacobi-bf16.toml). MAL is the pooled committed tokens per target forward; +- is the standard error
-of the per-image MAL over the images.
+docs/results/zoo-jacobi-bf16.toml). MAL is the pooled committed tokens per target forward; +- its standard error
+from the images' spread (`specdec.metrics.mal_standard_error`).
 
     python experiments/jacobi_mal.py --images 16 --threads 2
     python experiments/jacobi_mal.py --windows 16 --couplings maximal --inits repeat_vertical --cfg 3
@@ -11,7 +11,6 @@ of the per-image MAL over the images.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
@@ -19,6 +18,7 @@ import specdec
 from drafters.jacobi import COUPLINGS, JacobiDrafter
 from specdec import Sampling
 from specdec.bench.timing import set_threads
+from specdec.metrics import mal_standard_error
 from specdec.registry import make_rule
 
 
@@ -46,8 +46,7 @@ def main(argv=None) -> None:
                     drafter = JacobiDrafter(window=window, init=init, coupling=coupling)
                     res = specdec.generate(bundle.target, cond, drafter=drafter, rule=rule,
                                            sampling=Sampling(cfg_scale=cfg), seed=args.seed, decode=False)
-                    per_image = bundle.target.num_tokens / res.stats.forwards_per_row.double()
-                    se = float(per_image.std() / math.sqrt(args.images))
+                    se = mal_standard_error(res.stats.forwards_per_row, res.stats.num_tokens - 1)
                     print(f"| {init} {coupling} | {cfg:g} | {window} | {res.stats.mean_accepted_length:.2f} | "
                           f"{se:.2f} | {res.stats.target_forwards / args.images:.1f} |", flush=True)
 
