@@ -45,8 +45,11 @@ def at_position(x: Tensor, index: Tensor) -> Tensor:
 
 def draft_q_at(draft_probs: Tensor, n_accepted: Tensor) -> Tensor:
     """q of the committed position [B, V]: the rejected draft's q, or 0 at the bonus position (n_accepted == k)."""
-    bonus_q = draft_probs.new_zeros(draft_probs.shape[0], 1, draft_probs.shape[-1])
-    return at_position(torch.cat([draft_probs, bonus_q], 1), n_accepted)
+    k = draft_probs.shape[1]
+    if k == 0:
+        return draft_probs.new_zeros(draft_probs.shape[0], draft_probs.shape[-1])
+    # gather one row, then zero it at the bonus: no copy of the whole [B, k, V] draft law per step
+    return at_position(draft_probs, n_accepted.clamp_max(k - 1)).masked_fill((n_accepted == k)[:, None], 0.0)
 
 
 # --- the committed token ------------------------------------------------------------------------------------------
