@@ -7,10 +7,14 @@ from the images' spread (`specdec.metrics.mal_standard_error`).
 
     python experiments/jacobi_mal.py --images 16 --threads 2
     python experiments/jacobi_mal.py --windows 16 --couplings maximal --inits repeat_vertical --cfg 3
+    python experiments/jacobi_mal.py --windows 16 24 --couplings maximal --inits repeat_vertical \
+        --rule bounded_lantern --rule-params '{"delta": 0.1}'
+        # a relaxed rule on the same drafts (MAL and the samples' NLL under the target; its bound is the rule's own)
 """
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -18,7 +22,7 @@ import specdec
 from drafters.jacobi import COUPLINGS, JacobiDrafter
 from specdec import Sampling
 from specdec.bench.timing import set_threads
-from specdec.metrics import mal_standard_error
+from specdec.metrics import mal_standard_error, token_nll
 from specdec.registry import make_rule
 
 
@@ -31,14 +35,17 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--rule", default="exact", help="the rule (registry name; default: the exact rule)")
+    ap.add_argument("--rule-params", default="{}", help="its parameters as JSON, e.g. '{\"delta\": 0.1}'")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     set_threads(args.threads)
     bundle = specdec.zoo.load("cpu")
     cond = torch.arange(args.images) % 4
-    rule = make_rule("exact", bundle.target)
-    print(f"| Jacobi drafts, exact rule, {args.images} images | CFG | window | MAL | +- | target forwards / image |")
-    print("|---|---|---|---|---|---|")
+    rule = make_rule(args.rule, bundle.target, **json.loads(args.rule_params))
+    print(f"| Jacobi drafts, {args.rule} {args.rule_params}, {args.images} images | CFG | window | MAL | +- "
+          f"| target forwards / image | NLL under the target |")
+    print("|---|---|---|---|---|---|---|")
     for cfg in args.cfg:
         for window in args.windows:
             for coupling in args.couplings:
@@ -47,8 +54,9 @@ def main(argv=None) -> None:
                     res = specdec.generate(bundle.target, cond, drafter=drafter, rule=rule,
                                            sampling=Sampling(cfg_scale=cfg), seed=args.seed, decode=False)
                     se = mal_standard_error(res.stats.forwards_per_row, res.stats.num_tokens - 1)
+                    nll = float(token_nll(bundle.target_gpt, res.tokens, cond).mean())
                     print(f"| {init} {coupling} | {cfg:g} | {window} | {res.stats.mean_accepted_length:.2f} | "
-                          f"{se:.2f} | {res.stats.target_forwards / args.images:.1f} |", flush=True)
+                          f"{se:.2f} | {res.stats.target_forwards / args.images:.1f} | {nll:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
