@@ -47,9 +47,9 @@ draft to the previous iterate y_old ~ q_old at the same position instead:
   "none":    SJD's draw by inverse CDF with the position's "sample" uniform (a common-random-numbers coupling).
 A slot with no previous iterate (the one just past the old window, and fresh slots) falls back to "none" / init.
 
-Per-step work is O(B k V) (one gather of the tail laws, one inverse-CDF sample); fresh slots with a neighbour init
-chain through the window with a loop over the k slots (vectorised over rows, ragged n_done handled by per-row
-gather indices).
+Per-step work is O(B k V) (one gather of the tail laws, one inverse-CDF sample) in a fixed number of tensor ops:
+fresh slots with a neighbour init copy through chains within the window, followed by pointer doubling (about log2 k
+gathers, vectorised over rows and slots, ragged n_done handled by per-row gather indices), not a loop over slots.
 """
 from __future__ import annotations
 

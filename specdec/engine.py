@@ -200,7 +200,7 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
 
 def _invalid_probs(q: Tensor | None, no: Tensor) -> Tensor:
     """A 0-d bool tensor: the draft distribution q [B, k, V] holds NaN, inf or negative values (no: False)."""
-    if q is None:
+    if q is None or q.numel() == 0:
         return no
     # two reductions: a min propagates NaN (NaN >= 0 is False), and a +inf makes the sum infinite
     return ~(q.amin() >= 0) | ~torch.isfinite(q.sum())
