@@ -15,7 +15,6 @@ Counts only, untimed.
 from __future__ import annotations
 
 import argparse
-import heapq
 import math
 import random
 
@@ -25,7 +24,7 @@ import specdec
 from drafters.eagle import EagleTreeDrafter
 from specdec import Sampling
 from specdec.bench.timing import set_threads
-from specdec.tree import expected_accepted, optimal_shape
+from specdec.tree import best_first_nodes, expected_accepted, optimal_shape
 from specdec.tree_profile import non_increasing
 
 BINS = 5
@@ -48,25 +47,6 @@ class RecordingStar(EagleTreeDrafter):
         row = torch.stack([self._confidence, verdict.node.float()], -1)[self._running]
         self.records.append(row.cpu())
         super().observe(verdict, target_probs)
-
-
-def best_nodes_value(n: int, profile_at) -> float:
-    """Expected accepted drafts of the n most valuable nodes when node `path`'s children follow profile_at(path)
-    (best-first: a child's value is its parent's times a[rank]; profiles non-increasing)."""
-    root = profile_at(())
-    heap, total = [(-root[0], (0,))], 0.0
-    for _ in range(n):
-        if not heap:
-            break
-        value, path = heapq.heappop(heap)
-        value = -value
-        total += value
-        own, parent = profile_at(path), profile_at(path[:-1])
-        heapq.heappush(heap, (-value * own[0], path + (0,)))
-        r = path[-1]
-        if r + 1 < len(parent) and parent[r] > 0:
-            heapq.heappush(heap, (-value / parent[r] * parent[r + 1], path[:-1] + (r + 1,)))
-    return total
 
 
 def main(argv=None) -> None:
@@ -112,7 +92,7 @@ def main(argv=None) -> None:
                 return profiles[quintile.setdefault(path, rng.randrange(BINS))]
             static.append(1 + sum(math.prod(profile_at(path[:d])[path[d]] for d in range(len(path)))
                                   for path in shape))
-            oracle.append(1 + best_nodes_value(n, profile_at))
+            oracle.append(1 + sum(value for _, value in best_first_nodes(profile_at, n)))
         print(f"| {n} | {sum(static) / len(static):.3f} (expected {1 + expected_accepted(shape, pooled):.3f}) | "
               f"{sum(oracle) / len(oracle):.3f} |")
 

@@ -121,7 +121,8 @@ def main(argv=None) -> None:
         compile_drafter = {"off": False, "freeze": "freeze"}.get(args.compile, True)
         cost = measured_cost(bundle, profile, Sampling(cfg_scale=args.cfg), args.rounds, compile_drafter)
         print(f"costs on {device} in {args.dtype} (compile {args.compile}), batch 1, CFG {args.cfg:g}, "
-              f"{threads} threads, in raw target steps: verify " + ", ".join(f"{n} tokens {c:.2f}" for n, c in sorted(cost.verify.items()))
+              f"{threads} threads, in raw target steps: verify "
+              + ", ".join(f"{n} tokens {c:.2f}" for n, c in sorted(cost.verify.items()))
               + f"; a drafter call {cost.draft_call:.3f}; the rest of a step {cost.fixed:.3f} + {cost.per_node:.4f} "
               f"per node; AR {cost.ar_token:.3f} per token")
         print("| shape | nodes | depth | predicted MAL | step cost | predicted speedup |\n|---|---|---|---|---|---|")

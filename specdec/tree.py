@@ -217,29 +217,41 @@ def expected_accepted(paths, rank_acceptance) -> float:
     return total
 
 
+def best_first_nodes(profile_at, nodes: int, max_depth: int | None = None) -> list[tuple[tuple[int, ...], float]]:
+    """The (at most) `nodes` most valuable nodes of the unbounded draft tree as (child-rank path, value), best
+    first. profile_at(path) -> the non-increasing rank acceptance of the children of the node at `path` (() is the
+    root); a node's value is its parent's times profile_at(parent)[rank], the probability that it is reached and
+    accepted. As no node is worth more than its parent or its elder sibling, a best-first walk of the frontier finds
+    them (ties to the shallower, then lower-ranked path). max_depth caps the depth."""
+    root = profile_at(())
+    frontier, chosen = [(-root[0], 1, (0,))], []
+    while frontier and len(chosen) < nodes:
+        negative, depth, path = heapq.heappop(frontier)
+        value, rank = -negative, path[-1]
+        chosen.append((path, value))
+        if max_depth is None or depth < max_depth:                       # its first child
+            heapq.heappush(frontier, (-value * profile_at(path)[0], depth + 1, path + (0,)))
+        siblings = profile_at(path[:-1])
+        if rank + 1 < len(siblings) and siblings[rank] > 0:               # its next younger sibling
+            heapq.heappush(frontier, (-value / siblings[rank] * siblings[rank + 1], depth, path[:-1] + (rank + 1,)))
+    return chosen
+
+
 def optimal_shape(rank_acceptance, nodes: int, max_depth: int | None = None) -> list[tuple[int, ...]]:
     """The static shape of `nodes` nodes (depth <= max_depth) with the most expected accepted drafts, after Sequoia
     (Chen et al., arXiv 2402.12374). Positional model: at any node, the r-th sibling drawn is the accepted one with
     probability rank_acceptance[r] whatever its depth and ancestors, so a node at child-rank path (r_1 .. r_d) is
     reached and accepted with probability prod_i a[r_i], and a shape's expected accepted drafts is the sum over its
     nodes (`expected_accepted`). As the profile is non-increasing, no node is worth more than its parent or its
-    elder sibling: the `nodes` most valuable nodes of the unbounded tree form a valid shape, and a best-first walk
-    of the frontier finds them (ties to the shallower, then lower-ranked path). max_depth caps the draft calls per
+    elder sibling: the `nodes` most valuable nodes of the unbounded tree form a valid shape, found best-first
+    (`best_first_nodes`, with the same profile at every node). max_depth caps the draft calls per
     step, the drafter's share of a step's time. -> child-rank paths, as `static_shape`."""
     profile = _checked_profile(rank_acceptance)
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
         raise ValueError(f"nodes must be an int >= 1, got {nodes!r}")
     if max_depth is not None and (isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1):
         raise ValueError(f"max_depth must be None or an int >= 1, got {max_depth!r}")
-    frontier, chosen = [(-profile[0], 1, (0,))], []
-    while frontier and len(chosen) < nodes:
-        negative, depth, path = heapq.heappop(frontier)
-        chosen.append(path)
-        value, rank = -negative, path[-1]
-        if max_depth is None or depth < max_depth:                       # its first child
-            heapq.heappush(frontier, (-value * profile[0], depth + 1, path + (0,)))
-        if rank + 1 < len(profile):                                      # its next younger sibling
-            heapq.heappush(frontier, (-value / profile[rank] * profile[rank + 1], depth, path[:-1] + (rank + 1,)))
+    chosen = [path for path, _ in best_first_nodes(lambda path: profile, nodes, max_depth)]
     if len(chosen) < nodes:
         raise ValueError(f"a tree of depth <= {max_depth} with at most {len(profile)} children per node has fewer "
                          f"than {nodes} nodes; raise max_depth or measure more ranks")
