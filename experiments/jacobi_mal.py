@@ -14,12 +14,14 @@ from the images' spread (`specdec.metrics.mal_standard_error`).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
 
 import specdec
 from drafters.jacobi import COUPLINGS, JacobiDrafter
+from drafters.jacobi_tree import JacobiTreeDrafter
 from specdec import Sampling
 from specdec.bench.timing import set_threads
 from specdec.metrics import mal_standard_error, token_nll
@@ -35,6 +37,10 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--branches", nargs="+", default=["chain"],
+                    help="the chain, or KxD: a JacobiTreeDrafter with K candidates at each of the window's first D "
+                         "positions (proactive drafting), KxD+T: and T copies of the spine below each "
+                         "off-spine leaf, e.g. chain 2x1 2x2 3x1+4")
     ap.add_argument("--rule", default="exact", help="the rule (registry name; default: the exact rule)")
     ap.add_argument("--rule-params", default="{}", help="its parameters as JSON, e.g. '{\"delta\": 0.1}'")
     args = ap.parse_args(argv)
@@ -49,14 +55,25 @@ def main(argv=None) -> None:
     for cfg in args.cfg:
         for window in args.windows:
             for coupling in args.couplings:
-                for init in args.inits:
-                    drafter = JacobiDrafter(window=window, init=init, coupling=coupling)
+                for init, branch in itertools.product(args.inits, args.branches):
+                    drafter = _drafter(window, init, coupling, branch)
                     res = specdec.generate(bundle.target, cond, drafter=drafter, rule=rule,
                                            sampling=Sampling(cfg_scale=cfg), seed=args.seed, decode=False)
                     se = mal_standard_error(res.stats.forwards_per_row, res.stats.num_tokens - 1)
                     nll = float(token_nll(bundle.target_gpt, res.tokens, cond).mean())
-                    print(f"| {init} {coupling} | {cfg:g} | {window} | {res.stats.mean_accepted_length:.2f} | "
+                    name = f"{init} {coupling}" + ("" if branch == "chain" else f" tree {branch}")
+                    print(f"| {name} | {cfg:g} | {window} | {res.stats.mean_accepted_length:.2f} | "
                           f"{se:.2f} | {res.stats.target_forwards / args.images:.1f} | {nll:.3f} |", flush=True)
+
+
+def _drafter(window: int, init: str, coupling: str, branch: str):
+    if branch == "chain":
+        return JacobiDrafter(window=window, init=init, coupling=coupling)
+    sizes = branch.replace("+", "x").split("x")
+    if len(sizes) not in (2, 3) or not all(v.isdigit() for v in sizes):
+        raise SystemExit(f"--branches takes 'chain', KxD or KxD+T (e.g. 2x2, 3x1+4), got {branch!r}")
+    k, d, tails = (int(v) for v in sizes + ["0"] * (3 - len(sizes)))
+    return JacobiTreeDrafter(window=window, init=init, coupling=coupling, branch=k, branch_depth=d, tails=tails)
 
 
 if __name__ == "__main__":

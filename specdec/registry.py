@@ -41,6 +41,7 @@ DRAFTERS = {
     "model_tree_dynamic": "drafters.dynamic_tree:DynamicTreeDrafter",
     "eagle": "drafters.eagle:eagle",
     "jacobi": "drafters.jacobi:JacobiDrafter",
+    "jacobi_tree": "drafters.jacobi_tree:JacobiTreeDrafter",
     "lookup": "drafters.lookup:LookupDrafter",
 }
 
