@@ -696,3 +696,37 @@ def test_step_costs_interpolate_and_the_fastest_shapes_follow_the_device():
     for c in free + [linear]:
         assert c.paths == optimal_shape(profile, c.nodes, c.depth)
         assert c.mal == pytest.approx(1 + expected_accepted(c.paths, profile))
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_the_vectorised_thin_tail_gives_the_verdicts_of_the_level_by_level_walk(one_hot):
+    """Below a static shape's last branching level every node has at most one child: recursive rejection walks that
+    chain in one vectorised pass. Its verdicts equal the level-by-level walk's, draw for draw, on shapes with long
+    spines (a Jacobi tree, a spine with side chains), ragged padding and laws close enough to accept deep runs."""
+    from drafters.jacobi_tree import JacobiTreeDrafter
+    from specdec.random import GeneratorRandomness
+    from specdec.tree import shape_parents, shape_widths, static_shape
+    from verifiers._tree import recursive_select, tree_walk
+
+    side = static_shape([(0,) * d for d in range(1, 9)] + [(1,), (1, 0), (1, 0, 0), (0, 1), (0, 1, 0)])
+    jacobi = JacobiTreeDrafter(10, branch=3, branch_depth=2, tails=3)
+    shapes = [(jacobi.parents.tolist(), jacobi.max_children), (shape_parents(side)[0], shape_widths(side))]
+    g = torch.Generator().manual_seed(7)
+    for parents_list, widths in shapes:
+        B, V, N = 256, 6, len(parents_list)
+        depth = max(len(widths), 1)
+        base = torch.softmax(torch.randn(B, 1, V, generator=g) * 3, -1)
+        q = torch.softmax(base.log() + 0.3 * torch.randn(B, N, V, generator=g), -1)
+        tokens = torch.distributions.Categorical(q).sample()
+        probs = torch.softmax(base.log() + 0.3 * torch.randn(B, N + 1, V, generator=g), -1)
+        parents = torch.tensor(parents_list).expand(B, N)
+        valid = torch.arange(N)[None] < torch.randint(N // 2, N + 1, (B, 1), generator=g)     # ragged rows
+        law = None if one_hot else q
+
+        def walk(select):
+            return tree_walk(tokens, parents, valid, law, probs, GeneratorRandomness(torch.Generator().manual_seed(3),
+                                                                                     B), depth, widths, select)
+        fast, loop = walk(recursive_select), walk(lambda *args: recursive_select(*args))
+        assert int(fast.n_accepted.max()) > max(i for i, w in enumerate(widths) if w > 1) + 2   # deep runs tested
+        for field in ("n_accepted", "node", "next_token"):
+            assert torch.equal(getattr(fast, field), getattr(loop, field)), field

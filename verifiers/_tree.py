@@ -104,7 +104,14 @@ def tree_walk(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, 
     rejected = torch.zeros(B, dtype=torch.bool, device=dev)                  # the walk stopped on a rejection
     walking = torch.ones(B, dtype=torch.bool, device=dev)
     depth = torch.zeros(B, dtype=torch.long, device=dev)
-    for d in range(max_depth):
+    # the thin part of a static shape (every node at depth >= thin has at most one child: a tree's long spine) is
+    # a chain below wherever the walk stands: recursive rejection there is the chain rule, tested in one vectorised
+    # pass (`_chain_below`) instead of one loop iteration per depth; same uniforms, same verdicts
+    thin = max_depth
+    if not pool and select is recursive_select:
+        while thin > 0 and widths[thin - 1] == 1:
+            thin -= 1
+    for d in range(thin if max_depth - thin > 1 else max_depth):
         width = K if pool else widths[d]             # siblings a node of this depth can have (static)
         if pool:
             kids, child = pooled_children(parents, valid, members, K)        # [B, K], [B, N]
@@ -125,11 +132,52 @@ def tree_walk(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, 
             members = torch.cat([torch.zeros_like(members[:, :1]), same], 1)
         depth = depth + moved.long()
         walking = walking & moved
+    if max_depth - thin > 1:
+        cur, depth, stopped, residual = _chain_below(tokens, q, target_probs, table[:, :, 0], cur, depth, walking,
+                                                     u_accept[:, thin:, 0])
+        law = torch.where(stopped[:, None], residual, law)
+        rejected = rejected | stopped
+        walking = walking & ~stopped
     law = torch.where(walking[:, None], target_probs[rows, cur + 1], law)    # walked to the bottom: a bonus
     u_sample, u_residual = rng.uniform("sample", max_depth + 1), rng.uniform("residual", max_depth + 1)
     at = depth[:, None]
     u = torch.where(rejected, u_residual.gather(1, at)[:, 0], u_sample.gather(1, at)[:, 0])
     return TreeVerdict(depth, cur, sample_categorical(law, u))
+
+
+def _chain_below(tokens: Tensor, q: Tensor | None, target_probs: Tensor, first_child: Tensor, cur: Tensor,
+                 depth: Tensor, walking: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Recursive rejection down the chain of only children below cur [B] (first_child [B, N + 1]: the first child
+    of the root / of node c at column c + 1, -1 for none), for the m = u.shape[1] levels left, as the chain rule
+    does: accept child j iff u[:, j] q_j(x_j) < p(x_j) under its parent's law, stop at the first rejection. Rows not
+    walking stay put. -> (cur, depth advanced by the accepted run; stopped [B]: rejected on this chain; residual
+    [B, V]: norm((p - q)+) at the rejected child, p where that is empty, as `recursive_select`)."""
+    B, m = u.shape
+    rows = torch.arange(B, device=tokens.device)
+    chain, node = [], torch.where(walking, first_child[rows, cur + 1], -1)
+    for _ in range(m):                                   # m gathers of [B], the nodes below cur
+        chain.append(node)
+        node = torch.where(node >= 0, first_child[rows, node + 1], -1)
+    nodes = torch.stack(chain, 1)                                                  # [B, m], -1 past the end
+    has = nodes >= 0
+    c = nodes.clamp_min(0)
+    x = tokens.gather(1, c)                                                        # [B, m]
+    parent_rows = torch.cat([(cur + 1)[:, None], c[:, :-1] + 1], 1)                # each child's parent's output
+    p_x = target_probs[rows[:, None], parent_rows, x]
+    q_x = torch.ones_like(p_x) if q is None else q[rows[:, None], c, x]
+    ok = has & (u * q_x < p_x)
+    run = ok.long().cumprod(1).sum(1)                                              # accepted children [B]
+    at = run.clamp_max(m - 1)[:, None]
+    stopped = (run < m) & has.gather(1, at)[:, 0]                                  # a child tested and rejected
+    new_cur = torch.where(run > 0, nodes.gather(1, (run - 1).clamp_min(0)[:, None])[:, 0], cur)
+    p = target_probs[rows, new_cur + 1]
+    rejected_node = c.gather(1, at)[:, 0]
+    q_r = torch.nn.functional.one_hot(x.gather(1, at)[:, 0], p.shape[-1]).to(p.dtype) if q is None \
+        else q[rows, rejected_node]
+    res = (p - q_r).clamp_min(0)
+    empty = res.sum(-1, keepdim=True) <= 1e-9
+    residual = torch.where(empty, p, res / res.sum(-1, keepdim=True).clamp_min(1e-30))
+    return new_cur, depth + run, stopped, residual
 
 
 def recursive_rejection(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, target_probs: Tensor,
