@@ -41,7 +41,7 @@ from torch import Tensor
 
 from drafters.jacobi import JacobiDrafter
 from specdec.random import sample_categorical
-from specdec.tree import DraftTree, shape_parents, shape_widths, static_shape
+from specdec.tree import DraftTree, shape_ancestors, shape_parents, shape_widths, static_shape
 
 
 def branch_paths(k: int, branch: int, branch_depth: int, tails: int = 0) -> list[tuple[int, ...]]:
@@ -81,6 +81,7 @@ class JacobiTreeDrafter(JacobiDrafter):
         self.tree_size = len(paths)
         self.max_children = shape_widths(paths)
         self.parents = torch.tensor(parents)
+        self.reach = shape_ancestors(parents)                                                  # [N, N]
         self.spine = torch.tensor([index[(0,) * d] for d in range(1, self.k + 1)])           # [k] node of depth d
         # the target's outputs along the spine, a chain's [root, d_1 .. d_k] rows of the [1 + N] tree outputs
         self.spine_rows = torch.cat([torch.zeros(1, dtype=torch.long), self.spine + 1])
@@ -97,7 +98,7 @@ class JacobiTreeDrafter(JacobiDrafter):
     def start(self, ctx) -> None:
         super().start(ctx)
         dev = ctx.n_done.device
-        for name in ("parents", "spine", "spine_rows", "copy_nodes", "copy_spine"):
+        for name in ("parents", "reach", "spine", "spine_rows", "copy_nodes", "copy_spine"):
             setattr(self, name, getattr(self, name).to(dev))
         self.groups = [g.to(dev) for g in self.groups]
 
@@ -134,7 +135,7 @@ class JacobiTreeDrafter(JacobiDrafter):
         tokens[:, self.copy_nodes] = chain.tokens[:, self.copy_spine]
         q[:, self.copy_nodes] = spine_q[:, self.copy_spine]
         return DraftTree(tokens, self.parents.expand(B, N).clone(), torch.full((B,), N, device=n.device), q,
-                         self.k, self.max_children)
+                         self.k, self.max_children, reach=self.reach.expand(B, N, N))
 
     def observe(self, verdict, target_probs: Tensor) -> None:
         """target_probs [B, 1 + N, V], the tree's outputs: the spine's rows are the next step's tail laws."""

@@ -29,7 +29,7 @@ from drafters.model import ModelDrafter
 from specdec.protocols import ARModel
 from specdec.random import sample_categorical
 from specdec.sampling import to_probs
-from specdec.tree import DraftTree, shape_parents, shape_preset, shape_widths, static_shape
+from specdec.tree import DraftTree, shape_ancestors, shape_parents, shape_preset, shape_widths, static_shape
 
 
 class TreeModelDrafter(ModelDrafter):
@@ -69,11 +69,7 @@ class TreeModelDrafter(ModelDrafter):
         self.parent_list = parents
         self.parents = torch.tensor(parents)
         self.depths = torch.tensor(depths)
-        anc = torch.eye(len(paths), dtype=torch.bool)
-        for i, par in enumerate(parents):                # parents precede children: one pass builds every row
-            if par >= 0:
-                anc[i] |= anc[par]
-        self.ancestors = anc                             # [N, N]: node j is node i or one of its ancestors
+        self.ancestors = shape_ancestors(parents)        # [N, N]: node j is node i or one of its ancestors
 
     def start(self, ctx) -> None:
         super().start(ctx)
@@ -129,4 +125,4 @@ class TreeModelDrafter(ModelDrafter):
                 self.rank_sampling, ctx.token_mask)
             self.forwards += 1
         return DraftTree(tokens, self.parents.expand(B, N).clone(), torch.full((B,), N, device=n.device), q,
-                         self.k, self.max_children, self.pool)
+                         self.k, self.max_children, self.pool, self.ancestors.expand(B, N, N))

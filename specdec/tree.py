@@ -32,7 +32,9 @@ class DraftTree:
     the most children of any node at depth d, 0 = the root), so a static shape's narrow deep levels test only the
     siblings they have. pool: 0, or (siblings drawn i.i.d. only) a static bound on the
     nodes of one depth: a lossless rule may then pool the children of every sibling that drew the accepted token
-    (`verifiers._tree.tree_walk`)."""
+    (`verifiers._tree.tree_walk`). reach: the `ancestors()` table [B, N, N] when the drafter knows it already (a
+    static shape's, expanded), else built on first use; either way it is computed at most once per tree, so a
+    tree's parents must not change after it is built."""
 
     tokens: Tensor
     parents: Tensor
@@ -41,6 +43,7 @@ class DraftTree:
     max_depth: int = 0
     max_children: int | tuple[int, ...] = 0
     pool: int = 0
+    reach: Tensor | None = None
 
     def __post_init__(self):
         if self.tokens.dim() != 2 or self.parents.shape != self.tokens.shape:
@@ -69,8 +72,13 @@ class DraftTree:
             raise ValueError(f"draft tree counts must lie in [0, {self.size}]")
 
     def ancestors(self) -> Tensor:
-        """BoolTensor [B, N, N]: [b, i, j] is True when node j is node i or one of its ancestors. Built by pointer
-        doubling: log2(N) rounds of `reach |= reach[reach's parents]`, no Python loop over nodes."""
+        """BoolTensor [B, N, N]: [b, i, j] is True when node j is node i or one of its ancestors. Built once, by
+        pointer doubling: log2(N) rounds of `reach |= reach[reach's parents]`, no Python loop over nodes."""
+        if self.reach is None:
+            self.reach = self._ancestors()
+        return self.reach
+
+    def _ancestors(self) -> Tensor:
         B, N = self.parents.shape
         dev = self.parents.device
         eye = torch.eye(N, dtype=torch.bool, device=dev).expand(B, N, N)
@@ -265,6 +273,16 @@ def shape_widths(paths: list[tuple[int, ...]]) -> tuple[int, ...]:
     for path in paths:
         widths[len(path) - 1] = max(widths[len(path) - 1], path[-1] + 1)
     return tuple(widths)
+
+
+def shape_ancestors(parents: list[int]) -> Tensor:
+    """BoolTensor [N, N] of a static shape's parent list (topologically ordered): [i, j] is True when node j is node
+    i or one of its ancestors; expanded over the batch it is every step's `DraftTree.reach`."""
+    reach = torch.eye(len(parents), dtype=torch.bool)
+    for i, parent in enumerate(parents):                # parents precede children: one pass builds every row
+        if parent >= 0:
+            reach[i] |= reach[parent]
+    return reach
 
 
 def shape_parents(paths: list[tuple[int, ...]]) -> tuple[list[int], list[int], list[int]]:

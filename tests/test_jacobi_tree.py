@@ -9,6 +9,7 @@ import torch
 import specdec
 from drafters.jacobi_tree import JacobiTreeDrafter, branch_paths
 from specdec import Sampling
+from specdec.tree import DraftTree
 from helpers import GREEDY, assert_seed_figures, fit_of, tiny_gpt
 
 
@@ -34,6 +35,10 @@ def test_the_shape_is_the_spine_plus_a_full_tree_at_its_head():
         assert groups[0, 0] == drafter.spine[d - 1]
         assert all(len(paths[i]) == d for i in groups.flatten().tolist())
     assert all(len(paths[i]) > 2 and paths[i] != (0,) * len(paths[i]) for i in drafter.copy_nodes.tolist())
+    # the static ancestry the drafter hands its trees is the one a tree would build from its parents
+    tree = DraftTree(torch.zeros(2, drafter.tree_size, dtype=torch.long), drafter.parents.expand(2, -1),
+                     torch.full((2,), drafter.tree_size), reach=drafter.reach.expand(2, -1, -1))
+    assert torch.equal(tree.ancestors(), tree._ancestors())
 
 
 @pytest.mark.parametrize("window,init,init_q,coupling,branch,depth,tails",
