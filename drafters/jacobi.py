@@ -212,10 +212,12 @@ class JacobiDrafter(Drafter):
         if self.coupling == "gumbel":
             u = streams.uniform_at("jacobi_gumbel", pos, slots=tail_p.shape[-1])       # [B, k, V]
             return (tail_p.log() - (-u.log()).log()).argmax(-1)
-        u_sample = streams.uniform_at("sample", pos)
         old = self.prev_draft
         if self.coupling == "none" or old is None:
-            return sample_categorical(tail_p, u_sample)
+            return sample_categorical(tail_p, streams.uniform_at("sample", pos))
+        # the three streams a coupled draw reads, in one pass
+        u_sample, u_keep, u_residual = streams.uniforms_at(("sample", f"mc_keep/{self.step}",
+                                                            f"mc_residual/{self.step}"), pos)
         k_old, V = old.tokens.shape[1], tail_p.shape[-1]
         has_old = src < k_old                                                          # [B, k]
         idx = src.clamp_max(k_old - 1)
@@ -223,14 +225,14 @@ class JacobiDrafter(Drafter):
         q_old = old.q(V).gather(1, idx[..., None].expand(-1, -1, V))                   # [B, k, V]
         p_y = tail_p.gather(-1, y_old[..., None])[..., 0]
         q_y = q_old.gather(-1, y_old[..., None])[..., 0]
-        keep = streams.uniform_at(f"mc_keep/{self.step}", pos) * q_y <= p_y            # U < p/q, no division
+        keep = u_keep * q_y <= p_y                                                     # U < p/q, no division
         residual = (tail_p - q_old).clamp_min(0)
         mass = residual.sum(-1, keepdim=True)
         # mass 0 means p_new <= q_old everywhere, i.e. p_new == q_old: then keep is certain and the residual unused.
         # One draw serves both kinds of slot: the residual with its own uniforms where a previous iterate exists,
         # else tail_p with the position's "sample" uniform (SJD's draw)
         law = torch.where(has_old[..., None] & (mass > 0), residual / mass.clamp_min(1e-30), tail_p)
-        u = torch.where(has_old, streams.uniform_at(f"mc_residual/{self.step}", pos), u_sample)
+        u = torch.where(has_old, u_residual, u_sample)
         return torch.where(has_old & keep, y_old, sample_categorical(law, u))
 
     def observe(self, verdict: Verdict, target_probs: Tensor) -> None:

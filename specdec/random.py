@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
@@ -74,10 +75,19 @@ class RowStreams:
 
         Two 32-bit mixes per draw on the hot path: one folds (position, tag[, slot]) into a key, one mixes it with
         the row's pre-hashed (seed, row) key. 24 bits reach the float32 result, all it can hold."""
-        key = positions * 0x9E3779B1 + tag_id(tag)
-        row_key = self._row_key[:, None]
+        return self._uniforms(positions * 0x9E3779B1 + tag_id(tag), self._row_key[:, None], slots)
+
+    def uniforms_at(self, tags: Sequence[str], positions: Tensor, slots: int | None = None) -> Tensor:
+        """Several tags' uniforms in one pass: [len(tags), B, n(, slots)], entry t equal to uniform_at(tags[t], ...)
+        bit for bit. A draw costs a fixed few dozen tensor ops whatever its size, so a step that needs several
+        streams at the same positions pays that once."""
+        ids = torch.tensor([tag_id(t) for t in tags], dtype=torch.long, device=positions.device)
+        key = positions[None] * 0x9E3779B1 + ids.view(-1, *([1] * positions.dim()))
+        return self._uniforms(key, self._row_key[:, None], slots)
+
+    def _uniforms(self, key: Tensor, row_key: Tensor, slots: int | None) -> Tensor:
         if slots is not None:
-            key = key[..., None] * 0x85EBCA6B + torch.arange(slots, device=positions.device)
+            key = key[..., None] * 0x85EBCA6B + torch.arange(slots, device=key.device)
             row_key = row_key[..., None]
         h = _mix32(row_key ^ _mix32(key))
         return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
@@ -97,6 +107,21 @@ class StepRandomness:
     def uniform(self, tag: str, n: int) -> Tensor:
         positions = self.start[:, None] + torch.arange(n, device=self.start.device)
         return self.streams.uniform_at(tag, positions)
+
+    def uniforms(self, tags: Sequence[str], n: int) -> Tensor:
+        """[len(tags), B, n]: uniform(tag, n) for every tag, in one pass (`RowStreams.uniforms_at`)."""
+        positions = self.start[:, None] + torch.arange(n, device=self.start.device)
+        return self.streams.uniforms_at(tags, positions)
+
+
+def draw_uniforms(rng, requests: Sequence[tuple[str, int]]) -> list[Tensor]:
+    """[rng.uniform(tag, n) for tag, n in requests], in one pass where rng offers `uniforms` (the engine's
+    randomness, counter-based: a stream's first n draws do not depend on how many are drawn), else one call per
+    request in order (a generator-backed rng, whose draws depend on the order and the counts)."""
+    if hasattr(rng, "uniforms"):
+        both = rng.uniforms([tag for tag, _ in requests], max(n for _, n in requests))
+        return [both[i, :, :n] for i, (_, n) in enumerate(requests)]
+    return [rng.uniform(tag, n) for tag, n in requests]
 
 
 class GeneratorRandomness:

@@ -369,3 +369,22 @@ def test_drafter_without_unconditional_path_is_named(target):
     assert res.stats.target_forwards_per_image < target.num_tokens - 1
     with pytest.raises(ValueError, match="draft_cfg"):
         ModelDrafter(unguided, k=2, draft_cfg=float("inf"))
+
+
+def test_batched_uniforms_equal_separate_draws():
+    """A step draws several streams at once (`uniforms_at`, `draw_uniforms`): bit for bit the separate draws, for the
+    engine's counter-based streams (any count) and, call for call in order, for a generator-backed rng."""
+    from specdec.random import GeneratorRandomness, draw_uniforms
+
+    streams = RowStreams(11, torch.arange(3))
+    pos = torch.randint(0, 500, (3, 6))
+    tags = ("sample", "mc_keep/4", "mc_residual/4")
+    both = streams.uniforms_at(tags, pos)
+    assert all(torch.equal(both[i], streams.uniform_at(t, pos)) for i, t in enumerate(tags))
+    assert torch.equal(streams.uniforms_at(tags, pos, slots=5)[2], streams.uniform_at(tags[2], pos, slots=5))
+    requests = [("accept", 4), ("sample", 5), ("residual", 5)]
+    step = streams.at(torch.tensor([3, 10, 40]))
+    assert all(torch.equal(u, step.uniform(tag, n)) for u, (tag, n) in zip(draw_uniforms(step, requests), requests))
+    drawn = draw_uniforms(GeneratorRandomness(torch.Generator().manual_seed(2), 3), requests)
+    plain = GeneratorRandomness(torch.Generator().manual_seed(2), 3)
+    assert all(torch.equal(u, plain.uniform(tag, n)) for u, (tag, n) in zip(drawn, requests))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from specdec.protocols import Randomness
-from specdec.random import sample_categorical
+from specdec.random import draw_uniforms, sample_categorical
 
 
 # --- scanning and gathering ------------------------------------------------------------------------------------------
@@ -26,11 +26,17 @@ def leading_run(ok: Tensor) -> Tensor:
     return ok.long().cumprod(-1).sum(-1)
 
 
-def accept_run(rng: Randomness, p_x: Tensor, q_x: Tensor) -> Tensor:
+def accept_run(rng: Randomness, p_x: Tensor, q_x: Tensor, u: Tensor | None = None) -> Tensor:
     """The speculative-sampling test, scanned: draft j passes iff U_j < p_x[:, j] / q_x[:, j] (U from the "accept"
-    stream), written without division (q = 0 cannot occur for a real draft, p = 0 always rejects).
-    p_x, q_x [B, k] -> n_accepted LongTensor [B]."""
-    return leading_run(rng.uniform("accept", p_x.shape[1]) * q_x < p_x)
+    stream, or u [B, k] when already drawn), written without division (q = 0 cannot occur for a real draft, p = 0
+    always rejects). p_x, q_x [B, k] -> n_accepted LongTensor [B]."""
+    return leading_run((rng.uniform("accept", p_x.shape[1]) if u is None else u) * q_x < p_x)
+
+
+def step_uniforms(rng: Randomness, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A chain step's uniforms in one draw where rng allows (`specdec.random.draw_uniforms`), in the order the
+    separate calls make them: ("accept" [B, k], "sample" [B, k + 1], "residual" [B, k + 1])."""
+    return tuple(draw_uniforms(rng, (("accept", k), ("sample", k + 1), ("residual", k + 1))))
 
 
 def token_probs(probs: Tensor, tokens: Tensor) -> Tensor:
@@ -53,14 +59,17 @@ def draft_q_at(draft_probs: Tensor, n_accepted: Tensor) -> Tensor:
 
 
 # --- the committed token ------------------------------------------------------------------------------------------
-def correction_uniform(rng: Randomness, n_accepted: Tensor, k: int) -> Tensor:
-    """The uniform [B] for the token committed after n_accepted drafts.
+def correction_uniform(rng: Randomness, n_accepted: Tensor, k: int,
+                       drawn: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """The uniform [B] for the token committed after n_accepted drafts (drawn: the "sample" and "residual" uniforms
+    [B, k + 1] when already drawn, `step_uniforms`).
 
     A correction (after a rejection) draws from the "residual" stream. A bonus (all k accepted) is a plain draw
     from p, and takes the "sample" stream, the one plain AR decoding and drafters use at the same position: so a
     drafter equal to the target reproduces plain AR token for token. Both are fresh: no committed decision so far
     read them."""
-    u = torch.where(n_accepted[:, None] == k, rng.uniform("sample", k + 1), rng.uniform("residual", k + 1))
+    u_sample, u_residual = drawn if drawn is not None else (rng.uniform("sample", k + 1), rng.uniform("residual", k + 1))
+    u = torch.where(n_accepted[:, None] == k, u_sample, u_residual)
     return u.gather(1, n_accepted[:, None])[:, 0]
 
 

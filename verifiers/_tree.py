@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from specdec.protocols import Randomness
-from specdec.random import sample_categorical
+from specdec.random import draw_uniforms, sample_categorical
 from specdec.types import TreeVerdict
 
 
@@ -98,7 +98,11 @@ def tree_walk(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, 
         members = (torch.arange(N + 1, device=dev) == 0).expand(B, -1)
     else:
         table = children_table(parents, valid, K)                            # [B, N + 1, K]
-    u_accept = torch.stack([rng.uniform("accept" if r == 0 else f"accept{r}", max_depth) for r in range(K)], -1)
+    # every stream the walk may read, in one draw where rng allows (the order separate calls would take)
+    *accepts, u_sample, u_residual = draw_uniforms(
+        rng, [("accept" if r == 0 else f"accept{r}", max_depth) for r in range(K)]
+        + [("sample", max_depth + 1), ("residual", max_depth + 1)])
+    u_accept = torch.stack(accepts, -1)                                       # [B, max_depth, K]
     cur = torch.full((B,), -1, dtype=torch.long, device=dev)                 # the node the walk stands on
     law = target_probs[:, 0]                                                 # what a stop at cur commits from
     rejected = torch.zeros(B, dtype=torch.bool, device=dev)                  # the walk stopped on a rejection
@@ -139,7 +143,6 @@ def tree_walk(tokens: Tensor, parents: Tensor, valid: Tensor, q: Tensor | None, 
         rejected = rejected | stopped
         walking = walking & ~stopped
     law = torch.where(walking[:, None], target_probs[rows, cur + 1], law)    # walked to the bottom: a bonus
-    u_sample, u_residual = rng.uniform("sample", max_depth + 1), rng.uniform("residual", max_depth + 1)
     at = depth[:, None]
     u = torch.where(rejected, u_residual.gather(1, at)[:, 0], u_sample.gather(1, at)[:, 0])
     return TreeVerdict(depth, cur, sample_categorical(law, u))

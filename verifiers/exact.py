@@ -20,7 +20,7 @@ from torch import Tensor
 from specdec.protocols import AcceptanceRule, Randomness
 from specdec.types import TreeVerdict, Verdict
 from verifiers._tree import recursive_rejection
-from verifiers._kit import accept_run, correction_uniform, residual_sample, token_probs
+from verifiers._kit import accept_run, correction_uniform, residual_sample, step_uniforms, token_probs
 
 
 class ExactRule(AcceptanceRule):
@@ -46,6 +46,9 @@ class ExactRule(AcceptanceRule):
                rng: Randomness) -> Verdict:
         """draft_tokens [B, k], draft_probs [B, k, V], target_probs [B, k+1, V] -> Verdict."""
         k = draft_tokens.shape[1]
-        n_accepted = accept_run(rng, token_probs(target_probs, draft_tokens), token_probs(draft_probs, draft_tokens))
-        next_token = residual_sample(target_probs, draft_probs, n_accepted, correction_uniform(rng, n_accepted, k))
+        u_accept, u_sample, u_residual = step_uniforms(rng, k)
+        n_accepted = accept_run(rng, token_probs(target_probs, draft_tokens), token_probs(draft_probs, draft_tokens),
+                                u_accept)
+        next_token = residual_sample(target_probs, draft_probs, n_accepted,
+                                     correction_uniform(rng, n_accepted, k, (u_sample, u_residual)))
         return Verdict(n_accepted, next_token)
