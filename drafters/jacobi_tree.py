@@ -71,10 +71,10 @@ class JacobiTreeDrafter(JacobiDrafter):
                              f"{branch!r}; branch 1 is the chain: use JacobiDrafter")
         if not isinstance(branch_depth, int) or isinstance(branch_depth, bool) or not 1 <= branch_depth <= self.k:
             raise ValueError(f"branch_depth must be an integer in [1, window - 1 = {self.k}], got {branch_depth!r}")
-        self.branch, self.branch_depth = branch, branch_depth
         if not isinstance(tails, int) or isinstance(tails, bool) or tails < 0:
             raise ValueError(f"tails (copies of the spine below each off-spine leaf) must be an integer >= 0, got "
                              f"{tails!r}")
+        self.branch, self.branch_depth, self.tails = branch, branch_depth, tails
         paths = branch_paths(self.k, branch, branch_depth, tails)
         parents, _, _ = shape_parents(paths)
         index = {path: i for i, path in enumerate(paths)}
@@ -85,11 +85,11 @@ class JacobiTreeDrafter(JacobiDrafter):
         self.spine = torch.tensor([index[(0,) * d] for d in range(1, self.k + 1)])           # [k] node of depth d
         # the target's outputs along the spine, a chain's [root, d_1 .. d_k] rows of the [1 + N] tree outputs
         self.spine_rows = torch.cat([torch.zeros(1, dtype=torch.long), self.spine + 1])
-        # per branched depth d: the children [G_d, K] of every node of depth d - 1 that has K, the spine's first
         # nodes below the branched levels, off the spine: copies of the spine's node at their depth
         copies = [(index[p], len(p)) for p in paths if len(p) > branch_depth and p != (0,) * len(p)]
         self.copy_nodes = torch.tensor([i for i, _ in copies], dtype=torch.long)
         self.copy_spine = torch.tensor([d - 1 for _, d in copies], dtype=torch.long)
+        # per branched depth d: the children [G_d, K] of every node of depth d - 1 that has K, the spine's first
         self.groups = []
         for d in range(1, branch_depth + 1):
             heads = [(0,) * (d - 1)] + sorted({p[:-1] for p in paths if len(p) == d} - {(0,) * (d - 1)})
@@ -128,7 +128,7 @@ class JacobiTreeDrafter(JacobiDrafter):
                 drawn = sample_categorical(rank_q, u[..., r])                             # [B, G]
                 first = 1 if r == 0 else 0                 # rank 0 of the spine's group is the spine node itself
                 if r == 0:
-                    drawn[:, 0] = chain.tokens[:, d - 1]
+                    drawn[:, 0] = chain.tokens[:, d - 1]   # (what its younger siblings exclude)
                 tokens[:, groups[first:, r]] = drawn[:, first:]
                 q[:, groups[first:, r]] = rank_q[:, first:]
                 taken = taken.scatter(2, drawn[..., None], True)

@@ -273,7 +273,7 @@ def _raw(**method):
 def test_bad_configs_give_clear_errors(tmp_path):
     with pytest.raises(BenchConfigError, match=r"unknown rule 'exactt'.*valid rules: bounded_lantern, exact"):
         parse_config(_raw(rule="exactt"))
-    with pytest.raises(BenchConfigError, match=r"unknown drafter 'medusa'.*valid drafters: eagle, jacobi, lookup, model"):
+    with pytest.raises(BenchConfigError, match=r"unknown drafter 'medusa'.*valid drafters: eagle, jacobi, jacobi_tree, lookup, model"):
         parse_config(_raw(drafter="medusa"))
     with pytest.raises(BenchConfigError, match=r"k must be an integer >= 1, got -2"):
         parse_config(_raw(drafter="model", drafter_params={"k": [2, -2]}))

@@ -384,7 +384,8 @@ def test_batched_uniforms_equal_separate_draws():
     assert torch.equal(streams.uniforms_at(tags, pos, slots=5)[2], streams.uniform_at(tags[2], pos, slots=5))
     requests = [("accept", 4), ("sample", 5), ("residual", 5)]
     step = streams.at(torch.tensor([3, 10, 40]))
-    assert all(torch.equal(u, step.uniform(tag, n)) for u, (tag, n) in zip(draw_uniforms(step, requests), requests))
+    drawn = draw_uniforms(step, requests)
+    assert all(torch.equal(u, step.uniform(tag, n)) for u, (tag, n) in zip(drawn, requests))
     drawn = draw_uniforms(GeneratorRandomness(torch.Generator().manual_seed(2), 3), requests)
     plain = GeneratorRandomness(torch.Generator().manual_seed(2), 3)
     assert all(torch.equal(u, plain.uniform(tag, n)) for u, (tag, n) in zip(drawn, requests))

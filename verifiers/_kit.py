@@ -68,7 +68,9 @@ def correction_uniform(rng: Randomness, n_accepted: Tensor, k: int,
     from p, and takes the "sample" stream, the one plain AR decoding and drafters use at the same position: so a
     drafter equal to the target reproduces plain AR token for token. Both are fresh: no committed decision so far
     read them."""
-    u_sample, u_residual = drawn if drawn is not None else (rng.uniform("sample", k + 1), rng.uniform("residual", k + 1))
+    if drawn is None:
+        drawn = rng.uniform("sample", k + 1), rng.uniform("residual", k + 1)
+    u_sample, u_residual = drawn
     u = torch.where(n_accepted[:, None] == k, u_sample, u_residual)
     return u.gather(1, n_accepted[:, None])[:, 0]
 
