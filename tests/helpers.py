@@ -10,7 +10,7 @@ from specdec import Sampling
 from specdec.exactness import exact_joint, goodness_of_fit, sequence_index
 from specdec.testing import perturbed_copy, tiny_gpt
 
-__all__ = ["GREEDY", "assert_seed_figures", "fit_of", "perturbed_copy", "tiny_gpt"]
+__all__ = ["GREEDY", "assert_seed_figures", "fit_of", "perturbed_copy", "tiny_gpt", "tiny_hf_target"]
 
 GREEDY = Sampling(temperature=0.0)
 
@@ -32,3 +32,21 @@ def assert_seed_figures(stats, forwards: float, mal: float, rel: float = 0.04, w
     by more still fails."""
     assert stats.target_forwards_per_image == pytest.approx(forwards, rel=rel), what
     assert stats.mean_accepted_length == pytest.approx(mal, rel=rel), what
+
+
+def tiny_hf_target(seed=0, scale=8.0):
+    """A tiny random transformers Llama as a class-conditional image target (V = 5 image tokens, ids 7-11, on a
+    (2, 2) grid; class c prompts with c + 1 ones then 2 + c), its head sharpened by `scale`; cache compaction every 3
+    steps."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specdec.adapters.hf_causal import HFCausalAdapter
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=12, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    prompts = lambda c: [torch.tensor([1] * (1 + int(x)) + [2 + int(x)]) for x in c.reshape(-1)]   # noqa: E731
+    return HFCausalAdapter(model, torch.arange(7, 12), grid=(2, 2), uncond_prompt=torch.tensor([1, 6]),
+                           class_prompts=prompts, compact_every=3)

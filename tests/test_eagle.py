@@ -39,14 +39,14 @@ def test_hidden_states_of_the_own_gpt_equal_a_teacher_forced_trunk(cfg_scale):
 
 
 def test_hidden_states_of_llamagen_and_transformers_feed_their_heads():
-    from test_tree import _tiny_hf_target
+    from helpers import tiny_hf_target
     from specdec.adapters.llamagen import LlamaGenAdapter
     from specdec.models.llamagen import LlamaGenConfig, LlamaGenGPT
 
     torch.manual_seed(0)
     lg = LlamaGenAdapter(LlamaGenGPT(LlamaGenConfig(dim=32, n_layer=2, n_head=2, vocab_size=24, num_classes=3,
                                                     block_size=9)))
-    hf = _tiny_hf_target()
+    hf = tiny_hf_target()
     for target, cond in ((lg, torch.tensor([0, 1])), (hf, torch.tensor([0, 1]))):
         state, first = target.start(cond, Sampling(cfg_scale=2.0), 8, hidden=True)
         out = target.forward(state, torch.tensor([[1, 2], [3, 0]]))

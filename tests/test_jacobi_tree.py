@@ -10,7 +10,7 @@ import specdec
 from drafters.jacobi_tree import JacobiTreeDrafter, branch_paths
 from specdec import Sampling
 from specdec.tree import DraftTree
-from helpers import GREEDY, assert_seed_figures, fit_of, tiny_gpt
+from helpers import GREEDY, assert_seed_figures, fit_of, tiny_gpt, tiny_hf_target
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,24 @@ def test_jacobi_trees_are_exact_with_cfg_and_top_k(image_target):
     fit, _ = fit_of(image_target, drafter, Sampling(cfg_scale=2.5, top_k=2))
     assert fit.p_value > 1e-3, str(fit)
     assert fit.tvd < 2 * fit.tvd_noise + 1e-3, str(fit)
+
+
+def test_jacobi_trees_are_exact_on_transformers_and_llamagen_targets():
+    """The same tree through a transformers Llama (tree nodes as cache slots, holes compacted every 3 steps) and
+    through LlamaGen (2-D RoPE at root + depth, static cache)."""
+    from specdec.adapters.llamagen import LlamaGenAdapter
+    from specdec.models.llamagen import LlamaGenConfig, LlamaGenGPT
+
+    torch.manual_seed(2)
+    model = LlamaGenGPT(LlamaGenConfig(vocab_size=4, block_size=4, n_layer=1, n_head=2, dim=32, num_classes=3))
+    with torch.no_grad():
+        model.output.weight.normal_(0.0, 3.0)
+    for target in (tiny_hf_target(), LlamaGenAdapter(model)):
+        drafter = JacobiTreeDrafter(3, "random", coupling="maximal", branch=2, branch_depth=1, tails=1)
+        fit, res = fit_of(target, drafter, Sampling(cfg_scale=2.0), n=12000)
+        assert fit.p_value > 1e-3, (type(target).__name__, str(fit))
+        assert fit.tvd < 2 * fit.tvd_noise + 1e-3, (type(target).__name__, str(fit))
+        assert res.stats.mean_accepted_length > 1.2, res.stats.mean_accepted_length
 
 
 class _SiblingsClaimTheirParentsLaw(JacobiTreeDrafter):

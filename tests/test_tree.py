@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specdec.tree import DraftTree, chain, verify_inputs
-from helpers import tiny_gpt
+from helpers import tiny_gpt, tiny_hf_target
 
 
 def random_tree(B: int, N: int, V: int, seed: int) -> DraftTree:
@@ -315,21 +315,6 @@ def test_a_tree_larger_than_the_cache_room_is_refused(target):
         TreeModelDrafter(target, shape=[[0], [2]])
 
 
-def _tiny_hf_target(seed=0, scale=8.0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from specdec.adapters.hf_causal import HFCausalAdapter
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=12, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(scale)
-    prompts = lambda c: [torch.tensor([1] * (1 + int(x)) + [2 + int(x)]) for x in c.reshape(-1)]   # noqa: E731
-    return HFCausalAdapter(model, torch.arange(7, 12), grid=(2, 2), uncond_prompt=torch.tensor([1, 6]),
-                           class_prompts=prompts, compact_every=3)
-
-
 @pytest.mark.parametrize("drafts", ["sample", "argmax"])
 def test_trees_on_a_transformers_target_are_exact(drafts):
     """Tree nodes as slots of the transformers cache (holes for the rejected ones, compaction every 3 steps)."""
@@ -337,7 +322,7 @@ def test_trees_on_a_transformers_target_are_exact(drafts):
     from specdec import Sampling
     from helpers import fit_of
 
-    target = _tiny_hf_target()
+    target = tiny_hf_target()
     draft = tiny_gpt(vocab=5, grid=(2, 2), dim=32, heads=2, classes=2, sharpen=6.0, seed=4)
     fit, res = fit_of(target, TreeModelDrafter(draft, "binary-2", drafts), Sampling(cfg_scale=2.0), n=12000)
     assert fit.p_value > 1e-3, str(fit)
@@ -350,7 +335,7 @@ def test_greedy_trees_on_a_transformers_target_equal_its_own_generate():
     from drafters.model_tree import TreeModelDrafter
     from helpers import GREEDY
 
-    target = _tiny_hf_target(scale=2.0)
+    target = tiny_hf_target(scale=2.0)
     target.grid, target.num_tokens = (4, 4), 16
     draft = tiny_gpt(vocab=5, grid=(4, 4), dim=32, heads=2, classes=2, sharpen=6.0, seed=4)
     cond = torch.tensor([0, 1, 1])
@@ -417,7 +402,7 @@ def test_llamagen_tree_forward_equals_path_forwards():
 def test_transformers_tree_forward_equals_path_forwards():
     from specdec import Sampling
 
-    target = _tiny_hf_target(scale=1.0)
+    target = tiny_hf_target(scale=1.0)
     target.grid, target.num_tokens = (6, 6), 36
     B, N, V = 3, 8, 5
     g = torch.Generator().manual_seed(1)
