@@ -41,7 +41,7 @@ from specdec.protocols import AcceptanceRule, Randomness
 from specdec.types import TreeVerdict, Verdict
 from verifiers._tree import recursive_select, tree_walk
 from verifiers._kit import (NeighbourTable, accept_run, correction_uniform, neighbours_alias, residual_sample,
-                            token_probs)
+                            step_uniforms, token_probs)
 
 
 def transport(p: Tensor, q: Tensor, geometry: TokenGeometry, neighbours: int, delta: float, rounds: int = 3,
@@ -149,7 +149,10 @@ class BoundedLanternRule(NeighbourTable, AcceptanceRule):
         self.geometry.check_vocab(target_probs.shape[-1], "BoundedLanternRule")
         k = draft_tokens.shape[1]
         p_tilde = self.relaxed_target(target_probs, draft_probs)                 # [B, k, V]
-        n_accepted = accept_run(rng, token_probs(p_tilde, draft_tokens), token_probs(draft_probs, draft_tokens))
+        u_accept, u_sample, u_residual = step_uniforms(rng, k)
+        n_accepted = accept_run(rng, token_probs(p_tilde, draft_tokens), token_probs(draft_probs, draft_tokens),
+                                u_accept)
         relaxed = torch.cat([p_tilde, target_probs[:, k:]], 1)                  # bonus position keeps p_{k+1}
-        next_token = residual_sample(relaxed, draft_probs, n_accepted, correction_uniform(rng, n_accepted, k))
+        next_token = residual_sample(relaxed, draft_probs, n_accepted,
+                                     correction_uniform(rng, n_accepted, k, (u_sample, u_residual)))
         return Verdict(n_accepted, next_token)

@@ -25,7 +25,7 @@ from torch import Tensor
 from specdec.geometry import TokenGeometry
 from specdec.protocols import AcceptanceRule, Randomness
 from specdec.types import Verdict
-from verifiers._kit import accept_run, correction_uniform, relaxed_residual_sample, residual_sample
+from verifiers._kit import accept_run, correction_uniform, relaxed_residual_sample, residual_sample, step_uniforms
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,9 @@ class GroupedRule(AcceptanceRule):
         zero = torch.zeros((), dtype=target_probs.dtype, device=target_probs.device)
         p_g = torch.where(keep, target_probs[:, :k].gather(-1, cand), zero).sum(-1)
         q_g = torch.where(keep, draft_probs.gather(-1, cand), zero).sum(-1)
-        n_accepted = accept_run(rng, p_g, q_g)
-        u = correction_uniform(rng, n_accepted, k)
+        u_accept, u_sample, u_residual = step_uniforms(rng, k)
+        n_accepted = accept_run(rng, p_g, q_g, u_accept)
+        u = correction_uniform(rng, n_accepted, k, (u_sample, u_residual))
         if self.residual == "standard":
             return Verdict(n_accepted, residual_sample(target_probs, draft_probs, n_accepted, u))
         # p_G: the group's other members removed, p(x) itself kept (slots pointing at x are never dropped)

@@ -38,7 +38,7 @@ from specdec.protocols import AcceptanceRule, Randomness
 from specdec.types import TreeVerdict, Verdict
 from verifiers._tree import tree_walk
 from verifiers._kit import (NeighbourTable, accept_run, correction_uniform, neighbours_alias, relax,
-                            relaxed_residual_sample, residual, token_probs)
+                            relaxed_residual_sample, residual, step_uniforms, token_probs)
 
 
 @neighbours_alias
@@ -138,8 +138,10 @@ class LanternRule(NeighbourTable, AcceptanceRule):
         self.geometry.check_vocab(target_probs.shape[-1], "LanternRule")
         k = draft_tokens.shape[1]
         p_tilde, nbr, aggregated = self.relaxed(draft_tokens, target_probs)
-        n_accepted = accept_run(rng, p_tilde, token_probs(draft_probs, draft_tokens))
+        u_accept, u_sample, u_residual = step_uniforms(rng, k)
+        n_accepted = accept_run(rng, p_tilde, token_probs(draft_probs, draft_tokens), u_accept)
         # the committed token: residual of p'_x (the relaxed target of the first rejected draft) minus q; bonus: p_{k+1}
         next_token = relaxed_residual_sample(target_probs, draft_probs, draft_tokens, n_accepted,
-                                             correction_uniform(rng, n_accepted, k), nbr, aggregated, p_tilde)
+                                             correction_uniform(rng, n_accepted, k, (u_sample, u_residual)), nbr,
+                                             aggregated, p_tilde)
         return Verdict(n_accepted, next_token)
