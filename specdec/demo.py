@@ -173,7 +173,7 @@ def measure_methods(bundle, methods: list[Method], cond: torch.Tensor, sampling:
         fd = None if real_feats is None else \
             metrics.frechet_distance(metrics.extract_features(res.images, bundle.features), real_feats)
         rows.append({"method": method.label, "drafter": method.drafter or "-", "rule": method.rule,
-                     "k": method.drafter_params.get("k", method.drafter_params.get("window", 0)),
+                     "k": drafter.k if drafter is not None else 0,        # draft tokens per step, as the bench's
                      "mean_accepted_length": st.mean_accepted_length,
                      "mean_accepted_length_se": metrics.mal_standard_error(st.forwards_per_row, st.num_tokens - 1),
                      "acceptance_rate": st.acceptance_rate,

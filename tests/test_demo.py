@@ -20,7 +20,8 @@ def test_demo_quick_writes_its_files(tmp_path, capsys):
     rows = {r["method"]: r for r in table["rows"]}
     assert rows["AR"]["mean_accepted_length"] == 1.0
     assert rows["AR"]["target_forwards_per_image"] == 143          # 144 tokens, the first from the prefill
-    spec = rows["exact + model k=4"]
+    assert list(rows) == ["AR", "exact + mc-sjd w=16", "exact + eagle k=4"]   # the best lossless method first
+    spec = rows["exact + mc-sjd w=16"]
     assert 1.0 < spec["mean_accepted_length"] <= 5.0
     assert spec["target_forwards_per_image"] < 143
     assert rows["AR"]["mean_accepted_length_se"] == 0.0 and 0.0 < spec["mean_accepted_length_se"] < 1.0

@@ -29,12 +29,12 @@ MODEL_DRAFTER = {"k": 4, "draft_cfg": 1.0}
 # variant, and a training-free lookup
 DEMO_METHODS = (
     Method("AR"),
+    # MC-SJD: Jacobi iterates maximally coupled, fresh slots copied from the token above; the best lossless method
+    # on the zoo at batch 1 (docs/results/zoo-mcsjd-bf16.jsonl), so the quick demo shows it too
+    Method("exact + mc-sjd w=16", "jacobi", {"window": 16, "init": "repeat_vertical", "coupling": "maximal"}),
     Method("exact + eagle k=4", "eagle", {"k": 4}),
     Method("exact + model k=4", "model", MODEL_DRAFTER),
     Method("exact + jacobi w=16", "jacobi", {"window": 16, "init": "random"}),
-    # MC-SJD: Jacobi iterates maximally coupled, fresh slots copied from the token above; the best lossless method
-    # on the zoo at batch 1 (docs/results/zoo-jacobi-bf16.jsonl)
-    Method("exact + mc-sjd w=16", "jacobi", {"window": 16, "init": "repeat_vertical", "coupling": "maximal"}),
     Method("lantern d=0.1 + model k=4", "model", MODEL_DRAFTER, "lantern", {"neighbours": 100, "delta": 0.1}),
     Method("bounded_lantern d=0.1 + model k=4", "model", MODEL_DRAFTER, "bounded_lantern",
            {"neighbours": 100, "delta": 0.1}),
