@@ -58,7 +58,8 @@ from torch import Tensor
 
 from drafters.lookup import grid_dims, neighbour
 from specdec.protocols import Drafter
-from specdec.random import sample_categorical
+from specdec.compiled import compile_step
+from specdec.random import sample_categorical, tag_ids
 from specdec.types import Draft, Verdict
 
 INITS = ("random", "repeat_horizontal", "repeat_vertical", "previous_frame")
@@ -81,11 +82,15 @@ class JacobiDrafter(Drafter):
     init_q: the law claimed for fresh slots: "onehot" (SJD; acceptance p(x)) or, for init="random" only,
       "uniform" (q = Uniform over the V' allowed tokens, the law x is really drawn from: equally exact, with
       acceptance sum_v min(p(v), 1/V') instead of p(x)).
+    compile: every window after the first (the tail's gather, the coupled draw, the fresh slots' copies, q) as one
+      torch.compile graph (fullgraph, static shapes; compiled once per process and configuration): the same
+      drafts without the per-op overhead of some sixty small tensor ops a step.
     """
 
     one_hot_drafts = False                  # the tail's q is the target's p from the last pass
 
-    def __init__(self, window: int = 16, init: str = "random", init_q: str = "onehot", coupling: str = "none"):
+    def __init__(self, window: int = 16, init: str = "random", init_q: str = "onehot", coupling: str = "none",
+                 compile: bool = False):
         if not isinstance(window, int) or isinstance(window, bool) or window < 2:
             raise ValueError(f"window (the Jacobi window L, drafting L - 1 tokens per step) must be an integer "
                              f">= 2, got {window!r}")
@@ -103,6 +108,11 @@ class JacobiDrafter(Drafter):
         self.k = window - 1
         self.init = init
         self.init_q = init_q
+        if compile not in (False, True):
+            raise ValueError(f"compile must be False or True (a window's tensor work as one torch.compile graph), "
+                             f"got {compile!r}")
+        self.compile = compile
+        self._next_window = compiled_window() if compile else JacobiDrafter._window
         self.forwards = 0           # no drafter model calls
 
     def start(self, ctx) -> None:
@@ -139,46 +149,58 @@ class JacobiDrafter(Drafter):
     def propose(self, k: int) -> Draft:
         ctx = self.ctx
         n = ctx.n_done
-        B = n.shape[0]
-        dev = n.device
-        V = ctx.target.vocab_size
-        slots = torch.arange(k, device=dev)
-        pos = n[:, None] + slots                                                   # [B, k]
-
-        if self.prev_p is None:
-            fresh = torch.ones(B, k, dtype=torch.bool, device=dev)
-            tail_p = tail_tok = None
+        if self.prev_p is None:                     # the first step: every slot fresh
+            tokens, q = self._fresh_window(k, n)
         else:
-            # slot i of this window is output i + shift of the last pass (shift = a + 1 for a row that advanced,
-            # 0 for a finished row that idled); outputs past k do not exist: those slots are fresh
-            V = self.prev_p.shape[-1]
-            src = slots[None] + (n - self.prev_n)[:, None]                          # [B, k]
-            fresh = src > self.prev_p.shape[1] - 1
-            idx = src.clamp_max(self.prev_p.shape[1] - 1)
-            tail_p = self.prev_p.gather(1, idx[..., None].expand(-1, -1, V))        # [B, k, V]
-            tail_tok = self._tail_draws(tail_p, src, pos)
-
-        if self.init == "random":
-            init_tok = self._random_tokens(pos)
-            tokens = init_tok if tail_tok is None else torch.where(fresh, init_tok, tail_tok)
-        else:
-            tail = torch.zeros(B, k, dtype=torch.long, device=dev) if tail_tok is None else tail_tok
-            tokens = torch.where(fresh, self._copied_tokens(pos, fresh, tail), tail)
-
+            coupled = self.coupling == "maximal" and self.prev_draft is not None
+            old_tokens = self.prev_draft.tokens if coupled else None
+            old_q = self.prev_draft.q(self.prev_p.shape[-1]) if coupled else None
+            # the coupled draw's streams: the tags of this step, as ids (a compiled step cannot make them)
+            ids = tag_ids(("sample", f"mc_keep/{self.step}", f"mc_residual/{self.step}"), n.device)
+            tokens, q = self._next_window(self, k, n, self.prev_p, self.prev_n, old_tokens, old_q, ids)
         self.prev_n = n.clone()
         self.step += 1
+        self.prev_draft = Draft(tokens, q)
+        return self.prev_draft
+
+    def _fresh_window(self, k: int, n: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The first window [B, k]: all slots filled by the init; q None (one-hot) unless init_q is "uniform"."""
+        pos = n[:, None] + torch.arange(k, device=n.device)                          # [B, k]
+        if self.init == "random":
+            tokens = self._random_tokens(pos)
+        else:
+            fresh = torch.ones_like(pos, dtype=torch.bool)
+            tokens = self._copied_tokens(pos, fresh, torch.zeros_like(pos))
+        if self.init_q == "uniform":
+            return tokens, self.uniform_q.expand(*tokens.shape, -1).contiguous()
+        return tokens, None
+
+    def _window(self, k: int, n: Tensor, prev_p: Tensor, prev_n: Tensor, old_tokens: Tensor | None,
+                old_q: Tensor | None,
+                ids: Tensor) -> tuple[Tensor, Tensor]:
+        """A later window: tail slots drawn from the last pass's laws, fresh slots filled by the init. n [B] this
+        step's n_done; prev_p [B, k+1, V], prev_n [B], old_tokens [B, k], old_q [B, k, V] (None unless coupled
+        maximally: SJD's draw): the last pass's laws, n_done and drafts; ids [3]: the "sample", "mc_keep/<step>" and
+        "mc_residual/<step>" tag ids -> (tokens [B, k], q [B, k, V])."""
+        B, V = n.shape[0], prev_p.shape[-1]
+        slots = torch.arange(k, device=n.device)
+        pos = n[:, None] + slots                                                    # [B, k]
+        # slot i of this window is output i + shift of the last pass (shift = a + 1 for a row that advanced,
+        # 0 for a finished row that idled); outputs past k do not exist: those slots are fresh
+        src = slots[None] + (n - prev_n)[:, None]                                   # [B, k]
+        fresh = src > prev_p.shape[1] - 1
+        idx = src.clamp_max(prev_p.shape[1] - 1)
+        tail_p = prev_p.gather(1, idx[..., None].expand(-1, -1, V))                 # [B, k, V]
+        tail_tok = self._tail_draws(tail_p, src, pos, old_tokens, old_q, ids)
+        if self.init == "random":
+            tokens = torch.where(fresh, self._random_tokens(pos), tail_tok)
+        else:
+            tokens = torch.where(fresh, self._copied_tokens(pos, fresh, tail_tok), tail_tok)
         if self.init == "random" and self.init_q == "uniform":
             q_fresh = self.uniform_q.expand(B, k, V)
         else:
-            if tail_p is None:
-                self.prev_draft = Draft(tokens)     # all fresh and one-hot: the rule materialises q
-                return self.prev_draft
             q_fresh = torch.nn.functional.one_hot(tokens, V).to(tail_p.dtype)
-        if tail_p is None:
-            self.prev_draft = Draft(tokens, q_fresh.contiguous())
-        else:
-            self.prev_draft = Draft(tokens, torch.where(fresh[..., None], q_fresh, tail_p))
-        return self.prev_draft
+        return tokens, torch.where(fresh[..., None], q_fresh, tail_p)
 
     def _copied_tokens(self, pos: Tensor, fresh: Tensor, tail: Tensor) -> Tensor:
         """Neighbour copies [B, k] for the window's positions pos [B, k]. fresh [B, k] marks the slots to fill; tail
@@ -205,24 +227,24 @@ class JacobiDrafter(Drafter):
         drafted = tail.gather(1, (root - n).clamp(0, k - 1))
         return torch.where(root < n, committed, drafted)
 
-    def _tail_draws(self, tail_p: Tensor, src: Tensor, pos: Tensor) -> Tensor:
+    def _tail_draws(self, tail_p: Tensor, src: Tensor, pos: Tensor, old_tokens: Tensor, old_q: Tensor | None,
+                    ids: Tensor) -> Tensor:
         """New iterates [B, k] of the tail laws tail_p [B, k, V] at positions pos [B, k]; src [B, k]: each slot's
-        index in the previous window (its previous iterate exists where src < the old window's length)."""
+        index in the previous window (its previous iterate exists where src < the old window's length); old_tokens
+        [B, k] and old_q [B, k, V] the previous iterates and their laws; ids as in `_window`."""
         streams = self.ctx.streams
         if self.coupling == "gumbel":
             u = streams.uniform_at("jacobi_gumbel", pos, slots=tail_p.shape[-1])       # [B, k, V]
             return (tail_p.log() - (-u.log()).log()).argmax(-1)
-        old = self.prev_draft
-        if self.coupling == "none" or old is None:
+        if self.coupling == "none" or old_tokens is None:
             return sample_categorical(tail_p, streams.uniform_at("sample", pos))
         # the three streams a coupled draw reads, in one pass
-        u_sample, u_keep, u_residual = streams.uniforms_at(("sample", f"mc_keep/{self.step}",
-                                                            f"mc_residual/{self.step}"), pos)
-        k_old, V = old.tokens.shape[1], tail_p.shape[-1]
+        u_sample, u_keep, u_residual = streams.uniforms_by_id(ids, pos)
+        k_old, V = old_tokens.shape[1], tail_p.shape[-1]
         has_old = src < k_old                                                          # [B, k]
         idx = src.clamp_max(k_old - 1)
-        y_old = old.tokens.gather(1, idx)                                              # [B, k]
-        q_old = old.q(V).gather(1, idx[..., None].expand(-1, -1, V))                   # [B, k, V]
+        y_old = old_tokens.gather(1, idx)                                              # [B, k]
+        q_old = old_q.gather(1, idx[..., None].expand(-1, -1, V))                      # [B, k, V]
         p_y = tail_p.gather(-1, y_old[..., None])[..., 0]
         q_y = q_old.gather(-1, y_old[..., None])[..., 0]
         keep = u_keep * q_y <= p_y                                                     # U < p/q, no division
@@ -238,3 +260,14 @@ class JacobiDrafter(Drafter):
     def observe(self, verdict: Verdict, target_probs: Tensor) -> None:
         """Keep the target's laws of this pass [B, k+1, V]; the next proposal takes its unverified tail."""
         self.prev_p = target_probs
+
+
+_COMPILED_WINDOW = None
+
+
+def compiled_window():
+    """`JacobiDrafter._window` as one graph, compiled once per process (a graph per configuration and shape)."""
+    global _COMPILED_WINDOW
+    if _COMPILED_WINDOW is None:
+        _COMPILED_WINDOW = compile_step(JacobiDrafter._window)
+    return _COMPILED_WINDOW

@@ -166,7 +166,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", default=None, choices=tuple(TARGET_COMPILE),
                    help="how the target's decode step runs, for every run (default: the config's [sweep] compile, "
                         "off when it has none): on = torch.compile, freeze = with weights pre-packed (CPU), "
-                        "cuda-graphs = mode reduce-overhead (GPU)")
+                        "cuda-graphs = mode reduce-overhead (GPU), freeze+step = freeze and the engine's chain step "
+                        "compiled too")
     b.add_argument("--device", default=None,
                    help="where the generators run, for every run: cpu, cuda, cuda:1, mps (default: the config's "
                         "[sweep] device, cpu when it has none); under torchrun every process takes its own GPU")

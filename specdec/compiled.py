@@ -31,7 +31,11 @@ MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cu
 RECOMPILE_LIMIT = 64         # graphs of one code object (models x shapes) before dynamo gives up
 DEFAULT_COMPILE = "off"
 # how a bench run (`compile` in a config's [sweep]) runs the target's decode step: (mode, freeze), None = eager
-TARGET_COMPILE = {"off": None, "on": (None, False), "freeze": (None, True), "cuda-graphs": ("reduce-overhead", False)}
+TARGET_COMPILE = {"off": None, "on": (None, False), "freeze": (None, True), "cuda-graphs": ("reduce-overhead", False),
+                  "freeze+step": (None, True)}
+# the settings that also run the engine's chain step (probabilities, the rule's test, the commit) as one compiled
+# graph: `generate(..., compiled=True)`, `specdec.step`
+STEP_COMPILE = frozenset({"freeze+step"})
 
 
 class CompiledAdapter(ARModel):

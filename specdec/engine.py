@@ -15,13 +15,13 @@ import math
 import time
 
 import torch
-from torch import Tensor
 
 from specdec.adapters.base import check_capacity
 from specdec.phases import PhaseClock
 from specdec.protocols import AcceptanceRule, ARModel, DecodeContext, Drafter, require
 from specdec.random import RowStreams, fresh_seed, sample_categorical
 from specdec.sampling import Sampling, nan_probs, nonfinite, to_probs
+from specdec.step import Ledger, chain_step, commit, compiled_chain_step, invalid_probs
 from specdec.tree import DraftTree
 from specdec.types import Draft, GenerationResult, SpecStats, Verdict
 
@@ -56,11 +56,14 @@ def _check_seed(seed) -> int:
 
 def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: AcceptanceRule | None = None,
              sampling: Sampling = Sampling(), seed: int | None = None, num_tokens: int | None = None,
-             progress: bool = False, decode: bool = True) -> GenerationResult:
+             progress: bool = False, decode: bool = True, compiled: bool = False) -> GenerationResult:
     """Generate num_tokens image tokens per row of cond, speculatively when a drafter is given.
 
     cond: the adapter's condition, one row per image (class ids [B] for class-conditional models).
     drafter=None is plain AR decoding through the same loop; rule=None is the exact (lossless) rule.
+    compiled=True runs each chain step's tensor work after the target's forward (probabilities, the rule's test,
+    the commit) as one torch.compile graph (`specdec.step`): the same tokens, less per-step overhead. It compiles
+    once per process and rule type; tree steps stay eager.
     Returns GenerationResult(tokens [B, T], stats, images [B, 3, H, W] when the adapter decodes).
     """
     from verifiers.exact import ExactRule   # the default rule; the engine never names any other
@@ -97,7 +100,6 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
     device = p0.device
     streams = RowStreams(seed, torch.arange(B, device=device))
     tokens = torch.zeros(B, T + 2 * k + 1, dtype=torch.long, device=device)   # a finished row may write past T
-    from_draft = torch.zeros_like(tokens, dtype=torch.bool)
     n_done = torch.ones(B, dtype=torch.long, device=device)
     zero = torch.zeros(B, 1, dtype=torch.long, device=device)
     tokens[:, 0] = sample_categorical(p0, streams.uniform_at("sample", zero)[:, 0].float())
@@ -110,18 +112,19 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
                         first.hidden)
     if drafter is not None:
         drafter.start(ctx)
-    counters = torch.zeros(4, dtype=torch.long, device=device)   # drafted, accepted, committed, steps
-    row_forwards = torch.zeros(B, dtype=torch.long, device=device)   # target forwards per row
-    acc_pos = torch.zeros(k, dtype=torch.long, device=device)
-    drafted_pos = torch.zeros(k, dtype=torch.long, device=device)
-    offsets = torch.arange(k + 1, device=device)
-    rows = torch.arange(B, device=device)[:, None]
+    ledger = Ledger(tokens, torch.zeros_like(tokens, dtype=torch.bool), n_done,
+                    counters=torch.zeros(4, dtype=torch.long, device=device),   # drafted, accepted, committed, steps
+                    row_forwards=torch.zeros(B, dtype=torch.long, device=device),
+                    accepted_at=torch.zeros(k, dtype=torch.long, device=device),
+                    drafted_at=torch.zeros(k, dtype=torch.long, device=device), bad=bad,
+                    offsets=torch.arange(k + 1, device=device), rows=torch.arange(B, device=device)[:, None])
+    step = compiled_chain_step() if compiled else chain_step
     clock = PhaseClock(device)               # host clock on a CPU, CUDA events on a GPU (read once, at the end)
     bar = _progress(progress, T)
 
     while True:
         active = n_done < T
-        running, slowest, *flags = torch.cat([active.any()[None], n_done.min()[None], bad]).tolist()  # one sync
+        running, slowest, *flags = torch.cat([active.any()[None], n_done.min()[None], ledger.bad]).tolist()  # one sync
         if any(flags):
             raise _nonfinite_error(flags, target, drafter, sampling)
         if not running:
@@ -133,43 +136,26 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         draft = drafter.propose(k) if drafter is not None else Draft(tokens[:, :0])
         t1 = clock.mark()
         last = tokens.gather(1, (n_done - 1)[:, None])
-        is_tree = isinstance(draft, DraftTree)
-        logits = target.forward_tree(state, draft, last[:, 0], n_done) if is_tree else \
-            target.forward(state, torch.cat([last, draft.tokens], 1))
-        p = to_probs(logits.cond, logits.uncond, sampling, token_mask)                 # [B, k+1 (1+N), V]
-        bad = bad | torch.stack([nonfinite(logits.cond, logits.uncond),
-                                 _invalid_probs(draft.q if is_tree else draft.probs, no), nan_probs(p)])
-        if is_tree:     # the accepted root-to-node path becomes the step's drafts, as if it had been a chain
+        if isinstance(draft, DraftTree):
+            # the accepted root-to-node path becomes the step's drafts, as if it had been a chain (eager)
+            logits = target.forward_tree(state, draft, last[:, 0], n_done)
+            p = to_probs(logits.cond, logits.uncond, sampling, token_mask)                # [B, 1+N, V]
+            ledger.bad |= torch.stack([nonfinite(logits.cond, logits.uncond), invalid_probs(draft.q, device),
+                                       nan_probs(p)])
             verdict = rule.verify_tree(draft, p, streams.at(n_done))
             path = draft.path(verdict.node, k)                                          # [B, k] nodes
             target.commit_tree(state, draft, path)
-            draft = Draft(draft.tokens.gather(1, path.clamp_min(0)))
             if hidden:      # the root and the accepted path's nodes, a chain's [last, d_1..d_k]
                 index = torch.cat([zero, path.clamp_min(-1) + 1], 1)
                 logits.hidden = logits.hidden.gather(1, index[..., None].expand(-1, -1, logits.hidden.shape[-1]))
-        elif k:
-            verdict = rule.verify(draft.tokens, draft.q(V), p, streams.at(n_done))
-        else:   # plain AR: what the exact rule does with no drafts (the bonus draw from p), without its bookkeeping
-            u = streams.uniform_at("sample", n_done[:, None])[:, 0]
-            verdict = Verdict(zero[:, 0], sample_categorical(p[:, 0], u))
+            draft = Draft(draft.tokens.gather(1, path.clamp_min(0)))
+            commit(ledger, draft.tokens, verdict.n_accepted, verdict.next_token, T)
+        else:
+            logits = target.forward(state, torch.cat([last, draft.tokens], 1))
+            p, n_acc, next_token = step(rule, sampling, token_mask, streams, ledger, logits.cond, logits.uncond,
+                                        draft.tokens, draft.probs, T)
+            verdict = Verdict(n_acc, next_token)
         t2 = clock.mark()
-
-        # commit: d_1..d_n then the correction/bonus; slots past it are garbage that later steps overwrite
-        n_acc = verdict.n_accepted
-        segment = torch.cat([draft.tokens, verdict.next_token[:, None]], 1)
-        segment.scatter_(1, n_acc[:, None], verdict.next_token[:, None])
-        write_at = n_done[:, None] + offsets
-        tokens[rows, write_at] = segment
-        in_image = active[:, None] & (write_at < T)
-        from_draft[rows, write_at] = (offsets[None] < n_acc[:, None]) & in_image
-        committed = torch.minimum(n_acc + 1, T - n_done) * active
-        drafted_mask = in_image[:, :k]
-        accepted_mask = drafted_mask & (offsets[None, :k] < n_acc[:, None])
-        counters += torch.stack([drafted_mask.sum(), accepted_mask.sum(), committed.sum(), active.any().long()])
-        row_forwards += active
-        acc_pos += accepted_mask.sum(0)
-        drafted_pos += drafted_mask.sum(0)
-        n_done += torch.where(active, n_acc + 1, 0)
         target.rollback(state, ctx.park(n_done - 1))
         t3 = clock.mark()
         if drafter is not None:
@@ -180,30 +166,22 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         clock.add("draft", t3, t4)
         clock.add("target", t1, t2)
 
-    drafted, accepted, committed_total, steps = counters.tolist()
-    forwards_per_row = row_forwards.cpu()            # one transfer; the total is its sum, on the host
+    drafted, accepted, committed_total, steps = ledger.counters.tolist()
+    forwards_per_row = ledger.row_forwards.cpu()            # one transfer; the total is its sum, on the host
     forwards = int(forwards_per_row.sum())
     out = tokens[:, :T].clone()
     stats = SpecStats(
         batch_size=B, num_tokens=T, target_forwards=forwards,
         draft_forwards=drafter.forwards if drafter is not None else 0,
         drafted=drafted, accepted=accepted, committed=committed_total, steps=steps,
-        accepted_per_position=acc_pos.cpu(), drafted_per_position=drafted_pos.cpu(),
-        acceptance_map=from_draft[:, :T].cpu(), forwards_per_row=forwards_per_row,
+        accepted_per_position=ledger.accepted_at.cpu(), drafted_per_position=ledger.drafted_at.cpu(),
+        acceptance_map=ledger.from_draft[:, :T].cpu(), forwards_per_row=forwards_per_row,
         target_s=clock.seconds("target"), draft_s=clock.seconds("draft"))
     images = target.decode(out) if decode else None
     stats.wall_s = time.perf_counter() - t_wall
     if bar:
         bar(T, close=True)
     return GenerationResult(tokens=out, stats=stats, images=images, extras={"seed": seed})
-
-
-def _invalid_probs(q: Tensor | None, no: Tensor) -> Tensor:
-    """A 0-d bool tensor: the draft distribution q [B, k, V] holds NaN, inf or negative values (no: False)."""
-    if q is None or q.numel() == 0:
-        return no
-    # two reductions: a min propagates NaN (NaN >= 0 is False), and a +inf makes the sum infinite
-    return ~(q.amin() >= 0) | ~torch.isfinite(q.sum())
 
 
 def _nonfinite_error(flags: list[bool], target, drafter, sampling: Sampling) -> ValueError:

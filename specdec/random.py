@@ -53,9 +53,19 @@ def hash_uniform(*keys: Tensor | int) -> Tensor:
     return (bits.double() + 0.5) / float(1 << 48)
 
 
-@lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result      # a compiled step folds a tag's id in (dynamo cannot trace crc32)
 def tag_id(tag: str) -> int:
+    return _crc31(tag)
+
+
+@lru_cache(maxsize=None)
+def _crc31(tag: str) -> int:
     return zlib.crc32(tag.encode()) & 0x7FFFFFFF
+
+
+def tag_ids(tags: Sequence[str], device=None) -> Tensor:
+    """The streams' ids of tags, LongTensor [len(tags)] on device."""
+    return torch.tensor([tag_id(t) for t in tags], dtype=torch.long, device=device)
 
 
 def fresh_seed() -> int:
@@ -81,7 +91,11 @@ class RowStreams:
         """Several tags' uniforms in one pass: [len(tags), B, n(, slots)], entry t equal to uniform_at(tags[t], ...)
         bit for bit. A draw costs a fixed few dozen tensor ops whatever its size, so a step that needs several
         streams at the same positions pays that once."""
-        ids = torch.tensor([tag_id(t) for t in tags], dtype=torch.long, device=positions.device)
+        return self.uniforms_by_id(tag_ids(tags, positions.device), positions, slots)
+
+    def uniforms_by_id(self, ids: Tensor, positions: Tensor, slots: int | None = None) -> Tensor:
+        """uniforms_at with the tags given by their ids [n_tags] (`tag_ids`), for a compiled step whose tags change
+        from step to step (a tag's id is a host computation, which a graph cannot hold)."""
         key = positions[None] * 0x9E3779B1 + ids.view(-1, *([1] * positions.dim()))
         return self._uniforms(key, self._row_key[:, None], slots)
 

@@ -50,12 +50,10 @@ def test_coupled_jacobi_is_exact_with_cfg_and_top_k(image_target):
 class _KeepAlways(JacobiDrafter):
     """Negative control: keeps the previous iterate whatever p_new says, yet reports q := p_new."""
 
-    def _tail_draws(self, tail_p, src, pos):
-        new = super()._tail_draws(tail_p, src, pos)
-        if self.prev_draft is None:
-            return new
-        old = self.prev_draft.tokens.gather(1, src.clamp_max(self.prev_draft.tokens.shape[1] - 1))
-        return torch.where(src < self.prev_draft.tokens.shape[1], old, new)
+    def _tail_draws(self, tail_p, src, pos, old_tokens, old_q, ids):
+        new = super()._tail_draws(tail_p, src, pos, old_tokens, old_q, ids)
+        old = old_tokens.gather(1, src.clamp_max(old_tokens.shape[1] - 1))
+        return torch.where(src < old_tokens.shape[1], old, new)
 
 
 @pytest.mark.parametrize("broken", [_KeepAlways])

@@ -222,9 +222,8 @@ def test_the_demo_takes_a_users_rule(tmp_path, capsys):
 def test_per_step_checks_flag_exactly_the_bad_values(dtype):
     """The engine's on-device checks (one reduction per tensor): logits with NaN or +inf are flagged, -inf (a mask)
     is not; a draft q with NaN, +inf or a negative value is flagged; probabilities with a NaN are flagged."""
-    from specdec.engine import _invalid_probs
+    from specdec.step import invalid_probs
     from specdec.sampling import nan_probs, nonfinite
-    no = torch.tensor(False)
     logits = torch.randn(2, 3, 50).to(dtype)
     assert not nonfinite(logits, None) and not nonfinite(logits.masked_fill(logits < 0, float("-inf")), logits)
     for bad in (float("nan"), float("inf")):
@@ -232,11 +231,11 @@ def test_per_step_checks_flag_exactly_the_bad_values(dtype):
         broken[1, 2, 7] = bad
         assert nonfinite(logits, broken) and nonfinite(broken, None)
     q = torch.rand(2, 3, 50).softmax(-1)
-    assert not _invalid_probs(q, no) and not _invalid_probs(None, no)
+    assert not invalid_probs(q) and not invalid_probs(None)
     for bad in (float("nan"), float("inf"), -1e-3):
         broken = q.clone()
         broken[0, 1, 3] = bad
-        assert _invalid_probs(broken, no)
+        assert invalid_probs(broken)
     assert not nan_probs(q)
     q[1, 0, 0] = float("nan")
     assert nan_probs(q)

@@ -23,7 +23,8 @@ crossed too):
     seed = [0]
     dtype = ["float32"]        # what the generative models compute in: float32, bfloat16, float16
     compile = ["off"]          # the target's decode step: off, on (torch.compile), freeze (+ weights pre-packed),
-                               # cuda-graphs (mode reduce-overhead); a chain drafter compiles by its own `compile`
+                               # cuda-graphs (mode reduce-overhead), freeze+step (freeze, and the engine's chain
+                               # step compiled too); a chain drafter compiles by its own `compile`
     device = ["cpu"]           # where the generators run: cpu, cuda, cuda:1, mps
 
     [[method]]

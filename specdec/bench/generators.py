@@ -43,7 +43,7 @@ def _tiny_random_bundle(dtype, device):
 
 GENERATORS: dict[str, Callable[[str, torch.device], Any]] = {"zoo": _zoo_bundle, "video-zoo": _video_zoo_bundle,
                                                              "tiny-random": _tiny_random_bundle}
-_BUNDLES: dict[tuple[str, str, str, str], Any] = {}        # (name, dtype, compile, device) -> bundle
+_BUNDLES: dict[tuple, Any] = {}      # (name, dtype, TARGET_COMPILE[compile], device) -> bundle
 
 
 def check_generator(name: str) -> None:
@@ -56,7 +56,7 @@ def load_generator(name: str, dtype: str = DEFAULT_DTYPE, compile: str = DEFAULT
     """The bundle of a registered generator computing in `dtype` on `device`, its target's decode step run as
     `compile` says (`specdec.compiled.TARGET_COMPILE`), loaded on first use and kept for the rest of the process."""
     check_generator(name)
-    eager = (name, dtype, DEFAULT_COMPILE, device)
+    eager = (name, dtype, None, device)
     if eager not in _BUNDLES:
         try:
             where = use_device(device)
@@ -66,14 +66,15 @@ def load_generator(name: str, dtype: str = DEFAULT_DTYPE, compile: str = DEFAULT
             _BUNDLES[eager] = GENERATORS[name](dtype, where)
         except Exception as e:   # e.g. the zoo's weights are not trained/installed yet
             raise BenchConfigError(f"generator {name!r} could not be loaded in {dtype} on {device}: {e}") from e
-    if (name, dtype, compile, device) not in _BUNDLES:
+    how = TARGET_COMPILE[compile]           # settings that compile the target alike share one compiled target
+    if (name, dtype, how, device) not in _BUNDLES:
         bundle = _BUNDLES[eager]
         try:
-            target = compile_adapter(bundle.target, *TARGET_COMPILE[compile])
+            target = compile_adapter(bundle.target, *how)
         except TypeError as e:
             raise BenchConfigError(f"generator {name!r} cannot run compiled: {e}") from e
-        _BUNDLES[name, dtype, compile, device] = dataclasses.replace(bundle, target=target)
-    return _BUNDLES[name, dtype, compile, device]
+        _BUNDLES[name, dtype, how, device] = dataclasses.replace(bundle, target=target)
+    return _BUNDLES[name, dtype, how, device]
 
 
 @runtime_checkable

@@ -34,6 +34,7 @@ from specdec.bench.results import (append_row, execution, finished_keys, merge_p
                                    read_rows, repair, restore_order, set_aside)
 from specdec.bench.stale import card_weights
 from specdec.bench.timing import Timing, count_bound, interleaved_rounds, reliability, step_costs
+from specdec.compiled import STEP_COMPILE
 from specdec.devices import use_device
 from specdec.engine import generate
 from specdec.plots import image_strip
@@ -137,16 +138,18 @@ def _measure(gen: _PerGenerator, run: dict, repeats: int, warmup: int) -> _Measu
     drafter, rule = build_method(method, bundle, gen.geometries)
     rule.prepare(bundle.target.device)           # neighbour tables are built here, never inside a timed generation
     batches = _batches(run, bundle)
+    compiled = execution(run)[1] in STEP_COMPILE     # the engine's chain step as one graph, for AR and the method
 
     # plain AR (no drafter: the engine samples p whatever the rule) interleaved with the method, round by round
     drafters = [drafter] if drafter is None else [None, drafter]
     for _ in range(warmup):        # untimed: first calls at a new shape are several times slower
         for d in drafters:
             generate(bundle.target, batches[0][0], drafter=d, rule=rule, sampling=sampling, seed=run["seed"],
-                     decode=False)
+                     decode=False, compiled=compiled)
 
     def all_batches(d):
-        return lambda: [generate(bundle.target, c, drafter=d, rule=rule, sampling=sampling, seed=s) for c, s in batches]
+        return lambda: [generate(bundle.target, c, drafter=d, rule=rule, sampling=sampling, seed=s, compiled=compiled)
+                        for c, s in batches]
     timings, last = interleaved_rounds([all_batches(d) for d in drafters], repeats)
     results = last[-1]
     images = [res.images for res in results]
