@@ -59,12 +59,13 @@ from torch import Tensor
 from drafters.lookup import grid_dims, neighbour
 from specdec.protocols import Drafter
 from specdec.compiled import compile_step
-from specdec.random import sample_categorical, tag_ids
+from specdec.random import sample_categorical, tag_id
 from specdec.types import Draft, Verdict
 
 INITS = ("random", "repeat_horizontal", "repeat_vertical", "previous_frame")
 INIT_QS = ("onehot", "uniform")
 COUPLINGS = ("none", "maximal", "gumbel")
+IDS_AHEAD = 64                  # decode steps whose coupled-draw tag ids are made in one go
 
 
 class JacobiDrafter(Drafter):
@@ -123,6 +124,7 @@ class JacobiDrafter(Drafter):
         self.prev_n = None          # [B] n_done when that pass was proposed
         self.prev_draft = None      # the Draft of that pass (previous iterates for the coupling)
         self.step = 0
+        self._ids_first = -1        # the first step of the coupled-draw tag ids made so far (_coupling_ids)
         # the token mask is fixed for a generation: its id table and uniform law are built here, once, so that a
         # step runs on the device only (no data-dependent shape, no transfer)
         V, dev = ctx.target.vocab_size, ctx.n_done.device
@@ -155,13 +157,23 @@ class JacobiDrafter(Drafter):
             coupled = self.coupling == "maximal" and self.prev_draft is not None
             old_tokens = self.prev_draft.tokens if coupled else None
             old_q = self.prev_draft.q(self.prev_p.shape[-1]) if coupled else None
-            # the coupled draw's streams: the tags of this step, as ids (a compiled step cannot make them)
-            ids = tag_ids(("sample", f"mc_keep/{self.step}", f"mc_residual/{self.step}"), n.device)
+            ids = self._coupling_ids(n.device) if coupled else None
             tokens, q = self._next_window(self, k, n, self.prev_p, self.prev_n, old_tokens, old_q, ids)
         self.prev_n = n.clone()
         self.step += 1
         self.prev_draft = Draft(tokens, q)
         return self.prev_draft
+
+    def _coupling_ids(self, device) -> Tensor:
+        """The ids [3] of this step's coupled-draw streams ("sample", "mc_keep/<step>", "mc_residual/<step>"). A tag's
+        id is a host computation, which a compiled step cannot hold; they are made for IDS_AHEAD steps at a time
+        (one host-to-device copy) and viewed step by step."""
+        first = self.step - self.step % IDS_AHEAD
+        if self._ids_first != first:
+            tags = [t for s in range(first, first + IDS_AHEAD) for t in ("sample", f"mc_keep/{s}", f"mc_residual/{s}")]
+            self._ids = torch.tensor([tag_id(t) for t in tags], dtype=torch.long, device=device).view(IDS_AHEAD, 3)
+            self._ids_first = first
+        return self._ids[self.step - first]
 
     def _fresh_window(self, k: int, n: Tensor) -> tuple[Tensor, Tensor | None]:
         """The first window [B, k]: all slots filled by the init; q None (one-hot) unless init_q is "uniform"."""
@@ -176,12 +188,11 @@ class JacobiDrafter(Drafter):
         return tokens, None
 
     def _window(self, k: int, n: Tensor, prev_p: Tensor, prev_n: Tensor, old_tokens: Tensor | None,
-                old_q: Tensor | None,
-                ids: Tensor) -> tuple[Tensor, Tensor]:
+                old_q: Tensor | None, ids: Tensor | None) -> tuple[Tensor, Tensor]:
         """A later window: tail slots drawn from the last pass's laws, fresh slots filled by the init. n [B] this
         step's n_done; prev_p [B, k+1, V], prev_n [B], old_tokens [B, k], old_q [B, k, V] (None unless coupled
-        maximally: SJD's draw): the last pass's laws, n_done and drafts; ids [3]: the "sample", "mc_keep/<step>" and
-        "mc_residual/<step>" tag ids -> (tokens [B, k], q [B, k, V])."""
+        maximally: SJD's draw): the last pass's laws, n_done and drafts; ids [3] (with them): the "sample",
+        "mc_keep/<step>" and "mc_residual/<step>" tag ids -> (tokens [B, k], q [B, k, V])."""
         B, V = n.shape[0], prev_p.shape[-1]
         slots = torch.arange(k, device=n.device)
         pos = n[:, None] + slots                                                    # [B, k]
@@ -227,8 +238,8 @@ class JacobiDrafter(Drafter):
         drafted = tail.gather(1, (root - n).clamp(0, k - 1))
         return torch.where(root < n, committed, drafted)
 
-    def _tail_draws(self, tail_p: Tensor, src: Tensor, pos: Tensor, old_tokens: Tensor, old_q: Tensor | None,
-                    ids: Tensor) -> Tensor:
+    def _tail_draws(self, tail_p: Tensor, src: Tensor, pos: Tensor, old_tokens: Tensor | None,
+                    old_q: Tensor | None, ids: Tensor | None) -> Tensor:
         """New iterates [B, k] of the tail laws tail_p [B, k, V] at positions pos [B, k]; src [B, k]: each slot's
         index in the previous window (its previous iterate exists where src < the old window's length); old_tokens
         [B, k] and old_q [B, k, V] the previous iterates and their laws; ids as in `_window`."""

@@ -63,9 +63,19 @@ def _crc31(tag: str) -> int:
     return zlib.crc32(tag.encode()) & 0x7FFFFFFF
 
 
+_TAG_IDS: dict[tuple, Tensor] = {}
+
+
 def tag_ids(tags: Sequence[str], device=None) -> Tensor:
-    """The streams' ids of tags, LongTensor [len(tags)] on device."""
-    return torch.tensor([tag_id(t) for t in tags], dtype=torch.long, device=device)
+    """The streams' ids of tags, LongTensor [len(tags)] on device. Kept per (tags, device) after the first call, so a
+    decode step that draws the same tags every step makes no host-to-device copy (on a GPU, a blocking one); a
+    compiled step holds them as constants."""
+    if torch.compiler.is_compiling():
+        return torch.tensor([tag_id(t) for t in tags], dtype=torch.long, device=device)
+    key = (tuple(tags), str(device))
+    if key not in _TAG_IDS:
+        _TAG_IDS[key] = torch.tensor([tag_id(t) for t in tags], dtype=torch.long, device=device)
+    return _TAG_IDS[key]
 
 
 def fresh_seed() -> int:

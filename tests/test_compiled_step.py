@@ -107,3 +107,18 @@ def test_bench_freeze_step_compiles_the_engine_step(monkeypatch, tmp_path):
         rows = runner.run_bench(cfg, tmp_path / f"{setting}.jsonl", progress=False)
         assert set(seen) == expected and len(seen) >= 4
         assert rows[0]["compile"] == setting
+
+
+def test_step_tags_are_made_once_not_every_step(target):
+    """A step's stream ids come from a cache (fixed tags) or a table made 64 steps at a time (MC-SJD's per-step tags),
+    so a decode step makes no host-to-device copy for them (a blocking one on a GPU); the ids are the tags' own."""
+    from specdec.random import tag_id, tag_ids
+
+    assert tag_ids(("accept", "sample")) is tag_ids(("accept", "sample"))
+    assert tag_ids(("accept", "sample")).tolist() == [tag_id("accept"), tag_id("sample")]
+    drafter = JacobiDrafter(5, "repeat_vertical", coupling="maximal")
+    specdec.generate(target, torch.tensor([0]), drafter=drafter, seed=1)
+    for step in (0, 1, 63, 64, 130):
+        drafter.step = step
+        ids = drafter._coupling_ids(torch.device("cpu"))
+        assert ids.tolist() == [tag_id(t) for t in ("sample", f"mc_keep/{step}", f"mc_residual/{step}")]
