@@ -247,10 +247,11 @@ def _assert_one_sync_per_step(steps):
     lambda t: (ModelDrafter(perturbed_copy(t, 0.3), k=3), BoundedLanternRule(torch.randn(64, 4), 8, delta=0.2)),
     lambda t: (JacobiDrafter(window=6, init="random"), ExactRule()),
     lambda t: (JacobiDrafter(window=6, init="repeat_vertical"), ExactRule()),
+    lambda t: (JacobiDrafter(window=6, init="repeat_vertical", coupling="maximal"), ExactRule()),
     lambda t: (LookupDrafter(k=3), ExactRule()),
     lambda t: (TreeModelDrafter(perturbed_copy(t, 0.3), "spine-3"), ExactRule()),
-], ids=["ar", "model-exact", "argmax-lantern", "model-bounded", "jacobi-random", "jacobi-vertical", "lookup",
-        "model-tree"])
+], ids=["ar", "model-exact", "argmax-lantern", "model-bounded", "jacobi-random", "jacobi-vertical", "mc-sjd",
+        "lookup", "model-tree"])
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 def test_own_model_paths_sync_once_per_step(target, make, cfg):
     drafter, rule = make(target)
