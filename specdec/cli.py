@@ -56,6 +56,9 @@ def demo_cmd(args) -> int:
         if args.continuous and args.dtype not in (None, "float32"):
             raise UsageError("specdec: the continuous demo computes in float32 only; drop --dtype (or use it with "
                              "the image or --video demo)")
+        if args.compile not in (None, "off") and (args.video or args.continuous):
+            raise UsageError("specdec: --compile applies to the image demo only; drop it for --video or "
+                             "--continuous")
         if args.continuous:
             from specdec.continuous_demo import run_continuous_demo
             return run_continuous_demo(args.out if args.out != "specdec-demo" else "specdec-demo-continuous",
@@ -74,7 +77,7 @@ def demo_cmd(args) -> int:
                         per_class=args.per_class, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                         cfg=args.cfg, repeats=args.repeats, fd_real=args.fd_real, threads=args.threads,
                         rule=args.rule or None, rule_params=_json_params(args.params), dtype=args.dtype,
-                        device=args.device)
+                        device=args.device, compile=args.compile)
     except DemoError as e:
         raise UsageError(f"specdec: {e}")
 
@@ -139,6 +142,10 @@ def parser() -> argparse.ArgumentParser:
                    help="what the zoo's generators compute in (default float32; bfloat16: how generators run on "
                         "accelerators, and fast on CPUs with AVX512-BF16)")
     d.add_argument("--device", default=None, help="where the generators run: cpu (default), cuda, cuda:1, mps")
+    d.add_argument("--compile", default=None, choices=tuple(TARGET_COMPILE),
+                   help="how the target's steps run (default off), as in specdec bench; drafters then compile their "
+                        "own steps. freeze+step (with --dtype bfloat16) is the fastest on a CPU; the first run "
+                        "compiles for a few minutes")
     d.set_defaults(func=demo_cmd)
 
     c = sub.add_parser("certify", help="estimate what a rule does to the output distribution")

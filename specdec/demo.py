@@ -15,6 +15,7 @@ Writes into the output folder:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -25,6 +26,7 @@ from specdec import metrics
 from specdec.bench.methods import DEMO_METHODS, MODEL_DRAFTER, QUICK_METHODS, Method, available, build_method
 from specdec.bench.results import format_table
 from specdec.bench.timing import count_bound, interleaved_rounds, reliability, set_threads, step_costs
+from specdec.compiled import DEFAULT_COMPILE, STEP_COMPILE, TARGET_COMPILE, compile_adapter
 from specdec.plots import acceptance_heatmaps, image_grid
 from specdec.devices import use_device
 from specdec.precision import as_dtype, dtype_name
@@ -67,6 +69,29 @@ def demo_device(device: str | None) -> torch.device:
         raise DemoError(str(e)) from e
 
 
+# how each drafter compiles its own draft step when the demo runs compiled (drafters without one stay eager)
+DRAFTER_COMPILE = {"model": "freeze", "eagle": "freeze", "jacobi": True}
+
+
+def compiled_setup(bundle, methods: list[Method], compile: str | None):
+    """The bundle with its target compiled as `compile` says (`specdec.compiled.TARGET_COMPILE`; None: off) and the
+    methods with their drafters compiling their own steps -> (bundle, methods, compiled: whether the engine's chain
+    step runs compiled too); DemoError naming the choices."""
+    compile = compile or DEFAULT_COMPILE
+    if compile not in TARGET_COMPILE:
+        raise DemoError(f"unknown compile setting {compile!r}; valid: {', '.join(TARGET_COMPILE)}")
+    how = TARGET_COMPILE[compile]
+    if how is None:
+        return bundle, methods, False
+    try:
+        bundle = dataclasses.replace(bundle, target=compile_adapter(bundle.target, *how))
+    except (TypeError, ValueError) as e:
+        raise DemoError(f"cannot compile the target: {e}") from e
+    methods = [dataclasses.replace(m, drafter_params={**m.drafter_params, "compile": DRAFTER_COMPILE[m.drafter]})
+               if m.drafter in DRAFTER_COMPILE else m for m in methods]
+    return bundle, methods, compile in STEP_COMPILE
+
+
 def prepare(out: str | Path, threads: int) -> tuple[Path, int]:
     """What every demo does first: a writable output folder, the torch threads set (the demos themselves run under
     torch.no_grad(), which does not leak into the caller). -> (the folder, the threads in use); DemoError."""
@@ -84,12 +109,15 @@ FD_MIN_IMAGES = metrics.FD_MIN_IMAGES
 def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: list[str] | None = None,
              per_class: int = 0, seed: int = 0, temperature: float = 1.0, top_k: int = 0, cfg: float = 3.0,
              repeats: int = 0, fd_real: int = 256, threads: int = 0, rule: str | None = None,
-             rule_params: dict | None = None, dtype: str | None = None, device: str | None = None) -> int:
+             rule_params: dict | None = None, dtype: str | None = None, device: str | None = None,
+             compile: str | None = None) -> int:
     """Run the demo and print its table. classes: zoo class names (None: the first 3 quick / 6 full); per_class:
     0 = 2 quick / 4 full; repeats: latency rounds, 0 = 3 quick / 5 full; threads: 0 = the physical cores;
     rule: one more row with this rule (a name, `module:Class` or `file.py:Class`) and rule_params over the model
     drafter; dtype: what the zoo's generative models compute in (`specdec.precision`, default float32); device:
-    where they run (`specdec.devices`, default cpu). Raises DemoError for bad inputs."""
+    where they run (`specdec.devices`, default cpu); compile: how the target's steps run (`compiled_setup`: "off",
+    "on", "freeze", "cuda-graphs", "freeze+step"; drafters then compile their own). Raises DemoError for bad
+    inputs."""
     import specdec.zoo
 
     out, threads = prepare(out, threads)
@@ -111,13 +139,15 @@ def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: lis
     if rule is not None:
         methods.append(Method(f"{rule} + model k=4", "model", dict(MODEL_DRAFTER), rule,
                               dict(rule_params or {})))
+    bundle, methods, compiled = compiled_setup(bundle, methods, compile)
     print(f"specdec demo: {len(methods)} methods, latency of 1 image ({rounds} interleaved rounds) and "
           f"{len(cond)} images ({', '.join(names)}), {sampling}, seed {seed}, {threads} threads", flush=True)
 
-    rows, images, maps, t_step, fd_used = measure_methods(bundle, methods, cond, sampling, seed, rounds, fd_real)
+    rows, images, maps, t_step, fd_used = measure_methods(bundle, methods, cond, sampling, seed, rounds, fd_real,
+                                                          compiled)
     maps = [m.reshape(bundle.target.grid) for m in maps]                                  # [H, W]
     meta = {"sampling": vars(sampling), "seed": seed, "classes": names, "device": str(bundle.target.device),
-            "dtype": dtype, "threads": threads, "latency_batch": 1, "throughput_batch": len(cond),
+            "dtype": dtype, "compile": compile or DEFAULT_COMPILE, "threads": threads, "latency_batch": 1, "throughput_batch": len(cond),
             "target_step_s": t_step, "fd_real_images": fd_used,
             "fd_metric": f"Frechet distance in the zoo feature net's space (from {FD_MIN_IMAGES} images on)"}
     (out / "table.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -133,12 +163,13 @@ def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: lis
 
 
 def measure_methods(bundle, methods: list[Method], cond: torch.Tensor, sampling: Sampling, seed: int, rounds: int,
-                    fd_real: int):
+                    fd_real: int, compiled: bool = False):
     """Every method through the same `specdec.generate` on `bundle` (a `specdec.protocols.Bundle`): latency of
     cond[:1] in `rounds` interleaved rounds after a warm-up, throughput of the whole batch cond [B] in one
     interleaved pass, quality of that batch. -> (rows: the table's dicts, images: decoded samples per method,
     maps: per-position share committed from drafts [T] per method, t_step: the target's raw step (s),
-    fd_used: held-out images behind the Frechet distance, 0 when below FD_MIN_IMAGES)."""
+    fd_used: held-out images behind the Frechet distance, 0 when below FD_MIN_IMAGES). compiled: every generation
+    runs the engine's chain step compiled (`generate(..., compiled=True)`)."""
     from specdec.engine import generate
 
     geometries: dict = {}            # rules over the codebook share one geometry and its k-NN tables
@@ -150,7 +181,8 @@ def measure_methods(bundle, methods: list[Method], cond: torch.Tensor, sampling:
         rule.prepare(bundle.target.device)
 
     def run(drafter, rule, c):
-        return lambda: generate(bundle.target, c, drafter=drafter, rule=rule, sampling=sampling, seed=seed)
+        return lambda: generate(bundle.target, c, drafter=drafter, rule=rule, sampling=sampling, seed=seed,
+                                compiled=compiled)
 
     for drafter, rule in built:      # warm-up: first calls at a new shape are several times slower
         run(drafter, rule, cond[:1])()

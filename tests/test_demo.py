@@ -60,3 +60,28 @@ def test_console_script_help():
     assert res.returncode == 0
     for command in ("demo", "certify", "bench", "report"):
         assert command in res.stdout
+
+
+def test_demo_compile_setting_compiles_target_drafters_and_step(monkeypatch):
+    """--compile: the target compiled as the bench's setting says (stubbed: compiling is tested elsewhere), drafters
+    that have a compiled path asked to use it, the engine's step compiled for freeze+step only; a bad setting or a
+    demo without it fails with the choices."""
+    from specdec import demo
+    from specdec.bench.methods import DEMO_METHODS
+    from specdec.testing import tiny_random_bundle
+
+    wrapped = []
+    monkeypatch.setattr(demo, "compile_adapter", lambda adapter, *how: wrapped.append(how) or adapter)
+    bundle = tiny_random_bundle()
+    same, methods, compiled = demo.compiled_setup(bundle, list(DEMO_METHODS), None)
+    assert same is bundle and methods == list(DEMO_METHODS) and not compiled and not wrapped
+    _, methods, compiled = demo.compiled_setup(bundle, list(DEMO_METHODS), "freeze+step")
+    assert compiled and wrapped == [(None, True)]
+    params = {m.label: m.drafter_params for m in methods}
+    assert params["exact + mc-sjd w=16"]["compile"] is True and params["exact + eagle k=4"]["compile"] == "freeze"
+    assert "compile" not in params["exact + lookup k=4"]
+    assert not demo.compiled_setup(bundle, list(DEMO_METHODS), "freeze")[2]
+    with pytest.raises(demo.DemoError, match="valid: off"):
+        demo.compiled_setup(bundle, list(DEMO_METHODS), "fastest")
+    with pytest.raises(SystemExit, match="--compile applies to the image demo only"):
+        cli.main(["demo", "--video", "--compile", "freeze"])
