@@ -122,3 +122,26 @@ def test_step_tags_are_made_once_not_every_step(target):
         drafter.step = step
         ids = drafter._coupling_ids(torch.device("cpu"))
         assert ids.tolist() == [tag_id(t) for t in ("sample", f"mc_keep/{step}", f"mc_residual/{step}")]
+
+
+def test_compiled_step_still_flags_nan_logits(target):
+    """The compiled step updates the non-finite flags in place like the eager one: logits that turn NaN at the third
+    decode step (after a clean prefill) are named at the next step's sync, not sampled from (the shapes of the AR
+    case above: its graph is reused)."""
+    forward, calls = target.forward, []
+
+    def poisoned(state, tokens):
+        out = forward(state, tokens)
+        calls.append(1)
+        if len(calls) == 3:
+            out.cond = torch.full_like(out.cond, float("nan"))
+        return out
+
+    target.forward = poisoned
+    try:
+        with pytest.raises(ValueError, match=r"the target \(GPTAdapter\) produced NaN"):
+            specdec.generate(target, torch.tensor([0, 1, 2]), sampling=Sampling(cfg_scale=3.0, top_k=40), seed=0,
+                             compiled=True)
+    finally:
+        del target.forward
+    assert len(calls) == 3              # flagged at the sync right after the poisoned step
