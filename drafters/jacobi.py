@@ -59,7 +59,7 @@ from torch import Tensor
 from drafters.lookup import grid_dims, neighbour
 from specdec.protocols import Drafter
 from specdec.compiled import compile_step
-from specdec.random import sample_categorical, tag_id
+from specdec.random import sample_categorical, tag_ids
 from specdec.types import Draft, Verdict
 
 INITS = ("random", "repeat_horizontal", "repeat_vertical", "previous_frame")
@@ -166,12 +166,12 @@ class JacobiDrafter(Drafter):
 
     def _coupling_ids(self, device) -> Tensor:
         """The ids [3] of this step's coupled-draw streams ("sample", "mc_keep/<step>", "mc_residual/<step>"). A tag's
-        id is a host computation, which a compiled step cannot hold; they are made for IDS_AHEAD steps at a time
-        (one host-to-device copy) and viewed step by step."""
+        id is a host computation, which a compiled step cannot hold; they are looked up for IDS_AHEAD steps at a
+        time (`tag_ids`, kept across generations) and viewed step by step."""
         first = self.step - self.step % IDS_AHEAD
         if self._ids_first != first:
             tags = [t for s in range(first, first + IDS_AHEAD) for t in ("sample", f"mc_keep/{s}", f"mc_residual/{s}")]
-            self._ids = torch.tensor([tag_id(t) for t in tags], dtype=torch.long, device=device).view(IDS_AHEAD, 3)
+            self._ids = tag_ids(tags, device).view(IDS_AHEAD, 3)
             self._ids_first = first
         return self._ids[self.step - first]
 

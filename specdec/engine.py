@@ -21,7 +21,7 @@ from specdec.phases import PhaseClock
 from specdec.protocols import AcceptanceRule, ARModel, DecodeContext, Drafter, require
 from specdec.random import RowStreams, fresh_seed, sample_categorical
 from specdec.sampling import Sampling, nan_probs, nonfinite, to_probs
-from specdec.step import Ledger, chain_step, commit, compiled_chain_step, invalid_probs
+from specdec.step import Ledger, chain_step, checked_probs, commit, compiled_chain_step
 from specdec.tree import DraftTree
 from specdec.types import Draft, GenerationResult, SpecStats, Verdict
 
@@ -139,9 +139,7 @@ def generate(target: ARModel, cond, drafter: Drafter | None = None, rule: Accept
         if isinstance(draft, DraftTree):
             # the accepted root-to-node path becomes the step's drafts, as if it had been a chain (eager)
             logits = target.forward_tree(state, draft, last[:, 0], n_done)
-            p = to_probs(logits.cond, logits.uncond, sampling, token_mask)                # [B, 1+N, V]
-            ledger.bad |= torch.stack([nonfinite(logits.cond, logits.uncond), invalid_probs(draft.q, device),
-                                       nan_probs(p)])
+            p = checked_probs(sampling, token_mask, ledger, logits.cond, logits.uncond, draft.q)   # [B, 1+N, V]
             verdict = rule.verify_tree(draft, p, streams.at(n_done))
             path = draft.path(verdict.node, k)                                          # [B, k] nodes
             target.commit_tree(state, draft, path)

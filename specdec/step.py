@@ -4,7 +4,7 @@ the rule's verdict and the commit bookkeeping.
 Why one function: at batch 1 on a small target this is a hundred-odd tiny tensor ops (the CFG mix and softmax, the
 rule's gathers, scan, residual and inverse-CDF draw, the uniforms' hash, the scatter of the committed tokens and the
 counters), each paying the framework's dispatch (a few microseconds on a CPU, a kernel launch on a GPU), which
-together cost a fifth of a speculative step on the zoo. `generate(..., compiled=True)` runs `chain_step` as one
+together cost 0.68 ms of a 4.98 ms MC-SJD step on the zoo (experiments/step_phases.py). `generate(..., compiled=True)` runs `chain_step` as one
 `torch.compile` graph (fullgraph, static shapes), so they become a few fused kernels. The eager and compiled paths
 compute the same tokens (tests/test_compiled_step.py).
 
@@ -53,15 +53,22 @@ def invalid_probs(q: Tensor | None, device=None) -> Tensor:
     return ~(q.amin() >= 0) | ~torch.isfinite(q.sum())
 
 
+def checked_probs(sampling: Sampling, token_mask: Tensor | None, ledger: Ledger, cond: Tensor, uncond: Tensor | None,
+                  draft_probs: Tensor | None) -> Tensor:
+    """The target's p [B, n, V] from its logits cond / uncond [B, n, V], with the step's non-finite flags (target
+    logits, the drafter's q [B, k, V] or None, p) or-ed into ledger.bad, on the device: read at the next sync."""
+    p = to_probs(cond, uncond, sampling, token_mask)
+    ledger.bad |= torch.stack([nonfinite(cond, uncond), invalid_probs(draft_probs, p.device), nan_probs(p)])
+    return p
+
+
 def judge(rule, sampling: Sampling, token_mask: Tensor | None, streams: RowStreams, ledger: Ledger, cond: Tensor,
           uncond: Tensor | None, draft_tokens: Tensor, draft_probs: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """The target's logits cond / uncond [B, k+1, V] and a chain draft (tokens [B, k], q [B, k, V] or None for
     one-hot) -> (p [B, k+1, V], n_accepted [B], next_token [B]); raises nothing, flags non-finite values in
     ledger.bad. k = 0 is plain AR: the bonus draw from p with the position's "sample" uniform."""
-    p = to_probs(cond, uncond, sampling, token_mask)
+    p = checked_probs(sampling, token_mask, ledger, cond, uncond, draft_probs)
     k = draft_tokens.shape[1]
-    flags = [nonfinite(cond, uncond), invalid_probs(draft_probs, p.device), nan_probs(p)]
-    ledger.bad |= torch.stack(flags)
     n_done = ledger.n_done
     if k:
         q = draft_probs if draft_probs is not None else \

@@ -22,11 +22,12 @@ def _same_generation(a, b) -> None:
     assert torch.equal(a.stats.accepted_per_position, b.stats.accepted_per_position)
 
 
-CASES = {
-    "ar": lambda t: (None, None),
-    "exact + mc-sjd": lambda t: (JacobiDrafter(5, "repeat_vertical", coupling="maximal", compile=True), None),
-    "bounded lantern + model": lambda t: (ModelDrafter(perturbed_copy(t, 0.3), k=3),
-                                          BoundedLanternRule(torch.randn(64, 4), 8, delta=0.2)),
+CASES = {    # (target, whether the drafter compiles its own step) -> (drafter, rule)
+    "ar": lambda t, compile: (None, None),
+    "exact + mc-sjd": lambda t, compile: (JacobiDrafter(5, "repeat_vertical", coupling="maximal", compile=compile),
+                                          None),
+    "bounded lantern + model": lambda t, compile: (ModelDrafter(perturbed_copy(t, 0.3), k=3),
+                                                   BoundedLanternRule(torch.randn(64, 4), 8, delta=0.2)),
 }
 
 
@@ -39,12 +40,10 @@ def test_compiled_step_equals_eager_and_reuses_its_graphs(target, case):
     sampling, cond = Sampling(cfg_scale=3.0, top_k=40), torch.tensor([0, 1, 2])
     graphs = []
     for seed in (11, 12):
-        drafter, rule = CASES[case](target)
-        eager_drafter = None if drafter is None else type(drafter).__new__(type(drafter))
-        if drafter is not None:       # the same drafter, uncompiled
-            eager_drafter.__dict__.update(drafter.__dict__)
-            if isinstance(drafter, JacobiDrafter):
-                eager_drafter._next_window = JacobiDrafter._window
+        torch.manual_seed(seed)         # the same draft model and rule for both paths
+        eager_drafter, rule = CASES[case](target, False)
+        torch.manual_seed(seed)
+        drafter, _ = CASES[case](target, True)
         eager = specdec.generate(target, cond, drafter=eager_drafter, rule=rule, sampling=sampling, seed=seed)
         fast = specdec.generate(target, cond, drafter=drafter, rule=rule, sampling=sampling, seed=seed,
                                 compiled=True)
