@@ -19,7 +19,10 @@ qualify: a transformers `DynamicCache` grows by one slot per token, a new shape 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch._inductor.config as inductor_config
 from torch import Tensor
 
 from specdec.adapters.static import StaticCacheAdapter, StaticCacheState
@@ -103,7 +106,21 @@ def compile_step(fn, mode: str | None = None, freeze: bool = False):
     if not freeze:
         return torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
     options = dict(torch._inductor.list_mode_options(mode) if mode else {}, freezing=True)
-    return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+
+    @functools.wraps(fn)
+    def frozen(*args, **kwargs):
+        # dynamo decides while tracing whether parameters become graph constants (`is_parameter_freezing`), from the
+        # global inductor config: torch.compile's `options` reach inductor only, after the parameters were already
+        # made graph inputs, and freezing then has nothing to fold or pre-pack. A graph may be traced at any call (a
+        # new shape), so every call runs with the flag set; setting it costs a few microseconds.
+        before = inductor_config.freezing
+        inductor_config.freezing = True
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            inductor_config.freezing = before
+    return frozen
 
 
 def compile_adapter(adapter: StaticCacheAdapter, mode: str | None = None, freeze: bool = False) -> CompiledAdapter:

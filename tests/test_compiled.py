@@ -7,7 +7,7 @@ import torch
 import specdec
 from drafters import ModelDrafter
 from specdec import Sampling
-from specdec.compiled import compile_adapter
+from specdec.compiled import compile_adapter, compile_step
 from helpers import perturbed_copy, tiny_gpt
 
 
@@ -103,3 +103,29 @@ def test_cuda_graph_target_serves_eagle_with_the_eager_tokens():
             out = specdec.generate(fast, cond, drafter=eagle(b.eagle_head, tree=tree, k=3, compile=True),
                                    sampling=sampling, seed=3)
             assert torch.equal(eager.tokens, out.tokens), tree
+
+
+def _frozen_apply(module, x):
+    return module(x)
+
+
+def _plain_apply(module, x):                # its own code object: dynamo caches graphs per code object
+    return module(x)
+
+
+def test_freeze_folds_the_weights_into_the_graph():
+    """compile_step(freeze=True) makes a model's parameters constants of the graph (folded and pre-packed for the
+    CPU's matrix kernels): a weight changed after the first call leaves the frozen graph's output as it was, while
+    the unfrozen graph reads the new weight. Before the weights were frozen for real, torch.compile's `options` left
+    them graph inputs and this failed. The global inductor flag the freezing needs is restored after each call."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 16, bias=True)
+    x = torch.randn(3, 8)
+    frozen, plain = compile_step(_frozen_apply, freeze=True), compile_step(_plain_apply)
+    with torch.no_grad():
+        before = frozen(lin, x)
+        torch.testing.assert_close(plain(lin, x), before)
+        lin.weight.mul_(2)
+        assert torch.equal(frozen(lin, x), before)
+        torch.testing.assert_close(plain(lin, x), lin(x))
+    assert torch._inductor.config.freezing is False
