@@ -5,6 +5,7 @@ image (it drafts unguided). Median of interleaved rounds.
     python experiments/bench_drafter_step.py --threads 1 --cfg 3
     python experiments/bench_drafter_step.py --threads 2 --drafter eagle
     python experiments/bench_drafter_step.py --device cuda       # timed with a clock that waits for the GPU
+    python experiments/bench_drafter_step.py --threads 2 --dtype bfloat16 --freeze   # weights frozen in the graph
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import specdec
 from drafters.model import draft_token
 from specdec import Sampling
 from specdec.bench.timing import interleaved_rounds, set_threads
+from specdec.compiled import compile_step
 from specdec.devices import use_device
 
 
@@ -36,11 +38,13 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--drafter", choices=("model", "eagle"), default="model")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
+    ap.add_argument("--dtype", default="float32", help="the zoo's compute dtype: float32 or bfloat16")
+    ap.add_argument("--freeze", action="store_true", help="compile with the weights frozen (compile_step(freeze=True))")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     threads = set_threads(args.threads)
     device = use_device(args.device)
-    bundle = specdec.zoo.load(device)
+    bundle = specdec.zoo.load(device, dtype=args.dtype)
     cond = torch.tensor([1], device=device)
     if args.drafter == "eagle":
         model, state, sampling = eagle_draft_state(bundle, args.cfg, cond)
@@ -51,7 +55,7 @@ def main(argv=None) -> None:
         model.forward(state, torch.zeros(1, 60, dtype=torch.long, device=device))
     base = state.cache.lengths.clone()
     feed, u = torch.zeros(1, 1, dtype=torch.long, device=device), torch.full((1,), 0.5, device=device)
-    compiled = torch.compile(draft_token, fullgraph=True, dynamic=False)
+    compiled = compile_step(draft_token, freeze=args.freeze)
 
     def step(fn):
         def run():
@@ -63,9 +67,9 @@ def main(argv=None) -> None:
         step(compiled)()
     timings, _ = interleaved_rounds([step(draft_token), step(compiled)], args.rounds)
     eager, fast = (1e3 * statistics.median(t.seconds) for t in timings)
-    print(f"zoo {args.drafter} drafter on {device}, batch 1, cfg {args.cfg:g}, {threads} threads: draft token step "
-          f"{eager:.3f} ms eager, "
-          f"{fast:.3f} ms compiled ({eager / fast:.2f}x)")
+    print(f"zoo {args.drafter} drafter on {device}, {args.dtype}, batch 1, cfg {args.cfg:g}, {threads} threads: draft "
+          f"token step {eager:.3f} ms eager, {fast:.3f} ms compiled{' with frozen weights' if args.freeze else ''} "
+          f"({eager / fast:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from the images' spread (`specdec.metrics.mal_standard_error`).
     python experiments/jacobi_mal.py --windows 16 24 --couplings maximal --inits repeat_vertical \
         --rule bounded_lantern --rule-params '{"delta": 0.1}'
         # a relaxed rule on the same drafts (MAL and the samples' NLL under the target; its bound is the rule's own)
+    python experiments/jacobi_mal.py --windows 16 --couplings maximal --inits repeat_vertical --cfg 1 \
+        --dtype bfloat16 --compile freeze      # the target as the bench runs it: other roundings, other draws
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import specdec
 from drafters.jacobi import COUPLINGS, JacobiDrafter
 from drafters.jacobi_tree import JacobiTreeDrafter
 from specdec import Sampling
+from specdec.compiled import TARGET_COMPILE, compile_adapter
 from specdec.bench.timing import set_threads
 from specdec.metrics import mal_standard_error, token_nll
 from specdec.registry import make_rule
@@ -43,13 +46,19 @@ def main(argv=None) -> None:
                          "off-spine leaf, e.g. chain 2x1 2x2 3x1+4")
     ap.add_argument("--rule", default="exact", help="the rule (registry name; default: the exact rule)")
     ap.add_argument("--rule-params", default="{}", help="its parameters as JSON, e.g. '{\"delta\": 0.1}'")
+    ap.add_argument("--dtype", default="float32", help="the zoo's compute dtype: float32 or bfloat16")
+    ap.add_argument("--compile", default="off", choices=tuple(TARGET_COMPILE),
+                    help="how the target's steps run (specdec.compiled.TARGET_COMPILE)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     set_threads(args.threads)
-    bundle = specdec.zoo.load("cpu")
+    bundle = specdec.zoo.load("cpu", dtype=args.dtype)
+    target = bundle.target if TARGET_COMPILE[args.compile] is None else \
+        compile_adapter(bundle.target, *TARGET_COMPILE[args.compile])
     cond = torch.arange(args.images) % 4
     rule = make_rule(args.rule, bundle.target, **json.loads(args.rule_params))
-    print(f"| Jacobi drafts, {args.rule} {args.rule_params}, {args.images} images | CFG | window | MAL | +- "
+    print(f"| Jacobi drafts, {args.rule} {args.rule_params}, {args.images} images, {args.dtype}, compile "
+          f"{args.compile} | CFG | window | MAL | +- "
           f"| target forwards / image | NLL under the target |")
     print("|---|---|---|---|---|---|---|")
     for cfg in args.cfg:
@@ -57,7 +66,7 @@ def main(argv=None) -> None:
             for coupling in args.couplings:
                 for init, branch in itertools.product(args.inits, args.branches):
                     drafter = _drafter(window, init, coupling, branch)
-                    res = specdec.generate(bundle.target, cond, drafter=drafter, rule=rule,
+                    res = specdec.generate(target, cond, drafter=drafter, rule=rule,
                                            sampling=Sampling(cfg_scale=cfg), seed=args.seed, decode=False)
                     se = mal_standard_error(res.stats.forwards_per_row, res.stats.num_tokens - 1)
                     nll = float(token_nll(bundle.target_gpt, res.tokens, cond).mean())
