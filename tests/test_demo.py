@@ -14,7 +14,8 @@ from specdec import cli
 
 def test_demo_quick_writes_its_files(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = cli.main(["demo", "--quick", "--out", str(out), "--per-class", "1", "--fd-real", "32", "--seed", "1"])
+    code = cli.main(["demo", "--quick", "--out", str(out), "--per-class", "1", "--fd-real", "32", "--seed", "1",
+                     "--repeats", "1"])
     assert code == 0
     table = json.loads((out / "table.json").read_text())
     rows = {r["method"]: r for r in table["rows"]}

@@ -205,7 +205,9 @@ def test_bench_sweep_values_are_checked_not_coerced():
     assert run["sampling"]["temperature"] == 1.0 and isinstance(run["sampling"]["temperature"], float)
 
 
-def test_the_demo_takes_a_users_rule(tmp_path, capsys):
+def test_the_demo_takes_a_users_rule(tmp_path, capsys, monkeypatch):
+    import specdec.demo
+    monkeypatch.setattr(specdec.demo, "QUICK_METHODS", specdec.demo.QUICK_METHODS[:1])   # AR, then the user's row
     path = tmp_path / "my_rules.py"
     path.write_text(USER_RULE)
     out = tmp_path / "demo"

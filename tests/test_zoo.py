@@ -64,8 +64,8 @@ def test_target_beats_uniform_and_the_drafter_models_the_target(bundle, heldout)
     _, classes, ids = heldout
     nll_t = token_nll(bundle.target_gpt, ids, classes).mean().item()
     assert nll_t < math.log(V) - 3.0                                       # card: 4.86 vs uniform 8.32
-    res = specdec.generate(bundle.target, classes[:8], sampling=Sampling(cfg_scale=3.0), seed=0, decode=False)
-    nll_d = token_nll(bundle.drafter_gpt, res.tokens, classes[:8]).mean().item()
+    res = specdec.generate(bundle.target, classes[:4], sampling=Sampling(cfg_scale=3.0), seed=0, decode=False)
+    nll_d = token_nll(bundle.drafter_gpt, res.tokens, classes[:4]).mean().item()
     assert nll_d < math.log(V) - 2.0, nll_d
 
 
@@ -140,11 +140,11 @@ def test_zoo_loads_from_a_built_wheel(tmp_path):
 
 
 def test_lantern_vs_bounded_lantern_emitted_tv_on_zoo_pairs(bundle):
-    """Real target/drafter pairs at CFG 3 (8 positions of AR samples: LANTERN's exact law over 1000 neighbours
-    costs about 1.6 s a position), exact single-step laws. Measured: LANTERN delta=0.05, K=1000 emits mean TV 0.38,
-    max 0.76 (the budget bounds the per-draft target, not the emitted law, for a stochastic drafter); BoundedLANTERN
-    delta=0.05 emits max TV 0.05; both sit on the frontier sum min(p, q) + TV. experiments/matched_tv.py has the full
-    sweep."""
+    """Real target/drafter pairs at CFG 3 (5 positions of AR samples: LANTERN's exact law over 1000 neighbours
+    costs about 1.6 s a position), exact single-step laws. Measured at these 5: LANTERN delta=0.05, K=1000 emits
+    mean TV 0.31, max 0.64 (at 8 positions 0.38, 0.76; the budget bounds the per-draft target, not the emitted law,
+    for a stochastic drafter); BoundedLANTERN delta=0.05 emits max TV 0.05; both sit on the frontier
+    sum min(p, q) + TV. experiments/matched_tv.py has the full sweep."""
     import warnings
 
     from specdec.certify import single_step_law
@@ -154,7 +154,7 @@ def test_lantern_vs_bounded_lantern_emitted_tv_on_zoo_pairs(bundle):
     from verifiers.bounded_lantern import BoundedLanternRule
     from verifiers.lantern import LanternRule
 
-    p, q = zoo_pairs(bundle, 8, Sampling(cfg_scale=3.0))
+    p, q = zoo_pairs(bundle, 5, Sampling(cfg_scale=3.0))
     geometry = TokenGeometry.from_vectors(bundle.target.codebook)
     base = torch.minimum(p, q).double().sum(-1)
     with warnings.catch_warnings():
