@@ -24,25 +24,24 @@ from drafters.jacobi import JacobiDrafter
 from specdec import Sampling
 from specdec.bench.generators import load_generator
 from specdec.bench.timing import set_threads
+from specdec.phases import PhaseClock
 from specdec.step import chain_step, compiled_chain_step
 
 PHASES = ("forward", "propose", "step", "rest")
 
 
 class PhaseTimer:
-    """Wraps callables so that each call adds its wall time to a phase; the clock is read after the call returns
-    (a CPU runs synchronously; on a GPU use a synced clock)."""
+    """Routes each wrapped call's time to a phase of the current round's `specdec.phases.PhaseClock` (`new_round`
+    starts an empty one)."""
 
     def __init__(self):
-        self.seconds = collections.defaultdict(float)
+        self.new_round()
+
+    def new_round(self) -> None:
+        self.clock = PhaseClock("cpu")
 
     def wrap(self, fn, phase: str):
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            self.seconds[phase] += time.perf_counter() - t0
-            return out
-        return timed
+        return lambda *args: self.clock.run(phase, fn, *args)
 
 
 def main(argv=None) -> None:
@@ -80,14 +79,14 @@ def main(argv=None) -> None:
     per_step = {c: collections.defaultdict(list) for c in combos}
     for r in range(args.rounds):
         for combo in combos:
-            timer.seconds.clear()
+            timer.new_round()
             t0, n_steps = time.perf_counter(), 0
             for i in range(args.images):
                 n_steps += run(*combo, seed=1 + i).stats.steps
             total = time.perf_counter() - t0
-            timer.seconds["rest"] = total - sum(timer.seconds.values())
-            timer.seconds["total"] = total
-            for phase, s in timer.seconds.items():
+            seconds = {phase: timer.clock.seconds(phase) for phase in PHASES[:-1]}
+            seconds.update(rest=total - sum(seconds.values()), total=total)
+            for phase, s in seconds.items():
                 per_step[combo][phase].append(s / n_steps * 1e3)
     print(f"ms per step, CFG {args.cfg}, window {args.window}, median of {args.rounds} rounds of {args.images} "
           f"images (bfloat16, target compiled with frozen weights)")

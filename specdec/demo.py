@@ -147,7 +147,8 @@ def run_demo(out: str | Path = "specdec-demo", quick: bool = False, classes: lis
                                                           compiled)
     maps = [m.reshape(bundle.target.grid) for m in maps]                                  # [H, W]
     meta = {"sampling": vars(sampling), "seed": seed, "classes": names, "device": str(bundle.target.device),
-            "dtype": dtype, "compile": compile or DEFAULT_COMPILE, "threads": threads, "latency_batch": 1, "throughput_batch": len(cond),
+            "dtype": dtype, "compile": compile or DEFAULT_COMPILE, "threads": threads, "latency_batch": 1,
+            "throughput_batch": len(cond),
             "target_step_s": t_step, "fd_real_images": fd_used,
             "fd_metric": f"Frechet distance in the zoo feature net's space (from {FD_MIN_IMAGES} images on)"}
     (out / "table.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -4,9 +4,9 @@ the rule's verdict and the commit bookkeeping.
 Why one function: at batch 1 on a small target this is a hundred-odd tiny tensor ops (the CFG mix and softmax, the
 rule's gathers, scan, residual and inverse-CDF draw, the uniforms' hash, the scatter of the committed tokens and the
 counters), each paying the framework's dispatch (a few microseconds on a CPU, a kernel launch on a GPU), which
-together cost 0.68 ms of a 4.98 ms MC-SJD step on the zoo (experiments/step_phases.py). `generate(..., compiled=True)` runs `chain_step` as one
-`torch.compile` graph (fullgraph, static shapes), so they become a few fused kernels. The eager and compiled paths
-compute the same tokens (tests/test_compiled_step.py).
+together cost 0.68 ms of a 4.98 ms MC-SJD step on the zoo (experiments/step_phases.py). `generate(...,
+compiled=True)` runs `chain_step` as one `torch.compile` graph (fullgraph, static shapes), so they become a few fused
+kernels. The eager and compiled paths compute the same tokens (tests/test_compiled_step.py).
 
 Notation as in specdec.engine: B rows, k drafts per step, V image vocabulary, T tokens per image.
 """
